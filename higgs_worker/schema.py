@@ -1,0 +1,162 @@
+"""The job input: what a client may send, checked field by field, with errors that say what is allowed.
+
+Why pydantic in strict mode: a job's ``input`` is arbitrary JSON from the internet. Strict types (no "0.7"
+for a number, no ``true`` for an integer), no NaN, and no unknown fields mean a typo such as ``temprature``
+fails loudly instead of being ignored. All problems are reported at once, one ``field: reason`` each.
+
+OpenAI's ``/v1/audio/speech`` body is accepted unchanged: ``input``, ``voice``, ``response_format``,
+``instructions`` are aliases of ``transcript``, ``ref_audio``, ``output_format``, ``scene_prompt``; ``speed``
+changes the tempo after generation; ``model`` is accepted and ignored (this endpoint serves one model).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+OutputFormat = Literal["wav", "flac", "mp3", "ogg", "opus"]
+SAMPLE_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
+MAX_SCENE_CHARS = 2000
+MAX_REF_TEXT_CHARS = 2000
+MAX_SPEAKERS = 8
+SPEAKER_TAG = re.compile(r"\[SPEAKER(\d+)\]")
+
+# alias → our field
+ALIASES = {
+    "input": "transcript",
+    "voice": "ref_audio",
+    "response_format": "output_format",
+    "instructions": "scene_prompt",
+}
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    max_transcript_chars: int
+    max_new_tokens: int
+
+
+class RequestError(ValueError):
+    """The job input is invalid; the message names every offending field and what is allowed."""
+
+
+class TTSRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, frozen=True)
+
+    transcript: str = Field(min_length=1)
+    ref_audio: str | list[str] | None = None
+    ref_text: str | list[str | None] | None = None
+    scene_prompt: str | None = Field(default=None, max_length=MAX_SCENE_CHARS)
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=50, ge=1, le=1024)
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    max_new_tokens: int = Field(default=1024, ge=16)
+    output_format: OutputFormat = "wav"
+    sample_rate: int | None = None
+    speed: float = Field(default=1.0, ge=0.25, le=4.0)
+    s3_bucket: str | None = Field(default=None, min_length=3, max_length=63)
+    s3_key: str | None = Field(default=None, min_length=1, max_length=1024)
+    return_base64: bool = False
+    model: str | None = Field(default=None, max_length=200)
+
+    @model_validator(mode="after")
+    def _check_cross_field(self) -> TTSRequest:
+        problems = []
+        if not self.transcript.strip():
+            problems.append("transcript: must contain text, not only whitespace")
+        if self.sample_rate is not None and self.sample_rate not in SAMPLE_RATES:
+            problems.append(f"sample_rate: must be one of {', '.join(map(str, SAMPLE_RATES))}")
+        references = self.references
+        if len(references) > MAX_SPEAKERS:
+            problems.append(f"ref_audio: at most {MAX_SPEAKERS} references (one per speaker)")
+        if any(not r.strip() for r in references):
+            problems.append("ref_audio: references must be non-empty strings")
+        texts = self.reference_texts
+        if isinstance(self.ref_text, list) and len(texts) != len(references):
+            problems.append(f"ref_text: a list must have one entry per ref_audio entry ({len(references)})")
+        if isinstance(self.ref_text, str) and len(references) != 1:
+            problems.append(
+                "ref_text: a single transcript needs exactly one ref_audio; use a list for several"
+            )
+        if any(t is not None and len(t) > MAX_REF_TEXT_CHARS for t in texts):
+            problems.append(f"ref_text: each transcript must be at most {MAX_REF_TEXT_CHARS} characters")
+        tagged = sorted({int(i) for i in SPEAKER_TAG.findall(self.transcript)})
+        if len(references) > 1 and tagged and max(tagged) >= len(references):
+            problems.append(
+                f"transcript: tags [SPEAKER{max(tagged)}] but ref_audio lists {len(references)} voices "
+                f"([SPEAKER0] to [SPEAKER{len(references) - 1}])"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def references(self) -> list[str]:
+        if self.ref_audio is None:
+            return []
+        return [self.ref_audio] if isinstance(self.ref_audio, str) else list(self.ref_audio)
+
+    @property
+    def reference_texts(self) -> list[str | None]:
+        if self.ref_text is None:
+            return [None] * len(self.references)
+        return [self.ref_text] if isinstance(self.ref_text, str) else list(self.ref_text)
+
+
+ALLOWED_FIELDS = sorted([*TTSRequest.model_fields, *ALIASES])
+
+
+def _apply_aliases(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    data, problems = dict(raw), []
+    for alias, field in ALIASES.items():
+        if alias not in data:
+            continue
+        value = data.pop(alias)
+        if field in data and data[field] != value:
+            problems.append(
+                f"{alias} and {field}: both given with different values; {alias} is an alias of {field}"
+            )
+        else:
+            data[field] = value
+    return data, problems
+
+
+def _describe(error: dict[str, Any]) -> str:
+    field = ".".join(str(part) for part in error["loc"]) or "input"
+    if error["type"] == "extra_forbidden":
+        return f"{field}: unknown field; allowed fields are {', '.join(ALLOWED_FIELDS)}"
+    if error["type"] == "missing":
+        return f"{field}: required"
+    if error["type"] == "value_error":
+        return str(error["msg"]).removeprefix("Value error, ")
+    message = error["msg"]
+    if error["type"] == "literal_error":
+        message = "must be one of " + message.removeprefix("Input should be ").replace("'", "")
+    return f"{field}: {message}"
+
+
+def parse_request(raw: Any, limits: RequestLimits) -> TTSRequest:
+    """Validate a job's ``input``; raises RequestError naming every offending field."""
+    if not isinstance(raw, dict):
+        raise RequestError(
+            f"input: must be a JSON object with at least a transcript, got {type(raw).__name__}"
+        )
+    data, problems = _apply_aliases(raw)
+    try:
+        request = TTSRequest.model_validate(data)
+    except ValidationError as error:
+        described = list(dict.fromkeys(_describe(e) for e in error.errors()))
+        raise RequestError("; ".join(problems + described)) from None
+    if len(request.transcript) > limits.max_transcript_chars:
+        problems.append(
+            f"transcript: at most {limits.max_transcript_chars} characters (got {len(request.transcript)})"
+        )
+    if request.max_new_tokens > limits.max_new_tokens:
+        problems.append(f"max_new_tokens: must be between 16 and {limits.max_new_tokens}")
+    if problems:
+        raise RequestError("; ".join(problems))
+    return request

@@ -1,0 +1,156 @@
+"""Every setting the worker reads from its environment, in one typed place.
+
+Why one place: RunPod endpoints are configured only through environment variables, so a typo or a bad value
+must fail at start-up with the variable's name, not deep inside a job. Nothing else in the worker reads
+``os.environ`` for its own configuration (the AWS SDK and huggingface_hub read their own variables).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MODEL_REPO = "bosonai/higgs-audio-v2-generation-3B-base"
+DEFAULT_TOKENIZER_REPO = "bosonai/higgs-audio-v2-tokenizer"
+DEFAULT_VOICES_BASE_URL = "https://raw.githubusercontent.com/boson-ai/higgs-audio/main/examples/voice_prompts"
+RUNPOD_VOLUME = Path("/runpod-volume")
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value the worker cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    volume_path: Path
+    model_repo: str
+    model_revision: str
+    model_path: Path
+    tokenizer_repo: str
+    tokenizer_revision: str
+    tokenizer_path: Path
+    hf_cache_hub_dir: Path
+    preload_models: bool
+    device: str
+    voices_dir: Path
+    voices_base_url: str
+    allow_http_reference: bool
+    max_transcript_chars: int
+    max_new_tokens_limit: int
+    max_reference_bytes: int
+    max_reference_seconds: float
+    reference_fetch_timeout_s: float
+    reference_allowed_hosts: frozenset[str]
+    s3_default_bucket: str | None
+    s3_presign_expiry_s: int
+    max_inline_bytes: int
+    result_cache: bool
+    result_cache_dir: Path
+    cache_max_bytes: int
+    streaming: bool
+    concurrency: int
+    longform_chunk_chars: int
+    speed_path: bool
+
+    @property
+    def lock_dir(self) -> Path:
+        return self.volume_path / ".locks"
+
+
+def _str(env: Mapping[str, str], name: str, default: str) -> str:
+    value = env.get(name, "").strip()
+    return value or default
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    raise SettingsError(f"{name}={raw!r} is not a boolean; use true or false")
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise SettingsError(f"{name}={value} must be at least {minimum}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+    if not value >= minimum:
+        raise SettingsError(f"{name}={value} must be at least {minimum}")
+    return value
+
+
+def default_volume_path(env: Mapping[str, str]) -> Path:
+    """The network volume when RunPod mounted one, else a local directory beside the working tree."""
+    explicit = env.get("RUNPOD_VOLUME_PATH", "").strip()
+    if explicit:
+        return Path(explicit)
+    return RUNPOD_VOLUME if RUNPOD_VOLUME.is_dir() else Path(".volume").resolve()
+
+
+def _repo_dir(volume: Path, repo_id: str) -> Path:
+    return volume / repo_id
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    volume = default_volume_path(env)
+    model_repo = _str(env, "MODEL_REPO", DEFAULT_MODEL_REPO)
+    tokenizer_repo = _str(env, "TOKENIZER_REPO", DEFAULT_TOKENIZER_REPO)
+    device = _str(env, "DEVICE", "auto")
+    if device not in {"auto", "cpu"} and not device.startswith("cuda"):
+        raise SettingsError(f"DEVICE={device!r} is not allowed; use auto, cpu, cuda or cuda:N")
+    return Settings(
+        volume_path=volume,
+        model_repo=model_repo,
+        model_revision=_str(env, "MODEL_REVISION", "main"),
+        model_path=Path(_str(env, "MODEL_PATH", str(_repo_dir(volume, model_repo)))),
+        tokenizer_repo=tokenizer_repo,
+        tokenizer_revision=_str(env, "TOKENIZER_REVISION", "main"),
+        tokenizer_path=Path(_str(env, "TOKENIZER_PATH", str(_repo_dir(volume, tokenizer_repo)))),
+        hf_cache_hub_dir=Path(_str(env, "RUNPOD_HF_CACHE_DIR", str(volume / "huggingface-cache" / "hub"))),
+        preload_models=_bool(env, "PRELOAD_MODELS", False),
+        device=device,
+        voices_dir=Path(_str(env, "VOICES_DIR", str(volume / "voices"))),
+        voices_base_url=_str(env, "VOICES_BASE_URL", DEFAULT_VOICES_BASE_URL).rstrip("/"),
+        allow_http_reference=_bool(env, "ALLOW_HTTP_REFERENCE", False),
+        max_transcript_chars=_int(env, "MAX_TRANSCRIPT_CHARS", 20_000, minimum=1),
+        max_new_tokens_limit=_int(env, "MAX_NEW_TOKENS_LIMIT", 4096, minimum=16),
+        max_reference_bytes=_int(env, "MAX_REFERENCE_BYTES", 10 * 1024 * 1024, minimum=1024),
+        max_reference_seconds=_float(env, "MAX_REFERENCE_SECONDS", 60.0, minimum=1.0),
+        reference_fetch_timeout_s=_float(env, "REFERENCE_FETCH_TIMEOUT_S", 20.0, minimum=1.0),
+        reference_allowed_hosts=frozenset(
+            host.strip().lower() for host in env.get("REFERENCE_ALLOWED_HOSTS", "").split(",") if host.strip()
+        ),
+        s3_default_bucket=env.get("S3_BUCKET", "").strip() or None,
+        s3_presign_expiry_s=_int(env, "S3_PRESIGN_EXPIRY_S", 3600, minimum=1),
+        max_inline_bytes=_int(env, "MAX_INLINE_BYTES", 9 * 1024 * 1024, minimum=1024),
+        result_cache=_str(env, "RESULT_CACHE", "on").lower() not in {"off", "false", "0", "no"},
+        result_cache_dir=Path(_str(env, "RESULT_CACHE_DIR", str(volume / "result-cache"))),
+        cache_max_bytes=_int(env, "CACHE_MAX_BYTES", 2 * 1024**3, minimum=0),
+        streaming=_bool(env, "STREAMING", False),
+        concurrency=_int(env, "CONCURRENCY", 1, minimum=1),
+        longform_chunk_chars=_int(env, "LONGFORM_CHUNK_CHARS", 400, minimum=50),
+        speed_path=_bool(env, "SPEED_PATH", False),
+    )

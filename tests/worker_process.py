@@ -1,0 +1,124 @@
+"""Run the real worker (``serverless_handler.py`` under the runpod SDK's local API) as a subprocess.
+
+Why a real process: the SDK decides how the handler is called (async, generator, aggregation, error
+wrapping), and the model store's guarantees are about processes sharing a volume. Tests talk to it over HTTP
+exactly as a client of ``/run``, ``/runsync``, ``/status`` and ``/stream`` would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+SECRET_NAMES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "HF_TOKEN",
+    "RUNPOD_API_KEY",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def worker_env(volume: Path, hub_url: str | None, **extra: str) -> dict[str, str]:
+    """The environment of a worker on ``volume``: no inherited secrets, the hub stand-in as the hub."""
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_NAMES and not k.startswith("RUNPOD_")}
+    env.update(
+        RUNPOD_VOLUME_PATH=str(volume),
+        RUNPOD_LOG_LEVEL="INFO",
+        HF_HOME=str(volume.parent / "hf-home"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        PYTHONUNBUFFERED="1",
+        UVICORN_LOG_LEVEL="warning",
+    )
+    env["HF_ENDPOINT"] = hub_url or "http://127.0.0.1:9"  # port 9 (discard): nothing listens
+    env.update(extra)
+    return env
+
+
+class LocalWorker:
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "serverless_handler.py",
+                "--rp_serve_api",
+                "--rp_api_host",
+                "127.0.0.1",
+                "--rp_api_port",
+                str(self.port),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def __enter__(self) -> LocalWorker:
+        self.wait_ready()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.log}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/docs", timeout=2):
+                    return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.3)
+        raise TimeoutError(f"worker not ready after {timeout} s:\n{self.log}")
+
+    def post(self, path: str, body: dict[str, Any] | None = None, timeout: float = 300.0) -> dict[str, Any]:
+        data = json.dumps(body or {}).encode()
+        request = urllib.request.Request(
+            f"{self.url}{path}", data=data, headers={"Content-Type": "application/json"}, method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+
+    def runsync(self, job_input: Any, timeout: float = 300.0) -> dict[str, Any]:
+        return self.post("/runsync", {"input": job_input}, timeout)
+
+    def run_and_poll(self, job_input: Any, timeout: float = 300.0) -> dict[str, Any]:
+        """``/run`` then ``/status`` (the local API executes the job inside the first status call)."""
+        submitted = self.post("/run", {"input": job_input})
+        assert submitted["status"] == "IN_PROGRESS", submitted
+        return self.post(f"/status/{submitted['id']}", timeout=timeout)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
