@@ -1,0 +1,215 @@
+"""Turn a job's reference-voice value into audio: a preset voice name, an inline data URI, or a URL.
+
+Why one module: all three forms end the same way (decoded mono audio, capped in size and length, with its
+transcript), and each has its own way to go wrong that the user must be told about by field name. Preset
+voices live on the volume as ``<name>.wav`` + ``<name>.txt``; the first worker to need one fetches it from the
+operator's ``voices_base_url`` (upstream Higgs Audio's ``examples/voice_prompts`` by default) and publishes it
+atomically, so every later job, on any worker sharing the volume, reads it without touching the network.
+URLs from jobs go through :mod:`higgs_worker.safe_fetch`, which keeps them out of private networks.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from higgs_worker.audio_encoding import AudioDecodeError, decode_audio
+from higgs_worker.safe_fetch import FetchError, FetchPolicy, fetch, public_url
+from higgs_worker.settings import Settings
+
+# fullmatch, not "$": "$" also matches before a trailing newline.
+PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+# Base64 only: percent-encoded audio would be larger and no client sends it. application/octet-stream is
+# accepted because browsers and HTTP libraries label files of unknown type that way; the bytes must decode as
+# audio either way. Parameters such as ";codecs=opus" (MediaRecorder's "audio/webm;codecs=opus") are allowed.
+DATA_URI = re.compile(
+    r"data:(?P<mime>audio/[a-z0-9.+-]+|application/octet-stream)(?:;[a-z0-9.+-]+=[a-z0-9.+-]+)*;base64,",
+    re.IGNORECASE,
+)
+ALLOWED_FORMS = (
+    "a preset voice name such as 'en_woman', a 'data:audio/<type>;base64,<payload>' URI, or an https:// URL"
+)
+LISTED_PRESETS = 20
+
+
+class ReferenceError(ValueError):
+    """A reference value the worker cannot use; the message starts with the job field's name.
+
+    It shadows Python's builtin ``ReferenceError`` (a weak-reference error) inside this module only; import it
+    by name from here.
+    """
+
+
+@dataclass(frozen=True)
+class ReferenceAudio:
+    waveform: np.ndarray  # float32 mono, at the file's own rate
+    sample_rate: int
+    text: str | None  # transcript of the reference audio, when known
+    description: str  # where it came from, safe to log and to show the user
+
+
+def resolve_reference(value: str, ref_text: str | None, *, field: str, settings: Settings) -> ReferenceAudio:
+    """Load the reference voice named by ``value`` (the job field ``field``).
+
+    ``ref_text`` is the job's transcript of the reference; it is optional (cloning without one works, less
+    well). For a preset voice the preset's own transcript is used unless the job gives one.
+    """
+    if not isinstance(value, str) or not value:
+        raise ReferenceError(f"{field}: must be {ALLOWED_FORMS}")
+    scheme = value.split(":", 1)[0].lower() if ":" in value else ""
+    if scheme == "data":
+        data = _data_uri_bytes(value, field, settings)
+        return _decoded(data, ref_text, "inline data URI", field, settings)
+    if scheme in {"http", "https"}:
+        return _from_url(value, ref_text, field, settings)
+    if PRESET_NAME.fullmatch(value):
+        return _from_preset(value, ref_text, field, settings)
+    raise ReferenceError(
+        f"{field}: {_shown(value)} is not allowed (a preset voice name has only letters, digits, '_' and "
+        f"'-', at most 64 characters); use {ALLOWED_FORMS}"
+    )
+
+
+def _shown(value: str) -> str:
+    """The value as quoted in an error: short, and without anything after '?' (it may hold a token)."""
+    head = value.split("?", 1)[0]
+    return repr(head if len(head) <= 80 else head[:77] + "...")
+
+
+def _decoded(
+    data: bytes, text: str | None, description: str, field: str, settings: Settings
+) -> ReferenceAudio:
+    try:
+        waveform, sample_rate = decode_audio(data)
+    except AudioDecodeError as error:
+        raise ReferenceError(f"{field}: the content of {description} is not audio ({error})") from None
+    if waveform.size == 0:
+        raise ReferenceError(f"{field}: {description} holds no audio samples")
+    seconds = waveform.shape[-1] / sample_rate
+    if seconds > settings.max_reference_seconds:
+        raise ReferenceError(
+            f"{field}: {description} is {seconds:.1f} s long; "
+            f"the limit is {settings.max_reference_seconds:g} s"
+        )
+    return ReferenceAudio(waveform, sample_rate, text, description)
+
+
+def _data_uri_bytes(value: str, field: str, settings: Settings) -> bytes:
+    header = DATA_URI.match(value)
+    if header is None:
+        raise ReferenceError(
+            f"{field}: a data URI must look like 'data:audio/<type>;base64,<payload>' "
+            "(or 'data:application/octet-stream;base64,<payload>')"
+        )
+    payload = value[header.end() :]
+    # Every 4 base64 characters carry 3 bytes: refuse before allocating the decoded copy.
+    if len(payload) // 4 * 3 > settings.max_reference_bytes:
+        raise ReferenceError(
+            f"{field}: the data URI's audio is larger than the limit of {settings.max_reference_bytes} bytes"
+        )
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ReferenceError(
+            f"{field}: the data URI's payload is not valid base64 (standard alphabet, padded, no whitespace)"
+        ) from None
+
+
+def _from_url(url: str, text: str | None, field: str, settings: Settings) -> ReferenceAudio:
+    schemes = {"https", "http"} if settings.allow_http_reference else {"https"}
+    policy = FetchPolicy(
+        max_bytes=settings.max_reference_bytes,
+        timeout_s=settings.reference_fetch_timeout_s,
+        allowed_schemes=frozenset(schemes),
+        allowed_hosts=settings.reference_allowed_hosts,
+    )
+    try:
+        data = fetch(url, policy)
+    except FetchError as error:
+        raise ReferenceError(f"{field}: {error}") from None
+    return _decoded(data, text, public_url(url), field, settings)
+
+
+def _from_preset(name: str, text: str | None, field: str, settings: Settings) -> ReferenceAudio:
+    voices = settings.voices_dir.resolve()
+    wav_path = (voices / f"{name}.wav").resolve()
+    txt_path = (voices / f"{name}.txt").resolve()
+    # The name pattern already forbids leaving the directory; checking the resolved paths is belt and braces.
+    if wav_path.parent != voices or txt_path.parent != voices:
+        raise ReferenceError(f"{field}: preset voice {name!r} is not a plain name")
+    description = f"preset voice {name!r}"
+    if not wav_path.is_file():
+        _download_preset(name, voices, field, settings)
+    if text is None and txt_path.is_file():
+        text = txt_path.read_text(encoding="utf-8").strip() or None
+    return _decoded(wav_path.read_bytes(), text, description, field, settings)
+
+
+def _download_preset(name: str, voices: Path, field: str, settings: Settings) -> None:
+    """Fetch ``<name>.wav`` (+ ``.txt`` when upstream has one) and publish them on the volume.
+
+    The transcript is published first and the audio last, so a worker that sees the ``.wav`` also sees the
+    transcript. Each file appears whole or not at all (temp file + ``os.replace``); workers racing on the same
+    voice each publish identical complete files, which is harmless.
+    """
+    base = settings.voices_base_url
+    base_host = (urlsplit(base).hostname or "").lower()
+    policy = FetchPolicy(
+        max_bytes=settings.max_reference_bytes,
+        timeout_s=settings.reference_fetch_timeout_s,
+        allowed_schemes=frozenset({"http", "https"}),
+        # The operator's own voices server is trusted to be internal; hosts it redirects to are not.
+        allowed_hosts=settings.reference_allowed_hosts | {base_host},
+    )
+    try:
+        audio = fetch(f"{base}/{name}.wav", policy)
+    except FetchError as error:
+        if error.status == 404:
+            raise ReferenceError(f"{field}: unknown preset voice {name!r}{_available(voices)}") from None
+        raise ReferenceError(f"{field}: preset voice {name!r} could not be fetched: {error}") from None
+    try:
+        decode_audio(audio)
+    except AudioDecodeError as error:
+        raise ReferenceError(
+            f"{field}: preset voice {name!r} from {public_url(base)} is not audio ({error})"
+        ) from None
+    try:
+        transcript: bytes | None = fetch(f"{base}/{name}.txt", policy)
+    except FetchError as error:
+        if error.status != 404:
+            raise ReferenceError(f"{field}: preset voice {name!r} could not be fetched: {error}") from None
+        transcript = None
+    voices.mkdir(parents=True, exist_ok=True)
+    if transcript is not None:
+        _publish(voices / f"{name}.txt", transcript)
+    _publish(voices / f"{name}.wav", audio)
+
+
+def _publish(path: Path, data: bytes) -> None:
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(handle, "wb") as temp:
+            temp.write(data)
+            temp.flush()
+            os.fsync(temp.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def _available(voices: Path) -> str:
+    wavs = voices.glob("*.wav") if voices.is_dir() else []
+    names = sorted(path.stem for path in wavs if PRESET_NAME.fullmatch(path.stem))
+    if not names:
+        return ""
+    shown = ", ".join(names[:LISTED_PRESETS]) + (", ..." if len(names) > LISTED_PRESETS else "")
+    return f"; presets on this worker: {shown}"
