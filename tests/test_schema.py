@@ -1,0 +1,83 @@
+"""The job schema: strict types, limits from settings, OpenAI-shaped aliases, errors that name fields."""
+
+from __future__ import annotations
+
+import pytest
+
+from higgs_worker.schema import RequestError, RequestLimits, parse_request
+
+LIMITS = RequestLimits(max_transcript_chars=100, max_new_tokens=2048)
+
+
+def error_of(raw: object) -> str:
+    with pytest.raises(RequestError) as caught:
+        parse_request(raw, LIMITS)
+    return str(caught.value)
+
+
+def test_defaults() -> None:
+    request = parse_request({"transcript": "Hello."}, LIMITS)
+    assert request.output_format == "wav"
+    assert request.temperature == 0.7 and request.top_p == 0.95 and request.top_k == 50
+    assert request.references == [] and request.seed is None and request.speed == 1.0
+
+
+def test_every_problem_is_reported_with_its_field() -> None:
+    message = error_of({"temperature": "hot", "top_p": 0, "colour": "red"})
+    assert "transcript: required" in message
+    assert "temperature:" in message and "top_p:" in message
+    assert "colour: unknown field" in message and "allowed fields are" in message
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ({"transcript": "hi", "seed": True}, "seed"),
+        ({"transcript": "hi", "max_new_tokens": 12.0}, "max_new_tokens"),
+        ({"transcript": "hi", "temperature": float("nan")}, "temperature"),
+        ({"transcript": "hi", "sample_rate": 12345}, "sample_rate"),
+        ({"transcript": "   "}, "transcript"),
+        ({"transcript": "x" * 101}, "transcript"),
+        ({"transcript": "hi", "max_new_tokens": 4096}, "max_new_tokens"),
+        ({"transcript": "hi", "output_format": "aac"}, "output_format"),
+        ({"transcript": "hi", "ref_audio": ["a", "b"], "ref_text": "one"}, "ref_text"),
+        ({"transcript": "hi", "ref_audio": ["a", "b"], "ref_text": ["one"]}, "ref_text"),
+        ({"transcript": "[SPEAKER2] hi", "ref_audio": ["a", "b"]}, "transcript"),
+        ({"transcript": "hi", "speed": 9}, "speed"),
+        ({"transcript": {"nested": ["garbage"]}}, "transcript"),
+    ],
+)
+def test_invalid_field_is_named(raw: dict, field: str) -> None:
+    assert error_of(raw).startswith(f"{field}:") or f"{field}:" in error_of(raw)
+
+
+def test_non_object_input() -> None:
+    assert error_of("hello").startswith("input:")
+    assert error_of(None).startswith("input:")
+
+
+def test_limits_name_their_bound() -> None:
+    assert "at most 100 characters" in error_of({"transcript": "x" * 101})
+    assert "between 16 and 2048" in error_of({"transcript": "hi", "max_new_tokens": 5000})
+
+
+def test_openai_speech_body_works_unchanged() -> None:
+    request = parse_request(
+        {"model": "tts-1", "input": "Hello!", "voice": "en_woman", "response_format": "mp3", "speed": 1.25},
+        LIMITS,
+    )
+    assert request.transcript == "Hello!"
+    assert request.references == ["en_woman"]
+    assert request.output_format == "mp3"
+    assert request.speed == 1.25
+
+
+def test_alias_conflict_names_both_fields() -> None:
+    message = error_of({"input": "one", "transcript": "two"})
+    assert "input and transcript" in message
+    assert parse_request({"input": "same", "transcript": "same"}, LIMITS).transcript == "same"
+
+
+def test_unsupported_openai_format_lists_allowed() -> None:
+    message = error_of({"input": "hi", "response_format": "pcm"})
+    assert message.startswith("output_format:") and "wav" in message and "opus" in message
