@@ -63,7 +63,6 @@ export UV_PYTHON_DOWNLOADS=never UV_LINK_MODE="${UV_LINK_MODE:-copy}"
 if $LOCAL; then log "mode: local (the runpod SDK's local API on 127.0.0.1:$PORT)"; else log "mode: container"; fi
 command -v "$BOOTSTRAP_PYTHON" >/dev/null || die "python not found ('$BOOTSTRAP_PYTHON'); set BOOTSTRAP_PYTHON"
 log "python: $("$BOOTSTRAP_PYTHON" -c 'import sys; print(sys.version.split()[0], sys.executable)')"
-command -v uv >/dev/null || die "the installer 'uv' is not on PATH (it ships in the image: requirements/image.txt)"
 
 if command -v nvidia-smi >/dev/null && gpus="$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>&1)"; then
   log "GPU: ${gpus//$'\n'/; }"
@@ -95,6 +94,21 @@ export RUNPOD_VOLUME_PATH="$VOLUME" # the handler's settings then agree with wha
 free_gb="$(df -Pk "$VOLUME" | awk 'NR==2 {printf "%d", $4 / 1048576}')"
 log "volume: $VOLUME ($free_gb GB free)"
 ((free_gb >= MIN_FREE_GB)) || warn "only $free_gb GB free on $VOLUME: models and runtime need ~$MIN_FREE_GB GB"
+
+# The installer: the image ships uv; a local run without it gets the image's pinned uv onto the volume once.
+if ! command -v uv >/dev/null; then
+  $LOCAL || die "the installer 'uv' is not on PATH (it ships in the image: requirements/image.txt)"
+  uv_pin="$(grep -E '^uv==' "$IMAGE_REQUIREMENTS" || true)"
+  [[ -n "$uv_pin" ]] || die "no 'uv==' pin in IMAGE_REQUIREMENTS=$IMAGE_REQUIREMENTS"
+  uv_dir="$VOLUME/tools/${uv_pin/==/-}"
+  if [[ ! -x "$uv_dir/bin/uv" ]]; then
+    log "installing $uv_pin into $uv_dir (the image would bring it)"
+    "$BOOTSTRAP_PYTHON" -m pip install --quiet --disable-pip-version-check --target "$uv_dir" "$uv_pin" ||
+      die "could not install $uv_pin with pip; install uv (https://docs.astral.sh/uv/) and run again"
+  fi
+  export PATH="$uv_dir/bin:$PATH"
+fi
+log "installer: $(uv --version)"
 
 # --- the runtime environment on the volume ------------------------------------------------------------------
 [[ -r "$RUNTIME_REQUIREMENTS" ]] || die "RUNTIME_REQUIREMENTS=$RUNTIME_REQUIREMENTS is not a readable file"

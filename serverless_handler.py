@@ -81,6 +81,7 @@ class Worker:
                     lock_dir=self.settings.lock_dir,
                     runpod_cache_hub_dir=self.settings.hf_cache_hub_dir,
                     token=token,
+                    stale_lock_s=self.settings.download_lock_stale_s,
                 )
                 for repo_id, revision, path in (
                     (self.settings.model_repo, self.settings.model_revision, self.settings.model_path),
@@ -100,12 +101,14 @@ class Worker:
         with self._lock:
             if self._engine is not None:
                 return self._engine, 0.0
+            started = time.perf_counter()
             from boson_multimodal.engine import HiggsAudioEngine  # torch is imported only when needed
 
-            started = time.perf_counter()
             self._engine = HiggsAudioEngine.load(
                 models.generation.path, models.audio_tokenizer.path, device=self.settings.device
             )
+            if (models.generation.path / "TINY_RANDOM_MODEL.json").exists():
+                logger.warning("serving the tiny random-weight demo model (--demo): its audio is noise")
             return self._engine, time.perf_counter() - started
 
     # -- one job -----------------------------------------------------------------------------------------
@@ -250,7 +253,11 @@ def main() -> None:
     worker = get_worker()
     if worker.settings.preload_models:
         logger.info("PRELOAD_MODELS=true: fetching and loading the models before taking jobs")
-        worker.ensure_engine()
+        try:
+            worker.ensure_engine()
+        except ModelStoreError as error:
+            # Keep serving: each job then reports why the models are missing, and retries the download.
+            logger.error("preloading the models failed: %s", redact(str(error)))
     runpod.serverless.start({"handler": handler, "concurrency_modifier": concurrency_modifier})
 
 

@@ -32,6 +32,7 @@ class Settings:
     tokenizer_revision: str
     tokenizer_path: Path
     hf_cache_hub_dir: Path
+    download_lock_stale_s: float  # a download lock without a heartbeat this long has a dead holder
     preload_models: bool
     device: str
     voices_dir: Path
@@ -130,6 +131,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         tokenizer_revision=_str(env, "TOKENIZER_REVISION", "main"),
         tokenizer_path=Path(_str(env, "TOKENIZER_PATH", str(_repo_dir(volume, tokenizer_repo)))),
         hf_cache_hub_dir=Path(_str(env, "RUNPOD_HF_CACHE_DIR", str(volume / "huggingface-cache" / "hub"))),
+        download_lock_stale_s=_float(env, "DOWNLOAD_LOCK_STALE_S", 60.0, minimum=1.0),
         preload_models=_bool(env, "PRELOAD_MODELS", False),
         device=device,
         voices_dir=Path(_str(env, "VOICES_DIR", str(volume / "voices"))),
