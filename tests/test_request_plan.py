@@ -1,0 +1,57 @@
+"""What identifies a result for the cache, and where a result goes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from higgs_worker.references import ReferenceAudio
+from higgs_worker.request_plan import RequestPlanError, cache_identity, s3_target_for
+from higgs_worker.schema import RequestLimits, parse_request
+from higgs_worker.settings import load_settings
+
+LIMITS = RequestLimits(1000, 4096)
+
+
+def request(**fields):
+    return parse_request({"transcript": "Hello.", **fields}, LIMITS)
+
+
+def reference(value: float) -> ReferenceAudio:
+    return ReferenceAudio(np.full(100, value, dtype=np.float32), 24000, "words", "test")
+
+
+def test_only_deterministic_requests_have_an_identity() -> None:
+    assert cache_identity(request(), []) is None
+    assert cache_identity(request(seed=1), []) is not None
+    assert cache_identity(request(temperature=0), []) is not None
+
+
+def test_identity_follows_what_shapes_the_audio() -> None:
+    base = cache_identity(request(seed=1), [])
+    assert cache_identity(request(seed=1, s3_bucket="bucket", return_base64=True), []) == base
+    assert cache_identity(request(seed=2), []) != base
+    assert cache_identity(request(seed=1, output_format="flac"), []) != base
+    assert cache_identity(request(seed=1, speed=1.5), []) != base
+    # greedy decoding ignores the sampling knobs, so they do not split the cache
+    assert cache_identity(request(temperature=0, top_p=0.5), []) == cache_identity(request(temperature=0), [])
+
+
+def test_identity_uses_the_reference_audio_not_its_name() -> None:
+    one = cache_identity(request(seed=1, ref_audio="voice"), [reference(0.1)])
+    same = cache_identity(request(seed=1, ref_audio="renamed"), [reference(0.1)])
+    changed = cache_identity(request(seed=1, ref_audio="voice"), [reference(0.2)])
+    assert one == same and one != changed
+
+
+def test_s3_target_from_the_job_or_the_default_bucket() -> None:
+    settings = load_settings({"RUNPOD_VOLUME_PATH": "/tmp/v"})
+    assert s3_target_for(request(), "job-1", settings) is None
+    target = s3_target_for(request(s3_bucket="my-bucket"), "job-1", settings)
+    assert target.bucket == "my-bucket" and target.key.endswith("job-1.wav")
+    default = load_settings({"RUNPOD_VOLUME_PATH": "/tmp/v", "S3_BUCKET": "fallback"})
+    assert s3_target_for(request(s3_key="a/b.wav"), "job-1", default).bucket == "fallback"
+    with pytest.raises(RequestPlanError, match="s3_key"):
+        s3_target_for(request(s3_key="a/b.wav"), "job-1", settings)
+    with pytest.raises(RequestPlanError, match="s3_bucket"):
+        s3_target_for(request(s3_bucket="Not_A_Bucket"), "job-1", settings)
