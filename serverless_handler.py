@@ -149,11 +149,9 @@ class Worker:
         return self._output(audio, request, target, models, timings, started, cache_hit=False, extra=extra)
 
     def _references(self, request: TTSRequest) -> list[ReferenceAudio]:
-        many = len(request.references) > 1
+        many, name = len(request.references) > 1, request.sent_name("ref_audio")
         return [
-            resolve_reference(
-                value, text, field=f"ref_audio[{index}]" if many else "ref_audio", settings=self.settings
-            )
+            resolve_reference(value, text, field=f"{name}[{index}]" if many else name, settings=self.settings)
             for index, (value, text) in enumerate(
                 zip(request.references, request.reference_texts, strict=True)
             )

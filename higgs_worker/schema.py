@@ -15,13 +15,14 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 OutputFormat = Literal["wav", "flac", "mp3", "ogg", "opus"]
 SAMPLE_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
 MAX_SCENE_CHARS = 2000
 MAX_REF_TEXT_CHARS = 2000
 MAX_SPEAKERS = 8
+MAX_NAMED_UNKNOWN = 5  # unknown fields named in an error; the rest are counted
 SPEAKER_TAG = re.compile(r"\[SPEAKER(\d+)\]")
 
 # alias → our field
@@ -62,6 +63,7 @@ class TTSRequest(BaseModel):
     s3_key: str | None = Field(default=None, min_length=1, max_length=1024)
     return_base64: bool = False
     model: str | None = Field(default=None, max_length=200)
+    _sent_as: dict[str, str] = PrivateAttr(default_factory=dict)  # field → the alias the client used
 
     @model_validator(mode="after")
     def _check_cross_field(self) -> TTSRequest:
@@ -94,6 +96,10 @@ class TTSRequest(BaseModel):
             raise ValueError("; ".join(problems))
         return self
 
+    def sent_name(self, field: str) -> str:
+        """The name the client used for ``field`` (an OpenAI alias, or the field itself)."""
+        return self._sent_as.get(field, field)
+
     @property
     def references(self) -> list[str]:
         if self.ref_audio is None:
@@ -110,8 +116,9 @@ class TTSRequest(BaseModel):
 ALLOWED_FIELDS = sorted([*TTSRequest.model_fields, *ALIASES])
 
 
-def _apply_aliases(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    data, problems = dict(raw), []
+def _apply_aliases(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str], dict[str, str]]:
+    """Move alias values to their fields; also return which fields the client named by an alias."""
+    data, problems, sent_as = dict(raw), [], {}
     for alias, field in ALIASES.items():
         if alias not in data:
             continue
@@ -122,13 +129,22 @@ def _apply_aliases(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
             )
         else:
             data[field] = value
-    return data, problems
+            sent_as[field] = alias
+    return data, problems, sent_as
+
+
+# A union type fails once per member ("ref_audio.str", "ref_audio.list[str].0"); one sentence says it better.
+UNION_FIELDS = {
+    "ref_audio": "must be a string (a preset voice name, a data: URI or an https:// URL) or a list of them",
+    "ref_text": "must be a string or a list with one string (or null) per ref_audio entry",
+}
 
 
 def _describe(error: dict[str, Any]) -> str:
-    field = ".".join(str(part) for part in error["loc"]) or "input"
-    if error["type"] == "extra_forbidden":
-        return f"{field}: unknown field; allowed fields are {', '.join(ALLOWED_FIELDS)}"
+    loc = [str(part) for part in error["loc"]]
+    field = ".".join(loc) or "input"
+    if loc and loc[0] in UNION_FIELDS and error["type"] != "value_error":
+        return f"{loc[0]}: {UNION_FIELDS[loc[0]]}"
     if error["type"] == "missing":
         return f"{field}: required"
     if error["type"] == "value_error":
@@ -139,18 +155,38 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{field}: {message}"
 
 
+def _as_sent(message: str, sent_as: dict[str, str]) -> str:
+    """Name fields the way the client sent them: an OpenAI client that sent ``input`` reads ``input: …``."""
+    for field, alias in sent_as.items():
+        message = re.sub(rf"(^|; ){field}(?=[:.\[ ])", rf"\g<1>{alias}", message)
+    return message
+
+
+def _describe_unknown(names: list[str]) -> str:
+    """One clause for all unknown fields, of bounded length: a job may send thousands, or huge names."""
+    shown = ", ".join(name if len(name) <= 40 else name[:37] + "..." for name in names[:MAX_NAMED_UNKNOWN])
+    more = f" and {len(names) - MAX_NAMED_UNKNOWN} more" if len(names) > MAX_NAMED_UNKNOWN else ""
+    noun = "unknown field" if len(names) == 1 else "unknown fields"
+    return f"{shown}{more}: {noun}; allowed fields are {', '.join(ALLOWED_FIELDS)}"
+
+
 def parse_request(raw: Any, limits: RequestLimits) -> TTSRequest:
     """Validate a job's ``input``; raises RequestError naming every offending field."""
     if not isinstance(raw, dict):
         raise RequestError(
             f"input: must be a JSON object with at least a transcript, got {type(raw).__name__}"
         )
-    data, problems = _apply_aliases(raw)
+    data, problems, sent_as = _apply_aliases(raw)
     try:
         request = TTSRequest.model_validate(data)
     except ValidationError as error:
-        described = list(dict.fromkeys(_describe(e) for e in error.errors()))
-        raise RequestError("; ".join(problems + described)) from None
+        errors = error.errors()
+        described = [_describe(e) for e in errors if e["type"] != "extra_forbidden"]
+        unknown = [str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden"]
+        if unknown:
+            described.append(_describe_unknown(unknown))
+        message = "; ".join(problems + list(dict.fromkeys(described)))
+        raise RequestError(_as_sent(message, sent_as)) from None
     if len(request.transcript) > limits.max_transcript_chars:
         problems.append(
             f"transcript: at most {limits.max_transcript_chars} characters (got {len(request.transcript)})"
@@ -158,5 +194,6 @@ def parse_request(raw: Any, limits: RequestLimits) -> TTSRequest:
     if request.max_new_tokens > limits.max_new_tokens:
         problems.append(f"max_new_tokens: must be between 16 and {limits.max_new_tokens}")
     if problems:
-        raise RequestError("; ".join(problems))
+        raise RequestError(_as_sent("; ".join(problems), sent_as))
+    request._sent_as = sent_as
     return request

@@ -80,4 +80,4 @@ def test_alias_conflict_names_both_fields() -> None:
 
 def test_unsupported_openai_format_lists_allowed() -> None:
     message = error_of({"input": "hi", "response_format": "pcm"})
-    assert message.startswith("output_format:") and "wav" in message and "opus" in message
+    assert message.startswith("response_format:") and "wav" in message and "opus" in message
