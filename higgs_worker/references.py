@@ -38,6 +38,7 @@ ALLOWED_FORMS = (
     "a preset voice name such as 'en_woman', a 'data:audio/<type>;base64,<payload>' URI, or an https:// URL"
 )
 LISTED_PRESETS = 20
+MIN_REFERENCE_SECONDS = 0.5
 
 
 class ReferenceError(ValueError):
@@ -94,6 +95,12 @@ def _decoded(
     if waveform.size == 0:
         raise ReferenceError(f"{field}: {description} holds no audio samples")
     seconds = waveform.shape[-1] / sample_rate
+    if seconds < MIN_REFERENCE_SECONDS:
+        # The codec needs whole 40 ms frames, and a voice needs far more than that to be recognisable.
+        raise ReferenceError(
+            f"{field}: {description} is {seconds:.3f} s long; "
+            f"a reference needs at least {MIN_REFERENCE_SECONDS:g} s"
+        )
     if seconds > settings.max_reference_seconds:
         raise ReferenceError(
             f"{field}: {description} is {seconds:.1f} s long; "

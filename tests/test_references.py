@@ -285,6 +285,13 @@ def test_audio_over_the_duration_limit_is_refused(settings: Settings) -> None:
     assert message == "ref_audio: inline data URI is 2.5 s long; the limit is 1 s"
 
 
+def test_audio_too_short_to_be_a_voice_is_refused(settings: Settings) -> None:
+    # 100 samples once crashed the codec's convolutions deep inside generation; now it is the client's error.
+    message = refused(data_uri(audio_bytes(100 / 16_000)), settings)
+    assert message == "ref_audio: inline data URI is 0.006 s long; a reference needs at least 0.5 s"
+    assert resolve(data_uri(audio_bytes(0.5)), settings).waveform.size == 8000
+
+
 # --- URLs ------------------------------------------------------------------------------------------------
 
 
