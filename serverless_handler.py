@@ -13,6 +13,7 @@ import os
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,9 @@ from higgs_worker.schema import RequestError, RequestLimits, TTSRequest, parse_r
 from higgs_worker.settings import Settings, load_settings
 
 logger = logging.getLogger("higgs_worker.handler")
+
+# How long the first of several concurrent jobs waits for others to join its batch: short next to generation.
+BATCH_WAIT_MS = 30.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class Worker:
         self.limits = RequestLimits(settings.max_transcript_chars, settings.max_new_tokens_limit)
         self._models: Models | None = None
         self._engine = None
+        self._batcher = None  # gathers concurrent jobs into batches for the engine
         self._lock = threading.Lock()
         self.cache = (
             ResultCache(settings.result_cache_dir, settings.cache_max_bytes)
@@ -102,13 +107,22 @@ class Worker:
             if self._engine is not None:
                 return self._engine, 0.0
             started = time.perf_counter()
-            from boson_multimodal.engine import HiggsAudioEngine  # torch is imported only when needed
+            # torch is imported only when a job needs it, so a cache hit or a bad input never pays for it
+            from boson_multimodal.batching import BatchingEngine
+            from boson_multimodal.engine import HiggsAudioEngine
 
-            self._engine = HiggsAudioEngine.load(
-                models.generation.path, models.audio_tokenizer.path, device=self.settings.device
+            engine = HiggsAudioEngine.load(
+                models.generation.path,
+                models.audio_tokenizer.path,
+                device=self.settings.device,
+                speed_path=self.settings.speed_path,
             )
             if (models.generation.path / "TINY_RANDOM_MODEL.json").exists():
                 logger.warning("serving the tiny random-weight demo model (--demo): its audio is noise")
+            self._batcher = BatchingEngine(
+                engine, max_batch=self.settings.concurrency, max_wait_ms=BATCH_WAIT_MS
+            )
+            self._engine = engine
             return self._engine, time.perf_counter() - started
 
     # -- one job -----------------------------------------------------------------------------------------
@@ -130,9 +144,9 @@ class Worker:
                 audio = EncodedAudio.from_metadata(hit.audio, hit.metadata)
                 return self._output(audio, request, target, models, timings, started, cache_hit=True)
 
-        engine, timings["load"] = self.ensure_engine()
+        _, timings["load"] = self.ensure_engine()
         generate_started = time.perf_counter()
-        speech = engine.generate(_speech_request(request, references))
+        speech = self._batcher.submit(_speech_request(request, references)).result()
         timings["generate"] = time.perf_counter() - generate_started
 
         encode_started = time.perf_counter()
@@ -235,9 +249,20 @@ def get_worker() -> Worker:
     return _worker
 
 
+_job_threads: ThreadPoolExecutor | None = None
+
+
+def job_threads() -> ThreadPoolExecutor:
+    """One thread per concurrent job (asyncio's default pool is sized by CPU count, not by CONCURRENCY)."""
+    global _job_threads
+    if _job_threads is None:
+        _job_threads = ThreadPoolExecutor(get_worker().settings.concurrency, thread_name_prefix="job")
+    return _job_threads
+
+
 async def handler(job: dict[str, Any]) -> dict[str, Any]:
     """The RunPod handler: the job runs in a thread so the SDK's event loop keeps answering heartbeats."""
-    return await asyncio.to_thread(run_job, get_worker(), job)
+    return await asyncio.get_running_loop().run_in_executor(job_threads(), run_job, get_worker(), job)
 
 
 def concurrency_modifier(_current: int) -> int:

@@ -33,7 +33,7 @@ def generated_stream(sequence: torch.Tensor, stream_bos: int, stream_eos: int) -
 
 
 def revert_delay(rows: torch.Tensor, codebook_size: int) -> torch.Tensor:
-    """Delay-pattern rows ``(R, K)`` → the complete frames ``(max(R − K + 1, 0), K)``, clipped to the codec."""
+    """Delay-pattern rows ``(R, K)`` → complete frames ``(max(R − K + 1, 0), K)``, clipped to the codec."""
     num_rows, num_codebooks = rows.shape
     num_frames = max(num_rows - num_codebooks + 1, 0)
     frames = torch.stack([rows[k : k + num_frames, k] for k in range(num_codebooks)], dim=1)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchaudio
+from transformers import CompileConfig
 
 from boson_multimodal.codes import decode_frames, generated_stream, revert_delay
 from boson_multimodal.loading import RAS_MAX_REPEAT, RAS_WINDOW, LoadedModel, load_model
@@ -63,6 +64,14 @@ class Speech:
     finished: bool  # False when generation stopped at max_new_tokens before the model ended the clip
 
 
+@dataclass(frozen=True)
+class SpeechCodes:
+    """A generated clip before decoding: streaming decodes these frames chunk by chunk, not in one go."""
+
+    frames: torch.Tensor  # (T, K) codec frames, delay pattern reverted
+    finished: bool  # as Speech.finished
+
+
 def batchable(requests: Sequence[SpeechRequest]) -> bool:
     """transformers cannot batch conversations with and without reference audio together; and a seeded
     request must not share the random stream with others, or its audio would depend on its neighbours."""
@@ -103,13 +112,16 @@ class StepTap:
 
 
 class HiggsAudioEngine:
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, *, speed_path: bool = False) -> None:
         self._loaded = loaded
+        self._speed_path = speed_path  # static KV cache + torch.compile of the decode step
         self._lock = threading.Lock()  # one generation at a time: the model and torch's RNG are shared
 
     @classmethod
-    def load(cls, model_dir: Path, codec_dir: Path, device: str = "auto") -> HiggsAudioEngine:
-        return cls(load_model(model_dir, codec_dir, device))
+    def load(
+        cls, model_dir: Path, codec_dir: Path, device: str = "auto", *, speed_path: bool = False
+    ) -> HiggsAudioEngine:
+        return cls(load_model(model_dir, codec_dir, device), speed_path=speed_path)
 
     @property
     def sample_rate(self) -> int:
@@ -133,12 +145,20 @@ class HiggsAudioEngine:
     def generate_batch(
         self, requests: Sequence[SpeechRequest], on_rows: RowsCallback | None = None
     ) -> list[Speech]:
+        return [self.decode(codes) for codes in self.generate_codes(requests, on_rows=on_rows)]
+
+    def generate_codes(
+        self, requests: Sequence[SpeechRequest], on_rows: RowsCallback | None = None
+    ) -> list[SpeechCodes]:
+        """Generate without decoding, for callers that decode the frames themselves (streaming)."""
         if not requests:
             return []
         if not batchable(requests):
             raise ValueError("these requests cannot share one batch; generate them separately")
         inputs = self._prepare_inputs(requests)
         config = self._generation_config(requests[0].sampling)
+        # The tap's hook cannot run inside a compiled graph: a tapped run keeps the static cache, not compile.
+        config.disable_compile = on_rows is not None
         with self._lock:
             if requests[0].sampling.seed is not None:
                 torch.manual_seed(requests[0].sampling.seed)
@@ -146,14 +166,14 @@ class HiggsAudioEngine:
             with torch.inference_mode(), _tap(self._loaded.model, on_rows):
                 sequences = self._loaded.model.generate(**inputs, generation_config=config)
             elapsed = time.perf_counter() - started
-        speeches = [self._to_speech(sequence) for sequence in sequences]
+        clips = [self._to_codes(sequence) for sequence in sequences]
         logger.info(
             "generated %d clip(s), %d frames in %.2f s",
-            len(speeches),
-            sum(s.num_frames for s in speeches),
+            len(clips),
+            sum(int(c.frames.shape[0]) for c in clips),
             elapsed,
         )
-        return speeches
+        return clips
 
     def stream_frames(self, rows: torch.Tensor) -> torch.Tensor:
         """Complete frames ``(T, K)`` of one element's growing row stream (for streaming decoders)."""
@@ -194,19 +214,36 @@ class HiggsAudioEngine:
         ras_on = sampling.ras_window > 0 and not sampling.greedy
         config.ras_win_len = sampling.ras_window if ras_on else None
         config.ras_win_max_num_repeat = sampling.ras_max_repeat if ras_on else None
+        if self._speed_path:
+            _enable_speed_path(config, self.device)
         return config
 
-    def _to_speech(self, sequence: torch.Tensor) -> Speech:
+    def decode(self, codes: SpeechCodes) -> Speech:
+        return Speech(
+            waveform=decode_frames(self.codec, codes.frames).numpy(),
+            sample_rate=self.sample_rate,
+            num_frames=int(codes.frames.shape[0]),
+            finished=codes.finished,
+        )
+
+    def _to_codes(self, sequence: torch.Tensor) -> SpeechCodes:
         config = self._loaded.model.config
         stream = generated_stream(sequence, config.audio_stream_bos_id, config.audio_stream_eos_id)
-        frames = revert_delay(stream.rows, self.codec.config.codebook_size)
-        waveform = decode_frames(self.codec, frames).numpy()
-        return Speech(
-            waveform=waveform,
-            sample_rate=self.sample_rate,
-            num_frames=int(frames.shape[0]),
-            finished=stream.finished,
-        )
+        return SpeechCodes(revert_delay(stream.rows, self.codec.config.codebook_size), stream.finished)
+
+
+def _enable_speed_path(config, device: torch.device) -> None:
+    """Static KV cache and the decode step compiled whole (CUDA graphs on a GPU): the same audio, faster.
+
+    With a static cache transformers compiles the decode step itself; it does so off CUDA only when asked,
+    which the CPU tests rely on. The cache keeps its largest size across calls, so a new graph is compiled
+    only when a longer request or a new batch size arrives.
+    """
+    config.cache_implementation = "static"
+    mode = "reduce-overhead" if device.type == "cuda" else "default"  # reduce-overhead = CUDA graphs
+    compile_config = CompileConfig(fullgraph=True, mode=mode)
+    compile_config._compile_all_devices = True
+    config.compile_config = compile_config
 
 
 class _NoTap:

@@ -70,7 +70,7 @@ def test_cloning_resamples_the_reference_and_scene_changes_the_prompt(engine: Hi
         sampling=SamplingConfig(temperature=0, max_new_tokens=20),
     )
     first, second = engine.generate(plain), engine.generate(scened)
-    assert first.num_frames == second.num_frames == 12
+    assert 0 < first.num_frames <= 12 and 0 < second.num_frames <= 12
     assert not np.array_equal(first.waveform, second.waveform)
 
 
