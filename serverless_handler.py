@@ -8,14 +8,18 @@ them together and hands the handler to ``runpod.serverless.start``.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 import threading
 import time
 import traceback
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from higgs_worker.audio_encoding import EncodedAudio, change_tempo, encode_audio
 from higgs_worker.delivery import DeliveryError, DeliveryPolicy, S3Target, deliver
@@ -50,6 +54,9 @@ class Models:
 
 def _describe_repo(repo: StoredRepo) -> dict[str, str]:
     return {"repo": repo.repo_id, "revision": repo.revision, "commit": repo.commit}
+
+
+Progress = Callable[[int, int], None]  # (pieces done, pieces in all) of a long-form job
 
 
 class JobError(Exception):
@@ -126,41 +133,102 @@ class Worker:
             return self._engine, time.perf_counter() - started
 
     # -- one job -----------------------------------------------------------------------------------------
-    def run(self, job: dict[str, Any]) -> dict[str, Any]:
+    def prepare(self, job: dict[str, Any]) -> PreparedJob:
+        """Everything before generation: validation, delivery target, references, models, cache key."""
         started = time.perf_counter()
-        timings: dict[str, float] = {}
         request = parse_request(job.get("input"), self.limits)
+        if self.settings.streaming and request.speed != 1.0:
+            raise JobError("speed: not available in streaming mode (STREAMING=true); leave it at 1")
         target = s3_target_for(request, job.get("id", "job"), self.settings)
-        fetch_started = time.perf_counter()
         references = self._references(request)
-        timings["reference"] = time.perf_counter() - fetch_started
+        timings = {"reference": time.perf_counter() - started}
         models, timings["download"] = self.ensure_models()
+        identity = cache_identity(request, references) if self.cache is not None else None
+        key = cache_key(identity, models.revisions()) if identity is not None else None
+        return PreparedJob(request, target, references, models, timings, started, key)
 
-        key = None
-        if self.cache is not None and cache_identity(request, references) is not None:
-            key = cache_key(cache_identity(request, references), models.revisions())
-            hit = self.cache.get(key)
+    def run(self, job: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:
+        prepared = self.prepare(job)
+        if prepared.cache_key is not None:
+            hit = self.cache.get(prepared.cache_key)
             if hit is not None:
-                audio = EncodedAudio.from_metadata(hit.audio, hit.metadata)
-                return self._output(audio, request, target, models, timings, started, cache_hit=True)
-
-        _, timings["load"] = self.ensure_engine()
-        generate_started = time.perf_counter()
-        speech = self._batcher.submit(_speech_request(request, references)).result()
-        timings["generate"] = time.perf_counter() - generate_started
-
+                return self._output(
+                    prepared, EncodedAudio.from_metadata(hit.audio, hit.metadata), cache_hit=True
+                )
+        speech = self._synthesize(prepared, progress)
         encode_started = time.perf_counter()
         waveform = speech.waveform
-        if request.speed != 1.0:
-            waveform = change_tempo(waveform, speech.sample_rate, request.speed)
-        audio = encode_audio(
-            waveform, speech.sample_rate, request.output_format, target_sample_rate=request.sample_rate
-        )
-        timings["encode"] = time.perf_counter() - encode_started
-        if key is not None:
-            self.cache.put(key, audio.data, audio.metadata())
+        if prepared.request.speed != 1.0:
+            waveform = change_tempo(waveform, speech.sample_rate, prepared.request.speed)
+        audio = self._encode(prepared, waveform, speech.sample_rate)
+        prepared.timings["encode"] = time.perf_counter() - encode_started
+        if prepared.cache_key is not None:
+            self.cache.put(prepared.cache_key, audio.data, audio.metadata())
         extra = {"num_frames": speech.num_frames, "truncated": not speech.finished}
-        return self._output(audio, request, target, models, timings, started, cache_hit=False, extra=extra)
+        return self._output(prepared, audio, cache_hit=False, extra=extra)
+
+    def stream(self, job: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Chunks of audio while they are generated, each a playable file; the final one carries the summary.
+
+        A long transcript (over LONGFORM_CHUNK_CHARS) is generated piece by piece first and then sent in
+        chunks, so its first audio arrives only when the whole clip is done.
+        """
+        from boson_multimodal.streaming import AudioChunk, stream_speech
+
+        prepared = self.prepare(job)
+        request = prepared.request
+        engine, prepared.timings["load"] = self.ensure_engine()
+        generate_started = time.perf_counter()
+        if self._is_long(request):
+            chunks = _chunked(self._synthesize(prepared, None), engine.frame_rate)
+        else:
+            chunks = stream_speech(engine, _speech_request(request, prepared.references))
+        pieces: list[np.ndarray] = []
+        for chunk in chunks:
+            chunk: AudioChunk
+            if chunk.index == 0:
+                prepared.timings["first_chunk"] = time.perf_counter() - generate_started
+            pieces.append(chunk.waveform)
+            item = {"index": chunk.index, "final": chunk.final, "start_s": round(chunk.start_s, 3)}
+            if chunk.waveform.size:
+                audio = self._encode(prepared, chunk.waveform, chunk.sample_rate)
+                item |= {"audio_base64": base64.b64encode(audio.data).decode(), **_describe_audio(audio)}
+            if not chunk.final:
+                yield item
+                continue
+            prepared.timings["generate"] = time.perf_counter() - generate_started
+            summary = {"num_frames": chunk.end_frame, "truncated": not chunk.finished}
+            whole = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+            if prepared.target is not None and whole.size:
+                # The chunks already reached the client; S3 gets the whole clip as one file.
+                clip = self._encode(prepared, whole, chunk.sample_rate)
+                summary |= self._output(prepared, clip, cache_hit=False, inline=False)
+            else:
+                summary |= self._summary(prepared)
+            yield item | {"summary": summary}
+
+    def _is_long(self, request: TTSRequest) -> bool:
+        return len(request.transcript) > self.settings.longform_chunk_chars
+
+    def _synthesize(self, prepared: PreparedJob, progress: Progress | None):
+        """Generation: long transcripts piece by piece, others through the batcher with concurrent jobs."""
+        engine, prepared.timings["load"] = self.ensure_engine()
+        started = time.perf_counter()
+        speech_request = _speech_request(prepared.request, prepared.references)
+        if self._is_long(prepared.request):
+            from boson_multimodal.longform import generate_long
+
+            speech = generate_long(engine, speech_request, self.settings.longform_chunk_chars, progress)
+        else:
+            speech = self._batcher.submit(speech_request).result()
+        prepared.timings["generate"] = time.perf_counter() - started
+        return speech
+
+    def _encode(self, prepared: PreparedJob, waveform: np.ndarray, sample_rate: int) -> EncodedAudio:
+        request = prepared.request
+        return encode_audio(
+            waveform, sample_rate, request.output_format, target_sample_rate=request.sample_rate
+        )
 
     def _references(self, request: TTSRequest) -> list[ReferenceAudio]:
         many, name = len(request.references) > 1, request.sent_name("ref_audio")
@@ -173,37 +241,79 @@ class Worker:
 
     def _output(
         self,
+        prepared: PreparedJob,
         audio: EncodedAudio,
-        request: TTSRequest,
-        target: S3Target | None,
-        models: Models,
-        timings: dict[str, float],
-        started: float,
         *,
         cache_hit: bool,
         extra: dict[str, Any] | None = None,
+        inline: bool = True,
     ) -> dict[str, Any]:
+        target = prepared.target
         policy = DeliveryPolicy(
             max_inline_bytes=self.settings.max_inline_bytes,
             presign_expiry_s=self.settings.s3_presign_expiry_s,
-            inline_requested=request.return_base64 or target is None,
+            inline_requested=inline and (prepared.request.return_base64 or target is None),
         )
         upload_started = time.perf_counter()
         delivered = deliver(audio, target, policy)
         if target is not None:
-            timings["upload"] = time.perf_counter() - upload_started
-        timings["total"] = time.perf_counter() - started
+            prepared.timings["upload"] = time.perf_counter() - upload_started
         return {
             **delivered,
-            "format": audio.format,
-            "mimetype": audio.mimetype,
-            "sample_rate": audio.sample_rate,
-            "duration_s": round(audio.duration_s, 3),
+            **_describe_audio(audio),
             **(extra or {}),
             "cache_hit": cache_hit,
-            "timings_ms": {name: round(seconds * 1000, 1) for name, seconds in timings.items()},
-            "model": models.describe(),
+            **self._summary(prepared),
         }
+
+    def _summary(self, prepared: PreparedJob) -> dict[str, Any]:
+        prepared.timings["total"] = time.perf_counter() - prepared.started
+        return {
+            "timings_ms": {name: round(seconds * 1000, 1) for name, seconds in prepared.timings.items()},
+            "model": prepared.models.describe(),
+        }
+
+
+@dataclass
+class PreparedJob:
+    request: TTSRequest
+    target: S3Target | None
+    references: list[ReferenceAudio]
+    models: Models
+    timings: dict[str, float]
+    started: float
+    cache_key: str | None  # set for deterministic requests when the result cache is on
+
+
+def _describe_audio(audio: EncodedAudio) -> dict[str, Any]:
+    return {
+        "format": audio.format,
+        "mimetype": audio.mimetype,
+        "sample_rate": audio.sample_rate,
+        "duration_s": round(audio.duration_s, 3),
+    }
+
+
+def _chunked(speech, frame_rate: int, chunk_frames: int = 100) -> Iterator:
+    """A finished clip as stream chunks (long-form in streaming mode): each well under RunPod's 1 MB cap."""
+    from boson_multimodal.streaming import AudioChunk
+
+    hop = speech.sample_rate // frame_rate
+    total = -(-speech.waveform.size // hop)
+    starts = list(range(0, max(total, 1), chunk_frames))
+    for index, start in enumerate(starts):
+        final = index == len(starts) - 1
+        end = total if final else start + chunk_frames
+        yield AudioChunk(
+            waveform=speech.waveform[start * hop : end * hop],
+            sample_rate=speech.sample_rate,
+            index=index,
+            start_frame=start,
+            num_frames=end - start,
+            frame_rate=frame_rate,
+            final=final,
+            finished=speech.finished,
+        )
 
 
 def _speech_request(request: TTSRequest, references: list[ReferenceAudio]):
@@ -227,16 +337,45 @@ def _speech_request(request: TTSRequest, references: list[ReferenceAudio]):
 USER_ERRORS = (RequestError, ReferenceError, RequestPlanError, ModelStoreError, DeliveryError, JobError)
 
 
+def _failure(job: dict[str, Any], error: Exception) -> dict[str, str]:
+    """A job's error string: the reason for errors the client can act on, the type for anything else."""
+    if isinstance(error, USER_ERRORS):
+        logger.warning("job %s failed: %s", job.get("id"), error)
+        return {"error": redact(str(error))}
+    logger.error("job %s crashed: %s", job.get("id"), redact(traceback.format_exc()))
+    return {"error": redact(f"internal error ({type(error).__name__}): {error}")}
+
+
 def run_job(worker: Worker, job: dict[str, Any]) -> dict[str, Any]:
     """Run one job; every failure becomes ``{"error": "<string>"}`` and the worker keeps serving."""
     try:
-        return worker.run(job)
-    except USER_ERRORS as error:
-        logger.warning("job %s failed: %s", job.get("id"), error)
-        return {"error": redact(str(error))}
-    except Exception as error:
-        logger.error("job %s crashed: %s", job.get("id"), redact(traceback.format_exc()))
-        return {"error": redact(f"internal error ({type(error).__name__}): {error}")}
+        return worker.run(job, progress=_progress_reporter(job))
+    except Exception as error:  # the worker must survive anything a job triggers
+        return _failure(job, error)
+
+
+def stream_job(worker: Worker, job: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """``Worker.stream`` with failures as a final ``{"error": ...}`` item (the SDK then fails the job)."""
+    try:
+        yield from worker.stream(job)
+    except Exception as error:  # the worker must survive anything a job triggers
+        yield _failure(job, error)
+
+
+def _progress_reporter(job: dict[str, Any]) -> Progress:
+    """Long-form progress: logged, and sent to RunPod as the job's interim output when deployed."""
+    deployed = bool(os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"))  # the local API has nowhere to send it
+
+    def report(done: int, total: int) -> None:
+        logger.info("job %s: piece %d of %d generated", job.get("id"), done, total)
+        # progress_update posts from a thread of its own: after the last piece it could overtake the result
+        # and show a finished job as in progress again, so the result itself reports the last piece.
+        if deployed and done < total:
+            import runpod
+
+            runpod.serverless.progress_update(job, {"pieces_done": done, "pieces_total": total})
+
+    return report
 
 
 _worker: Worker | None = None
@@ -265,6 +404,17 @@ async def handler(job: dict[str, Any]) -> dict[str, Any]:
     return await asyncio.get_running_loop().run_in_executor(job_threads(), run_job, get_worker(), job)
 
 
+async def stream_handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    """The handler with STREAMING=true: each audio chunk is yielded as soon as it is encoded."""
+    loop = asyncio.get_running_loop()
+    items = stream_job(get_worker(), job)
+    try:
+        while (item := await loop.run_in_executor(job_threads(), next, items, None)) is not None:
+            yield item
+    finally:
+        await loop.run_in_executor(job_threads(), items.close)  # stops the generation if the client left
+
+
 def concurrency_modifier(_current: int) -> int:
     return get_worker().settings.concurrency
 
@@ -281,7 +431,13 @@ def main() -> None:
         except ModelStoreError as error:
             # Keep serving: each job then reports why the models are missing, and retries the download.
             logger.error("preloading the models failed: %s", redact(str(error)))
-    runpod.serverless.start({"handler": handler, "concurrency_modifier": concurrency_modifier})
+    if worker.settings.streaming:
+        # The SDK fixes the handler's kind at start: streaming is a per-endpoint mode. /run and /runsync get
+        # the aggregated list of chunks, /stream gets them as they come.
+        config = {"handler": stream_handler, "return_aggregate_stream": True}
+    else:
+        config = {"handler": handler}
+    runpod.serverless.start({**config, "concurrency_modifier": concurrency_modifier})
 
 
 if __name__ == "__main__":

@@ -58,10 +58,15 @@ class TinyModelSpec:
     intermediate_size: int = 64
     codec_hidden: int = 8
     seed: int = 0
+    # A random audio head puts the stream EOS on a par with the 1024 codes, and any of the 8 codebooks can
+    # start the end of a clip, so random clips end after a random, often tiny, length. Sharper code logits
+    # keep EOS out of reach: the model speaks until max_new_tokens, and lengths are predictable. 1: raw.
+    code_logit_scale: float = 40.0
 
 
 def _byte_level_vocab() -> dict[str, int]:
-    return {token: index for index, token in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    # sorted: the alphabet is a set, whose order changes with PYTHONHASHSEED, and so would the checkpoint
+    return {token: index for index, token in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
 
 
 def build_text_tokenizer() -> PreTrainedTokenizerFast:
@@ -140,7 +145,11 @@ def build_model(
         audio_stream_eos_id=CODEBOOK_SIZE + 1,
     )
     torch.manual_seed(spec.seed)
-    return HiggsAudioV2ForConditionalGeneration(config).eval()
+    model = HiggsAudioV2ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        rows = model.audio_lm_head.weight.view(NUM_CODEBOOKS, CODEBOOK_SIZE + 2, -1)
+        rows[:, :CODEBOOK_SIZE] *= spec.code_logit_scale  # the codes, not stream BOS/EOS
+    return model
 
 
 def build_tiny_checkpoint(model_dir: Path, codec_dir: Path, spec: TinyModelSpec | None = None) -> None:

@@ -60,6 +60,7 @@ class JobOutcome:
     output: Any
     error: Any
     stream: list[Any]  # the ``output`` of each streamed chunk, in order
+    progress: list[Any]  # the ``output`` of each progress update, in order
     done_posts: int  # how many times the worker posted a result for this job (1 unless it retried)
 
 
@@ -70,6 +71,7 @@ class _Job:
     done: threading.Event = field(default_factory=threading.Event)
     results: list[dict[str, Any]] = field(default_factory=list)
     stream: list[dict[str, Any]] = field(default_factory=list)
+    progress: list[Any] = field(default_factory=list)
 
 
 class RunPodQueue:
@@ -136,6 +138,7 @@ class RunPodQueue:
             output=result.get("output"),
             error=result.get("error"),
             stream=[chunk.get("output") for chunk in job.stream],
+            progress=list(job.progress),
             done_posts=len(job.results),
         )
 
@@ -174,6 +177,8 @@ class RunPodQueue:
             return False
         if action == "job-stream":
             job.stream.append(body)
+        elif body.get("status") == "IN_PROGRESS":  # runpod.serverless.progress_update: not the result yet
+            job.progress.append(body.get("output"))
         else:
             job.results.append(body)
             job.done.set()

@@ -1,0 +1,164 @@
+"""Streaming: chunked decoding with overlap equals the one-shot decode; cancel and errors cross the thread."""
+
+from __future__ import annotations
+
+import threading
+import traceback
+
+import numpy as np
+import pytest
+import torch
+
+from boson_multimodal.codes import decode_frames
+from boson_multimodal.engine import HiggsAudioEngine, SamplingConfig, Speech, SpeechRequest
+from boson_multimodal.streaming import AudioChunk, ChunkSchedule, decoder_reach, stream_speech
+
+HOP = 960
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint) -> HiggsAudioEngine:
+    return HiggsAudioEngine.load(tiny_checkpoint.model_dir, tiny_checkpoint.codec_dir, device="cpu")
+
+
+def full_length_clip(engine: HiggsAudioEngine, steps: int) -> tuple[SpeechRequest, Speech]:
+    """A seeded request and its one-shot speech that runs all ``steps`` (not ended early by the model).
+
+    A random model may end a clip after a few frames, and the tiny checkpoint's token ids change from one
+    process to the next; a few seeds make sure the stream has something to chunk.
+    """
+    for seed in range(8):
+        request = SpeechRequest("Streaming is fun.", sampling=SamplingConfig(max_new_tokens=steps, seed=seed))
+        speech = engine.generate(request)
+        if not speech.finished:
+            return request, speech
+    raise AssertionError("every seed ended the clip early")
+
+
+def joined(chunks: list[AudioChunk]) -> np.ndarray:
+    return np.concatenate([chunk.waveform for chunk in chunks])
+
+
+def test_schedule_starts_small_and_grows_to_its_cap() -> None:
+    sizes = ChunkSchedule(first_frames=12, growth=2, max_frames=100).sizes()
+    assert [next(sizes) for _ in range(6)] == [12, 24, 48, 96, 100, 100]
+    sizes = ChunkSchedule(first_frames=5, growth=1.5, max_frames=9).sizes()
+    assert [next(sizes) for _ in range(4)] == [5, 7, 9, 9]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"first_frames": 0}, "first_frames must be at least 1, got 0"),
+        ({"first_frames": 20, "max_frames": 10}, r"max_frames must be at least first_frames \(20\), got 10"),
+        ({"growth": 0.5}, "growth must be at least 1, got 0.5"),
+        ({"growth": float("nan")}, "growth must be at least 1, got nan"),
+        ({"lookahead_frames": -1}, "lookahead_frames must be 0 or more"),
+    ],
+)
+def test_schedule_refuses_bad_values(fields: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ChunkSchedule(**fields)
+
+
+def test_decoder_reach_bounds_the_measured_receptive_field(engine: HiggsAudioEngine) -> None:
+    """Change one frame: the decoded audio moves only within ``reach`` frames of it, and nearly that far."""
+    reach = decoder_reach(engine.codec)
+    assert reach == 12  # DAC upsampling 8·5·4·2·3, kernel 7, dilations 1/3/9 — the same as the real codec
+    torch.manual_seed(0)
+    frames = torch.randint(0, 1024, (2 * reach + 9, 8))
+    changed = frames.clone()
+    middle = reach + 4
+    changed[middle] = (changed[middle] + 511) % 1024
+    moved = np.nonzero((decode_frames(engine.codec, frames) - decode_frames(engine.codec, changed)).numpy())[
+        0
+    ]
+    first_moved, last_moved = moved.min() // HOP, moved.max() // HOP
+    assert middle - reach <= first_moved and last_moved <= middle + reach
+    assert first_moved <= middle - reach + 4 and last_moved >= middle + reach - 4  # the bound is not loose
+
+
+def test_stream_equals_the_one_shot_generation(engine: HiggsAudioEngine) -> None:
+    request, speech = full_length_clip(engine, steps=50)
+    schedule = ChunkSchedule(first_frames=4, growth=2, max_frames=12)
+    chunks = list(stream_speech(engine, request, schedule))
+
+    assert speech.num_frames == 50 - 8
+    assert [c.num_frames for c in chunks] == [4, 8, 12, 12, 6]  # the schedule; the last takes the rest
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    assert [c.final for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert [c.start_frame for c in chunks] == [0, 4, 12, 24, 36] and chunks[1].start_s == 4 / 25
+    assert all(c.waveform.dtype == np.float32 and c.waveform.shape == (c.num_frames * HOP,) for c in chunks)
+    assert chunks[-1].end_frame == speech.num_frames
+    assert not any(c.finished for c in chunks)  # the clip ran out of steps, like the one-shot one
+
+    audio = joined(chunks)
+    assert audio.shape == speech.waveform.shape
+    peak = np.abs(speech.waveform).max()
+    assert peak > 0 and np.abs(audio - speech.waveform).max() < 1e-4 * peak  # measured ≈ 1e-6
+
+
+def test_shorter_lookahead_stays_close_to_the_one_shot_decode(engine: HiggsAudioEngine) -> None:
+    request, speech = full_length_clip(engine, steps=40)
+    schedule = ChunkSchedule(first_frames=4, lookahead_frames=4)
+    audio = joined(list(stream_speech(engine, request, schedule)))
+    assert audio.shape == speech.waveform.shape
+    snr_db = 10 * np.log10(np.sum(speech.waveform**2) / np.sum((audio - speech.waveform) ** 2))
+    assert snr_db > 40  # the full left context does most of the work
+
+
+def test_a_clip_without_frames_is_one_empty_final_chunk(engine: HiggsAudioEngine) -> None:
+    request = SpeechRequest("None.", sampling=SamplingConfig(max_new_tokens=8))
+    [chunk] = stream_speech(engine, request)  # the opening row and the codebook delay: no whole frame
+    assert chunk.final and chunk.num_frames == 0 and chunk.waveform.shape == (0,)
+
+
+def test_closing_the_stream_cancels_the_generation(
+    engine: HiggsAudioEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closed = threading.Event()
+    runs: list[tuple[threading.Thread, list[str]]] = []
+    generate_codes = engine.generate_codes
+
+    def spy(requests, on_rows=None):
+        """Calls through; holds the generation after the first chunk's rows until the consumer has closed
+        the stream (so the model cannot end the clip in between), and notes how the generation ended."""
+        outcome: list[str] = []
+        runs.append((threading.current_thread(), outcome))
+
+        def held(rows: torch.Tensor) -> None:
+            if rows.shape[1] > 10:  # the opening row, the 7-step delay, then 2 frames
+                closed.wait(timeout=60)
+            on_rows(rows)
+
+        try:
+            codes = generate_codes(requests, on_rows=held if on_rows else None)
+        except BaseException as error:
+            outcome.append(type(error).__name__)
+            raise
+        outcome.append("returned")
+        return codes
+
+    monkeypatch.setattr(engine, "generate_codes", spy)
+    schedule = ChunkSchedule(first_frames=2, lookahead_frames=0)
+    for seed in range(8):  # a random model may end a clip at once: take a seed where it goes on
+        long_request = SpeechRequest("Long.", sampling=SamplingConfig(max_new_tokens=3000, seed=seed))
+        stream = stream_speech(engine, long_request, schedule)
+        if not next(stream).final:
+            break
+    stream.close()
+    closed.set()
+    worker, outcome = runs[-1]
+    worker.join(timeout=60)
+    assert not worker.is_alive() and outcome == ["_Cancelled"]  # stopped at its next step, not by the model
+    assert engine.generate(SpeechRequest("Free.", sampling=SamplingConfig(max_new_tokens=9))).num_frames <= 1
+
+
+def test_generation_errors_reach_the_consumer_as_they_are(engine: HiggsAudioEngine) -> None:
+    request = SpeechRequest("Zero.", sampling=SamplingConfig(max_new_tokens=0))
+    with pytest.raises(ValueError) as direct:
+        engine.generate(request)
+    with pytest.raises(ValueError) as streamed:
+        next(stream_speech(engine, request))
+    assert str(streamed.value) == str(direct.value)
+    assert "_generate" in [frame.name for frame in traceback.extract_tb(streamed.value.__traceback__)]

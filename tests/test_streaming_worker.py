@@ -1,0 +1,118 @@
+"""Streaming mode and long-form speech as a client sees them: the local API and the production loop."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from tests.hub_server import HubServer
+from tests.runpod_queue import ProductionWorker, RunPodQueue
+from tests.worker_process import LocalWorker, worker_env
+
+pytestmark = pytest.mark.slow
+
+HOP = 960
+STREAM_CHUNK_CAP = 1024 * 1024  # RunPod's limit on one stream message
+LONG_TEXT = (
+    "The first sentence is short. The second sentence is a little longer than the first one! "
+    "Does the third one ask a question? The fourth closes the paragraph."
+)
+
+
+def decode(item: dict) -> tuple[np.ndarray, int]:
+    return sf.read(io.BytesIO(base64.b64decode(item["audio_base64"])), dtype="float32")
+
+
+def check_chunks(chunks: list[dict]) -> np.ndarray:
+    """Consecutive, self-describing, individually playable chunks; the last one final with a summary."""
+    assert [c["index"] for c in chunks] == list(range(len(chunks)))
+    assert [c["final"] for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    pieces = []
+    for chunk in chunks:
+        assert len(str(chunk).encode()) < STREAM_CHUNK_CAP
+        if "audio_base64" in chunk:
+            audio, rate = decode(chunk)
+            assert rate == chunk["sample_rate"] == 24000 and chunk["format"] == "wav"
+            assert len(audio) / rate == pytest.approx(chunk["duration_s"], abs=1e-3)
+            assert chunk["start_s"] == pytest.approx(sum(len(p) for p in pieces) / rate, abs=1e-3)
+            pieces.append(audio)
+    summary = chunks[-1]["summary"]
+    assert {"timings_ms", "model", "num_frames", "truncated"} <= set(summary)
+    assert "first_chunk" in summary["timings_ms"]
+    return np.concatenate(pieces)
+
+
+@pytest.fixture(scope="module")
+def streaming_worker(hub: HubServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalWorker]:
+    root = tmp_path_factory.mktemp("streaming")
+    env = worker_env(root / "volume", hub.url, STREAMING="true", LONGFORM_CHUNK_CHARS="60")
+    with LocalWorker(env, root / "worker.log") as worker:
+        yield worker
+
+
+def test_runsync_returns_the_aggregated_chunks(streaming_worker: LocalWorker) -> None:
+    result = streaming_worker.runsync({"transcript": "Streaming in chunks.", "max_new_tokens": 60, "seed": 4})
+    assert result["status"] == "COMPLETED", result
+    chunks = result["output"]
+    assert len(chunks) >= 2  # 52 frames at most: a first chunk of 12 frames, then more
+    audio = check_chunks(chunks)
+    assert len(audio) == chunks[-1]["summary"]["num_frames"] * HOP
+
+
+def test_stream_endpoint_yields_chunks(streaming_worker: LocalWorker) -> None:
+    submitted = streaming_worker.post(
+        "/run", {"input": {"transcript": "Over /stream.", "max_new_tokens": 40}}
+    )
+    streamed = streaming_worker.post(f"/stream/{submitted['id']}")
+    assert streamed["status"] == "COMPLETED", streamed
+    check_chunks([item["output"] for item in streamed["stream"]])
+
+
+def test_streaming_refuses_speed_and_reports_bad_input(streaming_worker: LocalWorker) -> None:
+    result = streaming_worker.runsync({"transcript": "Faster.", "speed": 1.5})
+    assert result["output"] == [
+        {"error": "speed: not available in streaming mode (STREAMING=true); leave it at 1"}
+    ]
+    result = streaming_worker.runsync({"transcript": "x", "top_p": 7})
+    assert result["output"][0]["error"].startswith("top_p:")
+
+
+def test_long_text_in_streaming_mode_arrives_whole(streaming_worker: LocalWorker) -> None:
+    result = streaming_worker.runsync({"transcript": LONG_TEXT, "max_new_tokens": 20, "seed": 2})
+    assert result["status"] == "COMPLETED", result
+    audio = check_chunks(result["output"])
+    assert len(audio) > 0
+
+
+@pytest.fixture(scope="module")
+def queue() -> Iterator[RunPodQueue]:
+    with RunPodQueue() as loopback:
+        yield loopback
+
+
+def test_production_loop_streams_and_reports_long_form_progress(
+    queue: RunPodQueue, hub: HubServer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    root = tmp_path_factory.mktemp("production-streaming")
+    streaming = worker_env(root / "volume", hub.url, STREAMING="true")
+    with ProductionWorker(queue, streaming, root / "streaming.log"):
+        outcome = queue.wait(queue.enqueue({"transcript": "Streamed in production.", "max_new_tokens": 40}))
+    assert outcome.status == "COMPLETED", outcome.error
+    assert outcome.output == outcome.stream  # /run and /runsync get the aggregated list
+    check_chunks(outcome.stream)
+
+    plain = worker_env(root / "volume", hub.url, LONGFORM_CHUNK_CHARS="60")
+    with ProductionWorker(queue, plain, root / "long.log"):
+        outcome = queue.wait(queue.enqueue({"transcript": LONG_TEXT, "max_new_tokens": 20}))
+    assert outcome.status == "COMPLETED", outcome.error
+    total = outcome.progress[-1]["pieces_total"]
+    assert total >= 3
+    # every piece but the last, which the result itself reports
+    assert [p["pieces_done"] for p in outcome.progress] == list(range(1, total))
+    audio, _ = decode(outcome.output)
+    assert len(audio) > 0 and outcome.output["num_frames"] <= total * 12
