@@ -17,7 +17,7 @@ import traceback
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +30,10 @@ from higgs_worker.request_plan import RequestPlanError, cache_identity, s3_targe
 from higgs_worker.result_cache import ResultCache, cache_key
 from higgs_worker.schema import RequestError, RequestLimits, TTSRequest, parse_request
 from higgs_worker.settings import Settings, load_settings
+
+if TYPE_CHECKING:  # torch is imported only when a job needs the engine
+    from boson_multimodal.engine import Speech, SpeechRequest
+    from boson_multimodal.streaming import AudioChunk
 
 logger = logging.getLogger("higgs_worker.handler")
 
@@ -173,7 +177,7 @@ class Worker:
         A long transcript (over LONGFORM_CHUNK_CHARS) is generated piece by piece first and then sent in
         chunks, so its first audio arrives only when the whole clip is done.
         """
-        from boson_multimodal.streaming import AudioChunk, stream_speech
+        from boson_multimodal.streaming import stream_speech
 
         prepared = self.prepare(job)
         request = prepared.request
@@ -185,7 +189,6 @@ class Worker:
             chunks = stream_speech(engine, _speech_request(request, prepared.references))
         pieces: list[np.ndarray] = []
         for chunk in chunks:
-            chunk: AudioChunk
             if chunk.index == 0:
                 prepared.timings["first_chunk"] = time.perf_counter() - generate_started
             pieces.append(chunk.waveform)
@@ -210,7 +213,7 @@ class Worker:
     def _is_long(self, request: TTSRequest) -> bool:
         return len(request.transcript) > self.settings.longform_chunk_chars
 
-    def _synthesize(self, prepared: PreparedJob, progress: Progress | None):
+    def _synthesize(self, prepared: PreparedJob, progress: Progress | None) -> Speech:
         """Generation: long transcripts piece by piece, others through the batcher with concurrent jobs."""
         engine, prepared.timings["load"] = self.ensure_engine()
         started = time.perf_counter()
@@ -294,7 +297,7 @@ def _describe_audio(audio: EncodedAudio) -> dict[str, Any]:
     }
 
 
-def _chunked(speech, frame_rate: int, chunk_frames: int = 100) -> Iterator:
+def _chunked(speech: Speech, frame_rate: int, chunk_frames: int = 100) -> Iterator[AudioChunk]:
     """A finished clip as stream chunks (long-form in streaming mode): each well under RunPod's 1 MB cap."""
     from boson_multimodal.streaming import AudioChunk
 
@@ -316,7 +319,7 @@ def _chunked(speech, frame_rate: int, chunk_frames: int = 100) -> Iterator:
         )
 
 
-def _speech_request(request: TTSRequest, references: list[ReferenceAudio]):
+def _speech_request(request: TTSRequest, references: list[ReferenceAudio]) -> SpeechRequest:
     from boson_multimodal.engine import SamplingConfig, SpeechRequest
     from boson_multimodal.prompt import Voice
 
