@@ -108,7 +108,7 @@ if ! command -v uv >/dev/null; then
   fi
   export PATH="$uv_dir/bin:$PATH"
 fi
-log "installer: $(uv --version)"
+log "installer: $(command -v uv)"
 
 # --- the runtime environment on the volume ------------------------------------------------------------------
 [[ -r "$RUNTIME_REQUIREMENTS" ]] || die "RUNTIME_REQUIREMENTS=$RUNTIME_REQUIREMENTS is not a readable file"
@@ -230,6 +230,7 @@ fi
 PYTHON="$ENV_DIR/bin/python"
 export VIRTUAL_ENV="$ENV_DIR" PATH="$ENV_DIR/bin:$PATH"
 if $DEMO; then
+  export DEMO_MODEL=true # the worker serves the local demo build; without it the hub's model replaces it
   log "publishing the demo model (python demo_model.py)"
   "$PYTHON" demo_model.py || die "the demo model could not be published (above)"
 fi

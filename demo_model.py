@@ -2,8 +2,9 @@
 
 Why: a machine that cannot reach the Hugging Face Hub (CI, an air-gapped laptop) can still run the whole
 worker — store, loading, prompt, generation, encoding, delivery — for real. The checkpoint lands exactly where
-the real one would (``MODEL_PATH`` / ``TOKENIZER_PATH``) with a completion marker, so the worker loads it
-without asking the hub. Its audio is noise. An existing complete store of the same repo is left alone.
+the real one would (``MODEL_PATH`` / ``TOKENIZER_PATH``), marked as a local build: the worker loads it without
+asking the hub only when started with ``DEMO_MODEL=true`` (``bootstrap.sh --demo`` sets it); without it, the
+hub's files replace the demo. Its audio is noise. Real model files on the volume are never overwritten.
 
 Usage: ``python demo_model.py`` (settings from the environment, as for the worker).
 """
@@ -16,12 +17,14 @@ import tempfile
 from pathlib import Path
 
 from boson_multimodal.tiny_model import build_tiny_checkpoint
-from higgs_worker.model_store import RepoSpec, publish_local, read_store
+from higgs_worker.model_store import LOCAL_BUILD, RepoSpec, publish_local, read_marker, read_store
 from higgs_worker.settings import Settings, load_settings
 
-DEMO_COMMIT = "0" * 40  # not a hub commit: marks the store as the local demo build
-
 logger = logging.getLogger("demo_model")
+
+
+class DemoRefused(SystemExit):
+    """The volume already holds something the demo must not overwrite."""
 
 
 def publish_demo(settings: Settings) -> None:
@@ -29,18 +32,30 @@ def publish_demo(settings: Settings) -> None:
         RepoSpec(settings.model_repo, settings.model_revision, settings.model_path),
         RepoSpec(settings.tokenizer_repo, settings.tokenizer_revision, settings.tokenizer_path),
     )
-    if all(read_store(spec) is not None for spec in specs):
-        logger.info("model store already complete at %s and %s; nothing to do", *(s.local_dir for s in specs))
+    for spec in specs:
+        marker = read_marker(spec)
+        foreign = (
+            marker.commit != LOCAL_BUILD
+            if marker
+            else spec.local_dir.exists() and any(spec.local_dir.iterdir())
+        )
+        if foreign:
+            raise DemoRefused(
+                f"{spec.local_dir} already holds files of {spec.repo_id} that are not the demo model; --demo "
+                "never overwrites them: use another RUNPOD_VOLUME_PATH (or MODEL_PATH / TOKENIZER_PATH)"
+            )
+    if all(read_store(spec, accept_local=True) is not None for spec in specs):
+        logger.info("the demo model is already in place at %s and %s", *(s.local_dir for s in specs))
         return
     with tempfile.TemporaryDirectory(dir=settings.volume_path) as scratch:
         staging = Path(scratch)
         build_tiny_checkpoint(staging / "model", staging / "codec")
         for spec, built in zip(specs, (staging / "model", staging / "codec"), strict=True):
             if spec.local_dir.exists():
-                shutil.rmtree(spec.local_dir)
+                shutil.rmtree(spec.local_dir)  # an older or damaged demo build (checked above)
             spec.local_dir.parent.mkdir(parents=True, exist_ok=True)
             built.rename(spec.local_dir)
-            publish_local(spec, DEMO_COMMIT)
+            publish_local(spec)
             logger.info("published the tiny demo checkpoint for %s at %s", spec.repo_id, spec.local_dir)
 
 

@@ -90,14 +90,13 @@ class Worker:
             if self._models is not None:
                 return self._models, 0.0
             started = time.perf_counter()
-            token = os.environ.get("HF_TOKEN") or None
             repos = [
-                ensure_repo(
+                ensure_repo(  # huggingface_hub reads HF_TOKEN and HF_ENDPOINT itself
                     RepoSpec(repo_id, revision, path),
                     lock_dir=self.settings.lock_dir,
                     runpod_cache_hub_dir=self.settings.hf_cache_hub_dir,
-                    token=token,
                     stale_lock_s=self.settings.download_lock_stale_s,
+                    accept_local=self.settings.demo_model,
                 )
                 for repo_id, revision, path in (
                     (self.settings.model_repo, self.settings.model_revision, self.settings.model_path),
@@ -431,9 +430,9 @@ def main() -> None:
         logger.info("PRELOAD_MODELS=true: fetching and loading the models before taking jobs")
         try:
             worker.ensure_engine()
-        except ModelStoreError as error:
+        except Exception as error:  # a crash here would restart the worker in a loop
             # Keep serving: each job then reports why the models are missing, and retries the download.
-            logger.error("preloading the models failed: %s", redact(str(error)))
+            logger.error("preloading the models failed: %s", redact(f"{type(error).__name__}: {error}"))
     if worker.settings.streaming:
         # The SDK fixes the handler's kind at start: streaming is a per-endpoint mode. /run and /runsync get
         # the aggregated list of chunks, /stream gets them as they come.

@@ -46,6 +46,7 @@ from higgs_worker.volume_lock import VolumeLock
 logger = logging.getLogger(__name__)
 
 MARKER_NAME = ".higgs-store.json"
+LOCAL_BUILD = "local-build"  # the commit recorded for checkpoints built on this machine (publish_local)
 _MARKER_FORMAT = 1
 _COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
 _HASH_CHUNK = 8 * 1024 * 1024
@@ -113,12 +114,15 @@ def ensure_repo(
     endpoint: str | None = None,
     verify: Verify = "cheap",
     stale_lock_s: float = 60.0,
+    accept_local: bool = False,
 ) -> StoredRepo:
     """Make ``spec`` loadable from local disk and say from where; download only what is missing or damaged.
 
     ``token`` and ``endpoint`` default to huggingface_hub's own ``HF_TOKEN`` / ``HF_ENDPOINT``.
     ``verify="full"`` hashes every file instead of trusting unchanged size and mtime. ``stale_lock_s`` is how
-    long a download lock may go without a heartbeat before a waiting worker takes it over.
+    long a download lock may go without a heartbeat before a waiting worker takes it over. A checkpoint built
+    on this machine (``publish_local``, the demo model) counts as the repo only with ``accept_local``;
+    otherwise the hub's files replace it.
     """
     started = time.monotonic()
     _check_spec(spec)
@@ -126,7 +130,7 @@ def ensure_repo(
     def done(commit: str, path: Path, source: Source) -> StoredRepo:
         return StoredRepo(spec.repo_id, spec.revision, commit, path, source, time.monotonic() - started)
 
-    marker = read_store(spec) if verify == "cheap" else None
+    marker = read_store(spec, accept_local=accept_local) if verify == "cheap" else None
     if marker is not None:
         logger.info(
             "found complete store of %s (commit %s) in %s", _name(spec), marker.commit, spec.local_dir
@@ -144,6 +148,7 @@ def ensure_repo(
         with VolumeLock(
             lock_dir / lock_name, stale_after_s=stale_lock_s, purpose=f"download of {spec.repo_id}"
         ):
+            _drop_local_build(spec, accept_local)
             marker = _read_marker(spec)  # another worker may have completed the store while we waited
             if marker is not None:
                 marker, damaged = _audit(spec.local_dir, marker, full=verify == "full")
@@ -171,16 +176,26 @@ def ensure_repo(
     return done(marker.commit, spec.local_dir, "download")
 
 
-def read_store(spec: RepoSpec) -> StoreMarker | None:
+def read_store(spec: RepoSpec, *, accept_local: bool = False) -> StoreMarker | None:
     """The marker of a complete store of ``spec`` with unchanged files, else None; no network, no lock."""
     marker = _read_marker(spec)
-    if marker is not None and all(_stat_matches(spec.local_dir, f) for f in marker.files):
+    if marker is None or (marker.commit == LOCAL_BUILD and not accept_local):
+        return None
+    if all(_stat_matches(spec.local_dir, f) for f in marker.files):
         return marker
     return None
 
 
-def publish_local(spec: RepoSpec, commit: str) -> StoreMarker:
-    """Record the files already in ``spec.local_dir`` as a complete store of ``commit``.
+def read_marker(spec: RepoSpec) -> StoreMarker | None:
+    """Whatever marker ``spec.local_dir`` holds, complete or not, hub download or local build."""
+    try:
+        return StoreMarker.from_json((spec.local_dir / MARKER_NAME).read_text())
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def publish_local(spec: RepoSpec) -> StoreMarker:
+    """Record the files already in ``spec.local_dir`` as a complete store, built here (``LOCAL_BUILD``).
 
     For checkpoints made on this machine (the tiny demo model): no hub hashes exist, so each file's sha256
     is recorded, and the integrity audit treats them like LFS files.
@@ -190,9 +205,22 @@ def publish_local(spec: RepoSpec, commit: str) -> StoreMarker:
         st = path.stat()
         relative = path.relative_to(spec.local_dir).as_posix()
         records.append(FileRecord(relative, st.st_size, st.st_mtime_ns, "sha256", _digest(path, "sha256")))
-    marker = StoreMarker(spec.repo_id, spec.revision, commit, tuple(records))
+    marker = StoreMarker(spec.repo_id, spec.revision, LOCAL_BUILD, tuple(records))
     _write_marker(spec.local_dir, marker)
     return marker
+
+
+def _drop_local_build(spec: RepoSpec, accept_local: bool) -> None:
+    """Before the hub's files go in, remove a local build's files (exactly those its marker lists)."""
+    marker = read_marker(spec)
+    if accept_local or marker is None or marker.commit != LOCAL_BUILD:
+        return
+    logger.info(
+        "%s holds a checkpoint built locally (the demo model): replacing it with the hub's", spec.local_dir
+    )
+    (spec.local_dir / MARKER_NAME).unlink(missing_ok=True)
+    for record in marker.files:
+        (spec.local_dir / record.path).unlink(missing_ok=True)
 
 
 def _check_spec(spec: RepoSpec) -> None:

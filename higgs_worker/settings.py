@@ -34,6 +34,7 @@ class Settings:
     hf_cache_hub_dir: Path
     download_lock_stale_s: float  # a download lock without a heartbeat this long has a dead holder
     preload_models: bool
+    demo_model: bool  # serve the tiny demo checkpoint built here (bootstrap.sh --demo), not the hub's
     device: str
     voices_dir: Path
     voices_base_url: str
@@ -133,6 +134,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         hf_cache_hub_dir=Path(_str(env, "RUNPOD_HF_CACHE_DIR", str(volume / "huggingface-cache" / "hub"))),
         download_lock_stale_s=_float(env, "DOWNLOAD_LOCK_STALE_S", 60.0, minimum=1.0),
         preload_models=_bool(env, "PRELOAD_MODELS", False),
+        demo_model=_bool(env, "DEMO_MODEL", False),
         device=device,
         voices_dir=Path(_str(env, "VOICES_DIR", str(volume / "voices"))),
         voices_base_url=_str(env, "VOICES_BASE_URL", DEFAULT_VOICES_BASE_URL).rstrip("/"),

@@ -1,0 +1,75 @@
+"""The demo model sits where the real one goes, but never passes for it and never overwrites it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from demo_model import DemoRefused, publish_demo
+from higgs_worker.model_store import LOCAL_BUILD, RepoSpec, ensure_repo, read_marker, read_store
+from higgs_worker.settings import Settings, load_settings
+from tests.fixtures_hub import make_repo
+from tests.hub_server import HubServer
+
+MODEL_REPO = "bosonai/higgs-audio-v2-generation-3B-base"
+
+
+def settings_for(volume: Path) -> Settings:
+    volume.mkdir(parents=True, exist_ok=True)
+    return load_settings({"RUNPOD_VOLUME_PATH": str(volume)})
+
+
+def model_spec(settings: Settings) -> RepoSpec:
+    return RepoSpec(settings.model_repo, settings.model_revision, settings.model_path)
+
+
+def test_demo_is_served_only_when_asked_for(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path / "volume")
+    publish_demo(settings)
+    spec = model_spec(settings)
+    assert read_marker(spec).commit == LOCAL_BUILD
+    assert (settings.model_path / "TINY_RANDOM_MODEL.json").is_file()
+    assert read_store(spec) is None  # not the hub's model
+    stored = ensure_repo(spec, lock_dir=settings.lock_dir, runpod_cache_hub_dir=None, accept_local=True)
+    assert stored.source == "store" and stored.commit == LOCAL_BUILD
+
+    before = (settings.model_path / "config.json").stat().st_mtime_ns
+    publish_demo(settings)  # already in place: nothing is rebuilt
+    assert (settings.model_path / "config.json").stat().st_mtime_ns == before
+
+
+def test_without_the_demo_flag_the_hub_replaces_the_demo(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path / "volume")
+    publish_demo(settings)
+    demo_files = {p.name for p in settings.model_path.iterdir()}
+    real = make_repo(tmp_path / "real-files")
+    with HubServer({MODEL_REPO: real}) as hub:
+        stored = ensure_repo(
+            model_spec(settings), lock_dir=settings.lock_dir, runpod_cache_hub_dir=None, endpoint=hub.url
+        )
+        assert stored.source == "download" and stored.commit == hub.commit(MODEL_REPO)
+    left = {p.name for p in settings.model_path.iterdir() if not p.name.startswith(".")}
+    assert left == {p.name for p in real.iterdir()}
+    assert (
+        "TINY_RANDOM_MODEL.json" in demo_files
+        and not (settings.model_path / "TINY_RANDOM_MODEL.json").exists()
+    )
+
+
+def test_demo_never_overwrites_real_model_files(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path / "volume")
+    with HubServer({MODEL_REPO: make_repo(tmp_path / "real-files")}) as hub:
+        ensure_repo(
+            model_spec(settings), lock_dir=settings.lock_dir, runpod_cache_hub_dir=None, endpoint=hub.url
+        )
+    with pytest.raises(DemoRefused, match="never overwrites"):
+        publish_demo(settings)
+    assert read_marker(model_spec(settings)).commit != LOCAL_BUILD
+
+    partial = settings_for(tmp_path / "partial")
+    partial.model_path.mkdir(parents=True)
+    (partial.model_path / "model-00001-of-00002.safetensors").write_bytes(b"half a download")
+    with pytest.raises(DemoRefused):
+        publish_demo(partial)
+    assert (partial.model_path / "model-00001-of-00002.safetensors").read_bytes() == b"half a download"
