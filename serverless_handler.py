@@ -63,6 +63,9 @@ def _describe_repo(repo: StoredRepo) -> dict[str, str]:
 Progress = Callable[[int, int], None]  # (pieces done, pieces in all) of a long-form job
 
 
+_NO_AUDIO = "the model ended the clip before producing any audio; try again with another seed or temperature"
+
+
 class JobError(Exception):
     """A job that cannot complete; the message goes to the client as the job's error string."""
 
@@ -159,6 +162,8 @@ class Worker:
                     prepared, EncodedAudio.from_metadata(hit.audio, hit.metadata), cache_hit=True
                 )
         speech = self._synthesize(prepared, progress)
+        if speech.num_frames == 0:
+            raise JobError(_NO_AUDIO)
         encode_started = time.perf_counter()
         waveform = speech.waveform
         if prepared.request.speed != 1.0:
@@ -187,27 +192,53 @@ class Worker:
         else:
             chunks = stream_speech(engine, _speech_request(request, prepared.references))
         pieces: list[np.ndarray] = []
+        sent = 0  # base64 bytes in the chunks so far: /run and /runsync get all of them in one result
         for chunk in chunks:
             if chunk.index == 0:
                 prepared.timings["first_chunk"] = time.perf_counter() - generate_started
             pieces.append(chunk.waveform)
-            item = {"index": chunk.index, "final": chunk.final, "start_s": round(chunk.start_s, 3)}
-            if chunk.waveform.size:
-                audio = self._encode(prepared, chunk.waveform, chunk.sample_rate)
-                item |= {"audio_base64": base64.b64encode(audio.data).decode(), **_describe_audio(audio)}
+            item, sent = self._stream_item(prepared, chunk, sent)
             if not chunk.final:
                 yield item
                 continue
+            if chunk.end_frame == 0:
+                raise JobError(_NO_AUDIO)
             prepared.timings["generate"] = time.perf_counter() - generate_started
             summary = {"num_frames": chunk.end_frame, "truncated": not chunk.finished}
-            whole = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
-            if prepared.target is not None and whole.size:
+            if prepared.target is not None:
                 # The chunks already reached the client; S3 gets the whole clip as one file.
-                clip = self._encode(prepared, whole, chunk.sample_rate)
+                clip = self._encode(prepared, np.concatenate(pieces), chunk.sample_rate)
                 summary |= self._output(prepared, clip, cache_hit=False, inline=False)
             else:
                 summary |= self._summary(prepared)
             yield item | {"summary": summary}
+
+    def _stream_item(self, prepared: PreparedJob, chunk: AudioChunk, sent: int) -> tuple[dict[str, Any], int]:
+        """One stream chunk as a playable file, while all chunks together fit the result limit.
+
+        ``sent`` counts the base64 bytes so far: /run and /runsync return every chunk in one result, which
+        RunPod drops when it is too large. Past the limit the whole clip goes to S3 if there is a bucket;
+        otherwise the job fails saying so (the chunks already sent have reached /stream).
+        """
+        item: dict[str, Any] = {
+            "index": chunk.index,
+            "final": chunk.final,
+            "start_s": round(chunk.start_s, 3),
+        }
+        if not chunk.waveform.size:
+            return item, sent
+        audio = self._encode(prepared, chunk.waveform, chunk.sample_rate)
+        encoded = base64.b64encode(audio.data).decode()
+        sent += len(encoded)
+        if sent <= self.settings.max_inline_bytes:
+            return item | {"audio_base64": encoded, **_describe_audio(audio)}, sent
+        if prepared.target is not None:
+            return item | {"audio_omitted": "over the inline result limit: the whole clip goes to S3"}, sent
+        raise JobError(
+            f"the streamed audio passed the {self.settings.max_inline_bytes / 1e6:.1f} MB result limit at "
+            f"{chunk.start_s:.1f} s (RunPod drops larger results; the chunks sent so far reached /stream); "
+            "set s3_bucket, or use output_format mp3 or opus for long streams"
+        )
 
     def _is_long(self, request: TTSRequest) -> bool:
         return len(request.transcript) > self.settings.longform_chunk_chars

@@ -17,8 +17,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from higgs_worker.audio_encoding import FORMATS
+
 OutputFormat = Literal["wav", "flac", "mp3", "ogg", "opus"]
-SAMPLE_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
 MAX_SCENE_CHARS = 2000
 MAX_REF_TEXT_CHARS = 2000
 MAX_SPEAKERS = 8
@@ -70,8 +71,11 @@ class TTSRequest(BaseModel):
         problems = []
         if not self.transcript.strip():
             problems.append("transcript: must contain text, not only whitespace")
-        if self.sample_rate is not None and self.sample_rate not in SAMPLE_RATES:
-            problems.append(f"sample_rate: must be one of {', '.join(map(str, SAMPLE_RATES))}")
+        if self.sample_rate is not None:
+            try:  # each format has its own rates (Opus: 8–48 kHz in steps; MP3: the MPEG rates)
+                FORMATS[self.output_format].check_sample_rate(self.sample_rate)
+            except ValueError as error:
+                problems.append("sample_rate: " + str(error).removeprefix("sample_rate "))
         references = self.references
         if len(references) > MAX_SPEAKERS:
             problems.append(f"ref_audio: at most {MAX_SPEAKERS} references (one per speaker)")

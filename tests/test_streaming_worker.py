@@ -99,12 +99,16 @@ def test_production_loop_streams_and_reports_long_form_progress(
     queue: RunPodQueue, hub: HubServer, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     root = tmp_path_factory.mktemp("production-streaming")
-    streaming = worker_env(root / "volume", hub.url, STREAMING="true")
+    streaming = worker_env(root / "volume", hub.url, STREAMING="true", MAX_INLINE_BYTES="60000")
     with ProductionWorker(queue, streaming, root / "streaming.log"):
-        outcome = queue.wait(queue.enqueue({"transcript": "Streamed in production.", "max_new_tokens": 40}))
-    assert outcome.status == "COMPLETED", outcome.error
-    assert outcome.output == outcome.stream  # /run and /runsync get the aggregated list
-    check_chunks(outcome.stream)
+        outcome = queue.wait(queue.enqueue({"transcript": "Streamed in production.", "max_new_tokens": 24}))
+        assert outcome.status == "COMPLETED", outcome.error
+        assert outcome.output == outcome.stream  # /run and /runsync get the aggregated list
+        check_chunks(outcome.stream)
+        # 72 frames of WAV (~140 KB of base64) cannot all fit one /run result: fail saying so, never drop it
+        too_big = queue.wait(queue.enqueue({"transcript": "A longer stream.", "max_new_tokens": 80}))
+    assert too_big.status == "FAILED" and "s3_bucket" in too_big.error, too_big.error
+    assert too_big.stream and all("audio_base64" in chunk for chunk in too_big.stream)
 
     plain = worker_env(root / "volume", hub.url, LONGFORM_CHUNK_CHARS="60")
     with ProductionWorker(queue, plain, root / "long.log"):
