@@ -149,8 +149,11 @@ class Worker:
         references = self._references(request)
         timings = {"reference": time.perf_counter() - started}
         models, timings["download"] = self.ensure_models()
-        identity = cache_identity(request, references) if self.cache is not None else None
-        key = cache_key(identity, models.revisions()) if identity is not None else None
+        key = None
+        if self.cache is not None:
+            long_pieces = self._is_long(request) and self.settings.longform_chunk_chars
+            identity = cache_identity(request, references, long_pieces)
+            key = cache_key(identity, models.revisions()) if identity is not None else None
         return PreparedJob(request, target, references, models, timings, started, key)
 
     def run(self, job: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:
@@ -158,9 +161,11 @@ class Worker:
         if prepared.cache_key is not None:
             hit = self.cache.get(prepared.cache_key)
             if hit is not None:
-                return self._output(
-                    prepared, EncodedAudio.from_metadata(hit.audio, hit.metadata), cache_hit=True
-                )
+                audio = EncodedAudio.from_metadata(hit.audio, hit.metadata)
+                extra = {
+                    name: hit.metadata[name] for name in ("num_frames", "truncated") if name in hit.metadata
+                }
+                return self._output(prepared, audio, cache_hit=True, extra=extra)
         speech = self._synthesize(prepared, progress)
         if speech.num_frames == 0:
             raise JobError(_NO_AUDIO)
@@ -170,9 +175,9 @@ class Worker:
             waveform = change_tempo(waveform, speech.sample_rate, prepared.request.speed)
         audio = self._encode(prepared, waveform, speech.sample_rate)
         prepared.timings["encode"] = time.perf_counter() - encode_started
-        if prepared.cache_key is not None:
-            self.cache.put(prepared.cache_key, audio.data, audio.metadata())
         extra = {"num_frames": speech.num_frames, "truncated": not speech.finished}
+        if prepared.cache_key is not None:
+            self.cache.put(prepared.cache_key, audio.data, audio.metadata() | extra)
         return self._output(prepared, audio, cache_hit=False, extra=extra)
 
     def stream(self, job: dict[str, Any]) -> Iterator[dict[str, Any]]:

@@ -215,7 +215,7 @@ class HiggsAudioEngine:
         config.ras_win_len = sampling.ras_window if ras_on else None
         config.ras_win_max_num_repeat = sampling.ras_max_repeat if ras_on else None
         if self._speed_path:
-            _enable_speed_path(config, self.device)
+            _enable_speed_path(config)
         return config
 
     def decode(self, codes: SpeechCodes) -> Speech:
@@ -232,16 +232,17 @@ class HiggsAudioEngine:
         return SpeechCodes(revert_delay(stream.rows, self.codec.config.codebook_size), stream.finished)
 
 
-def _enable_speed_path(config, device: torch.device) -> None:
-    """Static KV cache and the decode step compiled whole (CUDA graphs on a GPU): the same audio, faster.
+def _enable_speed_path(config) -> None:
+    """Static KV cache and the decode step compiled whole by inductor: the same audio, faster.
 
     With a static cache transformers compiles the decode step itself; it does so off CUDA only when asked,
     which the CPU tests rely on. The cache keeps its largest size across calls, so a new graph is compiled
-    only when a longer request or a new batch size arrives.
+    only when a longer request or a new batch size arrives. CUDA graphs (``mode="reduce-overhead"``) stay
+    off: generation runs on worker threads, and torch 2.9's cudagraph trees fail when called from several
+    Python threads (pytorch/pytorch#123177, fixed after 2.9).
     """
     config.cache_implementation = "static"
-    mode = "reduce-overhead" if device.type == "cuda" else "default"  # reduce-overhead = CUDA graphs
-    compile_config = CompileConfig(fullgraph=True, mode=mode)
+    compile_config = CompileConfig(fullgraph=True, mode="default")
     compile_config._compile_all_devices = True
     config.compile_config = compile_config
 

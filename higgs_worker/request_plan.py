@@ -55,8 +55,13 @@ def _reference_identity(reference: ReferenceAudio) -> dict[str, Any]:
     }
 
 
-def cache_identity(request: TTSRequest, references: Sequence[ReferenceAudio]) -> dict[str, Any] | None:
-    """Everything that shapes the audio, or None when the request is not deterministic (sampling, no seed)."""
+def cache_identity(
+    request: TTSRequest, references: Sequence[ReferenceAudio], longform_chars: int | bool = False
+) -> dict[str, Any] | None:
+    """Everything that shapes the audio, or None when the request is not deterministic (sampling, no seed).
+
+    ``longform_chars`` is the piece length a long transcript is split at (it changes the audio), or False.
+    """
     greedy = request.temperature == 0
     if not greedy and request.seed is None:
         return None
@@ -68,6 +73,7 @@ def cache_identity(request: TTSRequest, references: Sequence[ReferenceAudio]) ->
         "output_format": request.output_format,
         "sample_rate": request.sample_rate,
         "speed": request.speed,
+        "longform_chars": longform_chars,
     }
     if not greedy:
         identity |= {"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k}

@@ -82,6 +82,8 @@ def test_deterministic_requests_hit_the_cache(worker: LocalWorker) -> None:
     first, second = worker.runsync(request), worker.runsync(request)
     assert first["output"]["cache_hit"] is False and second["output"]["cache_hit"] is True
     assert first["output"]["audio_base64"] == second["output"]["audio_base64"]
+    for field in ("num_frames", "truncated", "duration_s", "format"):
+        assert first["output"][field] == second["output"][field]
     other_format = worker.runsync({**request, "output_format": "flac"})
     assert other_format["output"]["cache_hit"] is False
 
