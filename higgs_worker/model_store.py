@@ -20,10 +20,8 @@ import errno
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -41,6 +39,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
+from higgs_worker.atomic_file import write_atomic
 from higgs_worker.volume_lock import VolumeLock
 
 logger = logging.getLogger(__name__)
@@ -382,22 +381,10 @@ def _remove_leftovers(local_dir: Path) -> None:
 
 
 def _write_marker(local_dir: Path, marker: StoreMarker) -> None:
-    """Write temp + fsync + rename + fsync(dir): a reader sees either no marker or a whole one."""
-    fd, tmp = tempfile.mkstemp(prefix=MARKER_NAME, suffix=".tmp", dir=local_dir)
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(marker.to_json())
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, local_dir / MARKER_NAME)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(local_dir, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """A reader sees either no marker or a whole one, and a completed store survives a power cut."""
+    write_atomic(
+        local_dir / MARKER_NAME, marker.to_json().encode(), temp_prefix=MARKER_NAME, sync_directory=True
+    )
 
 
 def _explain(error: Exception, spec: RepoSpec, token: str | None, endpoint: str | None) -> ModelStoreError:

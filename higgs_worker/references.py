@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
 
+from higgs_worker.atomic_file import write_atomic
 from higgs_worker.audio_encoding import AudioDecodeError, decode_audio
 from higgs_worker.safe_fetch import FetchError, FetchPolicy, fetch, public_url
 from higgs_worker.settings import Settings
@@ -201,16 +200,7 @@ def _download_preset(name: str, voices: Path, field: str, settings: Settings) ->
 
 
 def _publish(path: Path, data: bytes) -> None:
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(handle, "wb") as temp:
-            temp.write(data)
-            temp.flush()
-            os.fsync(temp.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    write_atomic(path, data, temp_prefix=f".{path.name}.")  # hidden: never listed as a preset
 
 
 def _available(voices: Path) -> str:

@@ -18,12 +18,13 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from higgs_worker.atomic_file import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -127,19 +128,9 @@ class ResultCache:
             return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, temp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=path.parent)
-        except OSError as exc:
-            log.warning("result cache: cannot write in %s (%s); result not cached", path.parent, exc)
-            return
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(blob)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp_name, path)
+            write_atomic(path, blob, temp_prefix=_TEMP_PREFIX)
         except OSError as exc:
             log.warning("result cache: cannot write %s (%s); result not cached", path, exc)
-            _remove(Path(temp_name))
             return
         self._evict()
 
