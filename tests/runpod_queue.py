@@ -17,13 +17,8 @@ small HTTP server on 127.0.0.1 can stand in for the platform and record exactly 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -34,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
-from tests.worker_process import REPO
+from tests.worker_process import WorkerProcess
 
 ENDPOINT_ID = "loopback-endpoint"
 WORKER_ID = "loopback-worker"
@@ -252,24 +247,12 @@ class RunPodQueue:
         return Handler
 
 
-class ProductionWorker:
-    """``serverless_handler.py`` without ``--rp_serve_api``: the SDK's production loop against ``queue``.
-
-    Started in its own process group: the SDK forks a heartbeat process that stopping must not leave behind.
-    """
+class ProductionWorker(WorkerProcess):
+    """``serverless_handler.py`` without ``--rp_serve_api``: the SDK's production loop against ``queue``."""
 
     def __init__(self, queue: RunPodQueue, env: dict[str, str], log_path: Path) -> None:
         self.queue = queue
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [sys.executable, "serverless_handler.py"],
-            cwd=REPO,
-            env={**env, **queue.worker_env()},
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        super().__init__([], {**env, **queue.worker_env()}, log_path)
 
     def __enter__(self) -> ProductionWorker:
         try:
@@ -278,24 +261,3 @@ class ProductionWorker:
             self.stop()
             raise RuntimeError(f"the worker never asked for a job:\n{self.log}") from None
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    @property
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        """SIGTERM (the SDK finishes in-flight jobs and leaves its loop), then the group if it lingers."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        with contextlib.suppress(ProcessLookupError):  # the heartbeat process, if it outlived the worker
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self._log.close()

@@ -7,8 +7,10 @@ exactly as a client of ``/run``, ``/runsync``, ``/status`` and ``/stream`` would
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -50,31 +52,23 @@ def worker_env(volume: Path, hub_url: str | None, **extra: str) -> dict[str, str
     return env
 
 
-class LocalWorker:
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+class WorkerProcess:
+    """``serverless_handler.py`` with ``args``, its output in ``log_path``; stopping leaves nothing behind.
+
+    Started in its own process group: the SDK forks a heartbeat process that stopping must not leave behind.
+    """
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "serverless_handler.py",
-                "--rp_serve_api",
-                "--rp_api_host",
-                "127.0.0.1",
-                "--rp_api_port",
-                str(self.port),
-            ],
+            [sys.executable, "serverless_handler.py", *args],
             cwd=REPO,
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
-
-    def __enter__(self) -> LocalWorker:
-        self.wait_ready()
-        return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -83,6 +77,33 @@ class LocalWorker:
     def log(self) -> str:
         self._log.flush()
         return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """SIGTERM (the SDK finishes in-flight jobs and leaves its loop), then the group if it lingers."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        with contextlib.suppress(ProcessLookupError):  # the heartbeat process, if it outlived the worker
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self._log.close()
+
+
+class LocalWorker(WorkerProcess):
+    """The worker under the SDK's local API (``--rp_serve_api``) on a free loopback port."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        api = ["--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port", str(self.port)]
+        super().__init__(api, env, log_path)
+
+    def __enter__(self) -> LocalWorker:
+        self.wait_ready()
+        return self
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
@@ -112,13 +133,3 @@ class LocalWorker:
         submitted = self.post("/run", {"input": job_input})
         assert submitted["status"] == "IN_PROGRESS", submitted
         return self.post(f"/status/{submitted['id']}", timeout=timeout)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
