@@ -25,7 +25,7 @@ from higgs_worker.audio_encoding import EncodedAudio, change_tempo, encode_audio
 from higgs_worker.delivery import DeliveryError, DeliveryPolicy, S3Target, deliver
 from higgs_worker.model_store import ModelStoreError, RepoSpec, StoredRepo, ensure_repo
 from higgs_worker.redaction import install_log_redaction, redact
-from higgs_worker.references import ReferenceAudio, ReferenceError, resolve_reference
+from higgs_worker.references import ReferenceAudio, ReferenceAudioError, resolve_reference
 from higgs_worker.request_plan import RequestPlanError, cache_identity, s3_target_for
 from higgs_worker.result_cache import ResultCache, cache_key
 from higgs_worker.schema import RequestError, RequestLimits, TTSRequest, parse_request
@@ -372,7 +372,7 @@ def _speech_request(request: TTSRequest, references: list[ReferenceAudio]) -> Sp
     )
 
 
-USER_ERRORS = (RequestError, ReferenceError, RequestPlanError, ModelStoreError, DeliveryError, JobError)
+USER_ERRORS = (RequestError, ReferenceAudioError, RequestPlanError, ModelStoreError, DeliveryError, JobError)
 
 
 def _failure(job: dict[str, Any], error: Exception) -> dict[str, str]:

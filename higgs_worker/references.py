@@ -40,12 +40,8 @@ LISTED_PRESETS = 20
 MIN_REFERENCE_SECONDS = 0.5
 
 
-class ReferenceError(ValueError):
-    """A reference value the worker cannot use; the message starts with the job field's name.
-
-    It shadows Python's builtin ``ReferenceError`` (a weak-reference error) inside this module only; import it
-    by name from here.
-    """
+class ReferenceAudioError(ValueError):
+    """A reference value the worker cannot use; the message starts with the job field's name."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +59,7 @@ def resolve_reference(value: str, ref_text: str | None, *, field: str, settings:
     well). For a preset voice the preset's own transcript is used unless the job gives one.
     """
     if not isinstance(value, str) or not value:
-        raise ReferenceError(f"{field}: must be {ALLOWED_FORMS}")
+        raise ReferenceAudioError(f"{field}: must be {ALLOWED_FORMS}")
     scheme = value.split(":", 1)[0].lower() if ":" in value else ""
     if scheme == "data":
         data = _data_uri_bytes(value, field, settings)
@@ -72,7 +68,7 @@ def resolve_reference(value: str, ref_text: str | None, *, field: str, settings:
         return _from_url(value, ref_text, field, settings)
     if PRESET_NAME.fullmatch(value):
         return _from_preset(value, ref_text, field, settings)
-    raise ReferenceError(
+    raise ReferenceAudioError(
         f"{field}: {_shown(value)} is not allowed (a preset voice name has only letters, digits, '_' and "
         f"'-', at most 64 characters); use {ALLOWED_FORMS}"
     )
@@ -90,18 +86,18 @@ def _decoded(
     try:
         waveform, sample_rate = decode_audio(data)
     except AudioDecodeError as error:
-        raise ReferenceError(f"{field}: the content of {description} is not audio ({error})") from None
+        raise ReferenceAudioError(f"{field}: the content of {description} is not audio ({error})") from None
     if waveform.size == 0:
-        raise ReferenceError(f"{field}: {description} holds no audio samples")
+        raise ReferenceAudioError(f"{field}: {description} holds no audio samples")
     seconds = waveform.shape[-1] / sample_rate
     if seconds < MIN_REFERENCE_SECONDS:
         # The codec needs whole 40 ms frames, and a voice needs far more than that to be recognisable.
-        raise ReferenceError(
+        raise ReferenceAudioError(
             f"{field}: {description} is {seconds:.3f} s long; "
             f"a reference needs at least {MIN_REFERENCE_SECONDS:g} s"
         )
     if seconds > settings.max_reference_seconds:
-        raise ReferenceError(
+        raise ReferenceAudioError(
             f"{field}: {description} is {seconds:.1f} s long; "
             f"the limit is {settings.max_reference_seconds:g} s"
         )
@@ -111,20 +107,20 @@ def _decoded(
 def _data_uri_bytes(value: str, field: str, settings: Settings) -> bytes:
     header = DATA_URI.match(value)
     if header is None:
-        raise ReferenceError(
+        raise ReferenceAudioError(
             f"{field}: a data URI must look like 'data:audio/<type>;base64,<payload>' "
             "(or 'data:application/octet-stream;base64,<payload>')"
         )
     payload = value[header.end() :]
     # Every 4 base64 characters carry 3 bytes: refuse before allocating the decoded copy.
     if len(payload) // 4 * 3 > settings.max_reference_bytes:
-        raise ReferenceError(
+        raise ReferenceAudioError(
             f"{field}: the data URI's audio is larger than the limit of {settings.max_reference_bytes} bytes"
         )
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        raise ReferenceError(
+        raise ReferenceAudioError(
             f"{field}: the data URI's payload is not valid base64 (standard alphabet, padded, no whitespace)"
         ) from None
 
@@ -140,7 +136,7 @@ def _from_url(url: str, text: str | None, field: str, settings: Settings) -> Ref
     try:
         data = fetch(url, policy)
     except FetchError as error:
-        raise ReferenceError(f"{field}: {error}") from None
+        raise ReferenceAudioError(f"{field}: {error}") from None
     return _decoded(data, text, public_url(url), field, settings)
 
 
@@ -150,7 +146,7 @@ def _from_preset(name: str, text: str | None, field: str, settings: Settings) ->
     txt_path = (voices / f"{name}.txt").resolve()
     # The name pattern already forbids leaving the directory; checking the resolved paths is belt and braces.
     if wav_path.parent != voices or txt_path.parent != voices:
-        raise ReferenceError(f"{field}: preset voice {name!r} is not a plain name")
+        raise ReferenceAudioError(f"{field}: preset voice {name!r} is not a plain name")
     description = f"preset voice {name!r}"
     if not wav_path.is_file():
         _download_preset(name, voices, field, settings)
@@ -179,19 +175,21 @@ def _download_preset(name: str, voices: Path, field: str, settings: Settings) ->
         audio = fetch(f"{base}/{name}.wav", policy)
     except FetchError as error:
         if error.status == 404:
-            raise ReferenceError(f"{field}: unknown preset voice {name!r}{_available(voices)}") from None
-        raise ReferenceError(f"{field}: preset voice {name!r} could not be fetched: {error}") from None
+            raise ReferenceAudioError(f"{field}: unknown preset voice {name!r}{_available(voices)}") from None
+        raise ReferenceAudioError(f"{field}: preset voice {name!r} could not be fetched: {error}") from None
     try:
         decode_audio(audio)
     except AudioDecodeError as error:
-        raise ReferenceError(
+        raise ReferenceAudioError(
             f"{field}: preset voice {name!r} from {public_url(base)} is not audio ({error})"
         ) from None
     try:
         transcript: bytes | None = fetch(f"{base}/{name}.txt", policy)
     except FetchError as error:
         if error.status != 404:
-            raise ReferenceError(f"{field}: preset voice {name!r} could not be fetched: {error}") from None
+            raise ReferenceAudioError(
+                f"{field}: preset voice {name!r} could not be fetched: {error}"
+            ) from None
         transcript = None
     voices.mkdir(parents=True, exist_ok=True)
     if transcript is not None:

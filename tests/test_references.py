@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from higgs_worker.references import ReferenceAudio, ReferenceError, resolve_reference
+from higgs_worker.references import ReferenceAudio, ReferenceAudioError, resolve_reference
 from higgs_worker.settings import Settings, load_settings
 from tests.loopback_http import (
     LoopbackServer,
@@ -73,7 +73,7 @@ def resolve(value: str, settings: Settings, ref_text: str | None = None) -> Refe
 
 def refused(value: str, settings: Settings, ref_text: str | None = None) -> str:
     """The error message for a value that must be refused; every one starts with the field name."""
-    with pytest.raises(ReferenceError) as error:
+    with pytest.raises(ReferenceAudioError) as error:
         resolve(value, settings, ref_text)
     message = str(error.value)
     assert message.startswith(f"{FIELD}: "), message
@@ -404,5 +404,5 @@ def test_other_values_are_refused_with_the_allowed_forms(settings: Settings, val
 
 
 def test_the_field_name_given_by_the_caller_leads_the_message(settings: Settings) -> None:
-    with pytest.raises(ReferenceError, match=r"^speakers\[1\]\.ref_audio: unknown preset voice 'nope'$"):
+    with pytest.raises(ReferenceAudioError, match=r"^speakers\[1\]\.ref_audio: unknown preset voice 'nope'$"):
         resolve_reference("nope", None, field="speakers[1].ref_audio", settings=settings)
