@@ -443,14 +443,28 @@ async def handler(job: dict[str, Any]) -> dict[str, Any]:
 
 
 async def stream_handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-    """The handler with STREAMING=true: each audio chunk is yielded as soon as it is encoded."""
+    """The handler with STREAMING=true: each audio chunk is yielded as soon as it is encoded.
+
+    When RunPod cancels the job, closing the generator stops the generation; the lock makes the close wait
+    for a chunk still being produced on the job thread (a generator cannot be closed while it runs).
+    """
     loop = asyncio.get_running_loop()
     items = stream_job(get_worker(), job)
+    turn = threading.Lock()
+
+    def advance() -> dict[str, Any] | None:
+        with turn:
+            return next(items, None)
+
+    def close() -> None:
+        with turn:
+            items.close()
+
     try:
-        while (item := await loop.run_in_executor(job_threads(), next, items, None)) is not None:
+        while (item := await loop.run_in_executor(job_threads(), advance)) is not None:
             yield item
     finally:
-        await loop.run_in_executor(job_threads(), items.close)  # stops the generation if the client left
+        await loop.run_in_executor(job_threads(), close)
 
 
 def concurrency_modifier(_current: int) -> int:

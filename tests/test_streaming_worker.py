@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
+from higgs_worker.settings import load_settings
 from tests.hub_server import HubServer
 from tests.runpod_queue import ProductionWorker, RunPodQueue
+from tests.test_worker_faults import complete_store
 from tests.worker_process import LocalWorker, worker_env
 
 pytestmark = pytest.mark.slow
@@ -120,3 +125,86 @@ def test_production_loop_streams_and_reports_long_form_progress(
     assert [p["pieces_done"] for p in outcome.progress] == list(range(1, total))
     audio, _ = decode(outcome.output)
     assert len(audio) > 0 and outcome.output["num_frames"] <= total * 12
+
+
+def test_cancelling_a_streaming_job_stops_its_generation(
+    hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RunPod cancels a job by cancelling the handler's task: the generation must stop, not run to the end."""
+    import serverless_handler
+
+    settings = load_settings({"RUNPOD_VOLUME_PATH": str(tmp_path / "volume"), "STREAMING": "true"})
+    complete_store(settings, hub.url)
+    worker = serverless_handler.Worker(settings)
+    monkeypatch.setattr(serverless_handler, "_worker", worker)
+    monkeypatch.setattr(serverless_handler, "_job_threads", None)
+    engine, _ = worker.ensure_engine()
+    ended: list[str] = []  # how each generation ended
+    real_generate_codes = engine.generate_codes
+
+    def recording_generate_codes(*args, **kwargs):
+        try:
+            codes = real_generate_codes(*args, **kwargs)
+        except BaseException as error:
+            ended.append(type(error).__name__)
+            raise
+        ended.append(f"{codes[0].frames.shape[0]} frames")
+        return codes
+
+    monkeypatch.setattr(engine, "generate_codes", recording_generate_codes)
+    steps = settings.max_new_tokens_limit
+
+    async def cancel_after_the_first_chunk() -> dict:
+        chunks = serverless_handler.stream_handler(
+            {"id": "cancel-me", "input": {"transcript": "A long one.", "max_new_tokens": steps}}
+        )
+        first = await anext(chunks)
+        pending = asyncio.ensure_future(anext(chunks))
+        await asyncio.sleep(0)  # the next chunk is now being produced on the job thread
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        return first
+
+    first = asyncio.run(cancel_after_the_first_chunk())
+    assert first["index"] == 0 and "audio_base64" in first
+    with engine._lock:  # the background generation has ended and released the engine
+        pass
+    assert ended == ["_Cancelled"]  # stopped by the cancellation, not run to its 4096 steps
+
+
+def test_cancelling_while_a_chunk_is_being_produced_closes_the_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A generator cannot be closed while it runs on a job thread: the close must wait for the chunk."""
+    import serverless_handler
+
+    settings = load_settings({"RUNPOD_VOLUME_PATH": str(tmp_path / "volume"), "CONCURRENCY": "2"})
+    worker = serverless_handler.Worker(settings)
+    monkeypatch.setattr(serverless_handler, "_worker", worker)
+    monkeypatch.setattr(serverless_handler, "_job_threads", None)
+    producing, release, closed = threading.Event(), threading.Event(), []
+
+    def slow_stream(job: dict) -> Iterator[dict]:
+        try:
+            yield {"index": 0}
+            producing.set()
+            release.wait(10)
+            yield {"index": 1}
+        finally:
+            closed.append(job["id"])
+
+    monkeypatch.setattr(worker, "stream", slow_stream)
+
+    async def cancel_mid_chunk() -> None:
+        chunks = serverless_handler.stream_handler({"id": "mid-chunk", "input": {}})
+        assert await anext(chunks) == {"index": 0}
+        pending = asyncio.ensure_future(anext(chunks))
+        await asyncio.get_running_loop().run_in_executor(None, producing.wait, 10)
+        pending.cancel()
+        threading.Timer(0.2, release.set).start()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+
+    asyncio.run(cancel_mid_chunk())
+    assert closed == ["mid-chunk"]
