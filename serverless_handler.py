@@ -186,14 +186,14 @@ class Worker:
         A long transcript (over LONGFORM_CHUNK_CHARS) is generated piece by piece first and then sent in
         chunks, so its first audio arrives only when the whole clip is done.
         """
-        from boson_multimodal.streaming import stream_speech
+        from boson_multimodal.streaming import chunk_speech, stream_speech
 
         prepared = self.prepare(job)
         request = prepared.request
         engine, prepared.timings["load"] = self.ensure_engine()
         generate_started = time.perf_counter()
         if self._is_long(request):
-            chunks = _chunked(self._synthesize(prepared, None), engine.frame_rate)
+            chunks = chunk_speech(self._synthesize(prepared, None), engine.frame_rate)
         else:
             chunks = stream_speech(engine, _speech_request(request, prepared.references))
         pieces: list[np.ndarray] = []
@@ -330,28 +330,6 @@ def _describe_audio(audio: EncodedAudio) -> dict[str, Any]:
         "sample_rate": audio.sample_rate,
         "duration_s": round(audio.duration_s, 3),
     }
-
-
-def _chunked(speech: Speech, frame_rate: int, chunk_frames: int = 100) -> Iterator[AudioChunk]:
-    """A finished clip as stream chunks (long-form in streaming mode): each well under RunPod's 1 MB cap."""
-    from boson_multimodal.streaming import AudioChunk
-
-    hop = speech.sample_rate // frame_rate
-    total = -(-speech.waveform.size // hop)
-    starts = list(range(0, max(total, 1), chunk_frames))
-    for index, start in enumerate(starts):
-        final = index == len(starts) - 1
-        end = total if final else start + chunk_frames
-        yield AudioChunk(
-            waveform=speech.waveform[start * hop : end * hop],
-            sample_rate=speech.sample_rate,
-            index=index,
-            start_frame=start,
-            num_frames=end - start,
-            frame_rate=frame_rate,
-            final=final,
-            finished=speech.finished,
-        )
 
 
 def _speech_request(request: TTSRequest, references: list[ReferenceAudio]) -> SpeechRequest:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from boson_multimodal.codes import decode_frames
-from boson_multimodal.engine import HiggsAudioEngine, SpeechCodes, SpeechRequest
+from boson_multimodal.engine import HiggsAudioEngine, Speech, SpeechCodes, SpeechRequest
 
 
 @dataclass(frozen=True)
@@ -216,3 +216,29 @@ def stream_speech(
         yield decoder.chunk(codes.frames, index, emitted, end, final=True, finished=codes.finished)
     finally:
         mailbox.cancelled.set()
+
+
+def chunk_speech(
+    speech: Speech, frame_rate: int, max_frames: int = ChunkSchedule.max_frames
+) -> Iterator[AudioChunk]:
+    """A finished clip as stream chunks (a long text in streaming mode), each at most ``max_frames`` long.
+
+    The frame count follows the waveform, which for a long text is shorter than ``speech.num_frames`` by the
+    crossfades between its pieces.
+    """
+    hop = speech.sample_rate // frame_rate
+    total = -(-speech.waveform.size // hop)
+    starts = list(range(0, max(total, 1), max_frames))
+    for index, start in enumerate(starts):
+        final = index == len(starts) - 1
+        end = total if final else start + max_frames
+        yield AudioChunk(
+            waveform=speech.waveform[start * hop : end * hop],
+            sample_rate=speech.sample_rate,
+            index=index,
+            start_frame=start,
+            num_frames=end - start,
+            frame_rate=frame_rate,
+            final=final,
+            finished=speech.finished,
+        )
