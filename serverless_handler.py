@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from boson_multimodal.errors import SpeechRequestError
 from higgs_worker.audio_encoding import EncodedAudio, change_tempo, encode_audio
 from higgs_worker.delivery import DeliveryError, DeliveryPolicy, S3Target, deliver
 from higgs_worker.model_store import ModelStoreError, RepoSpec, StoredRepo, ensure_repo
@@ -36,9 +37,6 @@ if TYPE_CHECKING:  # torch is imported only when a job needs the engine
     from boson_multimodal.streaming import AudioChunk
 
 logger = logging.getLogger("higgs_worker.handler")
-
-# How long the first of several concurrent jobs waits for others to join its batch: short next to generation.
-BATCH_WAIT_MS = 30.0
 
 
 @dataclass(frozen=True)
@@ -78,7 +76,6 @@ class Worker:
         self.limits = RequestLimits(settings.max_transcript_chars, settings.max_new_tokens_limit)
         self._models: Models | None = None
         self._engine = None
-        self._batcher = None  # gathers concurrent jobs into batches for the engine
         self._lock = threading.Lock()
         self.cache = (
             ResultCache(settings.result_cache_dir, settings.cache_max_bytes)
@@ -121,20 +118,20 @@ class Worker:
                 return self._engine, 0.0
             started = time.perf_counter()
             # torch is imported only when a job needs it, so a cache hit or a bad input never pays for it
-            from boson_multimodal.batching import BatchingEngine
-            from boson_multimodal.engine import HiggsAudioEngine
+            from boson_multimodal.engine import EngineOptions, HiggsAudioEngine
+            from boson_multimodal.scheduler import SchedulerLimits
 
+            settings = self.settings
+            options = EngineOptions(
+                backend=settings.generation_backend,
+                limits=SchedulerLimits(settings.scheduler_slots, settings.max_sequence_tokens),
+                cuda_graphs=settings.cuda_graphs,
+            )
             engine = HiggsAudioEngine.load(
-                models.generation.path,
-                models.audio_tokenizer.path,
-                device=self.settings.device,
-                speed_path=self.settings.speed_path,
+                models.generation.path, models.audio_tokenizer.path, device=settings.device, options=options
             )
             if (models.generation.path / "TINY_RANDOM_MODEL.json").exists():
                 logger.warning("serving the tiny random-weight demo model (--demo): its audio is noise")
-            self._batcher = BatchingEngine(
-                engine, max_batch=self.settings.concurrency, max_wait_ms=BATCH_WAIT_MS
-            )
             self._engine = engine
             return self._engine, time.perf_counter() - started
 
@@ -249,7 +246,8 @@ class Worker:
         return len(request.transcript) > self.settings.longform_chunk_chars
 
     def _synthesize(self, prepared: PreparedJob, progress: Progress | None) -> Speech:
-        """Generation: long transcripts piece by piece, others through the batcher with concurrent jobs."""
+        """Generation: long transcripts piece by piece; every sequence shares the engine's decode steps with
+        those of the other jobs in flight."""
         engine, prepared.timings["load"] = self.ensure_engine()
         started = time.perf_counter()
         speech_request = _speech_request(prepared.request, prepared.references)
@@ -258,7 +256,7 @@ class Worker:
 
             speech = generate_long(engine, speech_request, self.settings.longform_chunk_chars, progress)
         else:
-            speech = self._batcher.submit(speech_request).result()
+            speech = engine.generate(speech_request)
         prepared.timings["generate"] = time.perf_counter() - started
         return speech
 
@@ -350,7 +348,15 @@ def _speech_request(request: TTSRequest, references: list[ReferenceAudio]) -> Sp
     )
 
 
-USER_ERRORS = (RequestError, ReferenceAudioError, RequestPlanError, ModelStoreError, DeliveryError, JobError)
+USER_ERRORS = (
+    RequestError,
+    ReferenceAudioError,
+    RequestPlanError,
+    ModelStoreError,
+    DeliveryError,
+    JobError,
+    SpeechRequestError,
+)
 
 
 def _failure(job: dict[str, Any], error: Exception) -> dict[str, str]:

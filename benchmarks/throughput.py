@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from boson_multimodal.batching import BatchingEngine
+
 from boson_multimodal.engine import HiggsAudioEngine, SamplingConfig, SpeechRequest
 from boson_multimodal.tiny_model import build_tiny_checkpoint
 from tests.conftest import MODEL_REPO, TOKENIZER_REPO

@@ -23,11 +23,6 @@ from transformers import (
 
 logger = logging.getLogger(__name__)
 
-# Boson's repetition-aware sampling defaults. ``GenerationConfig.from_pretrained`` silently drops these keys,
-# so they are set on the loaded model's generation config explicitly.
-RAS_WINDOW = 7
-RAS_MAX_REPEAT = 2
-
 
 class ModelLoadError(RuntimeError):
     """The directories do not hold a loadable Higgs Audio V2 model and codec."""
@@ -104,8 +99,11 @@ def load_model(model_dir: Path, codec_dir: Path, device: str = "auto") -> Loaded
         chat_template=_read_chat_template(model_dir, tokenizer),
     )
     model = model.to(torch_device).eval()
-    model.generation_config.ras_win_len = RAS_WINDOW
-    model.generation_config.ras_win_max_num_repeat = RAS_MAX_REPEAT
+    # Repetition-aware sampling is a per-request setting (``SamplingConfig``). transformers fills every
+    # setting a request leaves at None from the model's own generation config, so the model must carry none
+    # of its own: otherwise "off" (None) would silently become the checkpoint's window.
+    model.generation_config.ras_win_len = None
+    model.generation_config.ras_win_max_num_repeat = None
     logger.info(
         "loaded Higgs Audio V2 (%d layers, hidden %d) on %s in %s",
         model.config.num_hidden_layers,

@@ -1,8 +1,8 @@
 """Streaming speech: audio chunks while the frames are still being generated.
 
-Generation runs in a background thread (the engine's lock still serialises generations); a forward pre-hook
-(``on_rows``) hands every step's rows to the consumer, which reverts the delay pattern and decodes the frames
-in chunks. Two facts shape the decoding:
+The sequence runs on the engine's generation thread beside every other sequence in flight; its handle
+publishes the rows after every step, and the consumer (the caller's thread) reverts the delay pattern and
+decodes the frames in chunks. Two facts shape the decoding:
 
 * The codec decoder is non-causal: each output sample depends on the frames up to ``decoder_reach(codec)``
   frames either side (12 for Higgs Audio V2's DAC decoder). Decoding a chunk alone would differ from the
@@ -16,7 +16,6 @@ in chunks. Two facts shape the decoding:
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -105,61 +104,6 @@ def decoder_reach(codec: torch.nn.Module) -> int:
     return math.ceil(reach)
 
 
-class _Cancelled(Exception):
-    """Raised inside the generation thread's step hook once the consumer has gone away."""
-
-
-class _Mailbox:
-    """The latest rows from the generation thread, then its result or error.
-
-    Why not a queue: each step's rows hold the whole stream so far, so a queue would grow quadratically
-    while the consumer is busy decoding; the consumer only ever needs the newest rows.
-    """
-
-    def __init__(self) -> None:
-        self._condition = threading.Condition()
-        self._rows: torch.Tensor | None = None
-        self._version = 0
-        self._result: SpeechCodes | None = None
-        self._error: BaseException | None = None
-        self.cancelled = threading.Event()
-
-    def put_rows(self, rows: torch.Tensor) -> None:
-        if self.cancelled.is_set():
-            raise _Cancelled
-        with self._condition:
-            self._rows = rows
-            self._version += 1
-            self._condition.notify()
-
-    def finish(self, result: SpeechCodes | None, error: BaseException | None) -> None:
-        with self._condition:
-            self._result, self._error = result, error
-            self._condition.notify()
-
-    def wait(self, seen_version: int) -> tuple[int, torch.Tensor | None, SpeechCodes | None]:
-        """Block until there are newer rows or the end; raise the generation's own error."""
-        with self._condition:
-            self._condition.wait_for(
-                lambda: self._version != seen_version or self._result is not None or self._error is not None
-            )
-            if self._error is not None:
-                raise self._error
-            return self._version, self._rows, self._result
-
-
-def _generate(engine: HiggsAudioEngine, request: SpeechRequest, mailbox: _Mailbox) -> None:
-    """The generation thread: every outcome reaches the mailbox, so the consumer never waits forever."""
-    try:
-        [codes] = engine.generate_codes([request], on_rows=lambda rows: mailbox.put_rows(rows[0]))
-    except _Cancelled:
-        return
-    except BaseException as error:
-        mailbox.finish(None, error)
-        return
-    mailbox.finish(codes, None)
-
-
 class _ChunkDecoder:
     """Decodes frame ranges of a growing clip with enough context to match the one-shot decode."""
 
@@ -190,23 +134,21 @@ def stream_speech(
 ) -> Iterator[AudioChunk]:
     """Yield the clip's audio in chunks while it is generated; the last chunk has ``final=True``.
 
-    Closing the iterator early cancels the generation at its next step (which releases the engine), and an
+    Closing the iterator early cancels the generation at its next step (which frees its slot), and an
     error in the generation is raised here as the same exception.
     """
     schedule = schedule or ChunkSchedule()
     decoder = _ChunkDecoder(engine)
     lookahead = decoder.reach if schedule.lookahead_frames is None else schedule.lookahead_frames
     sizes = schedule.sizes()
-    mailbox = _Mailbox()
-    threading.Thread(
-        target=_generate, args=(engine, request, mailbox), name="higgs-stream", daemon=True
-    ).start()
+    handle = engine.submit(request)
     index, emitted, size, version = 0, 0, next(sizes), 0
     codes: SpeechCodes | None = None
     try:
         while codes is None:
-            version, rows, codes = mailbox.wait(version)
-            frames = engine.stream_frames(rows) if codes is None else codes.frames
+            version, rows, result = handle.wait_newer(version)
+            codes = engine.to_codes(result.rows) if result is not None else None
+            frames = engine.to_codes(rows).frames if codes is None else codes.frames
             # While generating, a chunk waits for `lookahead` frames after it; at the end the last is final.
             ready = frames.shape[0] - (lookahead if codes is None else 1)
             while emitted + size <= ready:
@@ -215,7 +157,7 @@ def stream_speech(
         end = int(codes.frames.shape[0])
         yield decoder.chunk(codes.frames, index, emitted, end, final=True, finished=codes.finished)
     finally:
-        mailbox.cancelled.set()
+        handle.cancel()  # a no-op once finished; otherwise frees the slot at the next step
 
 
 def chunk_speech(

@@ -54,7 +54,10 @@ class Settings:
     streaming: bool
     concurrency: int
     longform_chunk_chars: int
-    speed_path: bool
+    generation_backend: str  # "scheduler" (continuous batching) or "transformers" (its generate(), reference)
+    scheduler_slots: int  # sequences decoded together; each holds max_sequence_tokens of KV cache
+    max_sequence_tokens: int  # prompt (reference audio included) plus max_new_tokens, per sequence
+    cuda_graphs: bool | None  # None: on when generating on CUDA
 
     @property
     def lock_dir(self) -> Path:
@@ -103,6 +106,13 @@ def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0
     return value
 
 
+def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = _str(env, name, default).lower()
+    if value not in allowed:
+        raise SettingsError(f"{name}={value!r} is not allowed; use one of: {', '.join(allowed)}")
+    return value
+
+
 def default_volume_path(env: Mapping[str, str]) -> Path:
     """The network volume when RunPod mounted one, else a local directory beside the working tree."""
     explicit = env.get("RUNPOD_VOLUME_PATH", "").strip()
@@ -123,6 +133,23 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     device = _str(env, "DEVICE", "auto")
     if device not in {"auto", "cpu"} and not device.startswith("cuda"):
         raise SettingsError(f"DEVICE={device!r} is not allowed; use auto, cpu, cuda or cuda:N")
+    concurrency = _int(env, "CONCURRENCY", 8, minimum=1)
+    slots = _int(env, "SCHEDULER_SLOTS", 8, minimum=1)
+    if concurrency > slots:
+        raise SettingsError(
+            f"CONCURRENCY={concurrency} is more than SCHEDULER_SLOTS={slots}: the jobs past the slots would "
+            "wait inside this worker while other workers could take them; raise SCHEDULER_SLOTS (each slot "
+            "holds MAX_SEQUENCE_TOKENS of KV cache on the GPU) or lower CONCURRENCY"
+        )
+    max_new_tokens_limit = _int(env, "MAX_NEW_TOKENS_LIMIT", 4096, minimum=16)
+    max_sequence_tokens = _int(env, "MAX_SEQUENCE_TOKENS", 6144, minimum=64)
+    if max_sequence_tokens <= max_new_tokens_limit:
+        raise SettingsError(
+            f"MAX_SEQUENCE_TOKENS={max_sequence_tokens} leaves no room for the prompt next to "
+            f"MAX_NEW_TOKENS_LIMIT={max_new_tokens_limit}; make it larger (each second of reference audio "
+            "takes about 25 tokens) or lower MAX_NEW_TOKENS_LIMIT"
+        )
+    graphs = _choice(env, "CUDA_GRAPHS", "auto", ("auto", "true", "false"))
     return Settings(
         volume_path=volume,
         model_repo=model_repo,
@@ -140,7 +167,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         voices_base_url=_str(env, "VOICES_BASE_URL", DEFAULT_VOICES_BASE_URL).rstrip("/"),
         allow_http_reference=_bool(env, "ALLOW_HTTP_REFERENCE", False),
         max_transcript_chars=_int(env, "MAX_TRANSCRIPT_CHARS", 20_000, minimum=1),
-        max_new_tokens_limit=_int(env, "MAX_NEW_TOKENS_LIMIT", 4096, minimum=16),
+        max_new_tokens_limit=max_new_tokens_limit,
         max_reference_bytes=_int(env, "MAX_REFERENCE_BYTES", 10 * 1024 * 1024, minimum=1024),
         max_reference_seconds=_float(env, "MAX_REFERENCE_SECONDS", 60.0, minimum=1.0),
         reference_fetch_timeout_s=_float(env, "REFERENCE_FETCH_TIMEOUT_S", 20.0, minimum=1.0),
@@ -154,7 +181,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         result_cache_dir=Path(_str(env, "RESULT_CACHE_DIR", str(volume / "result-cache"))),
         cache_max_bytes=_int(env, "CACHE_MAX_BYTES", 2 * 1024**3, minimum=0),
         streaming=_bool(env, "STREAMING", False),
-        concurrency=_int(env, "CONCURRENCY", 1, minimum=1),
+        concurrency=concurrency,
         longform_chunk_chars=_int(env, "LONGFORM_CHUNK_CHARS", 400, minimum=50),
-        speed_path=_bool(env, "SPEED_PATH", False),
+        generation_backend=_choice(env, "GENERATION_BACKEND", "scheduler", ("scheduler", "transformers")),
+        scheduler_slots=slots,
+        max_sequence_tokens=max_sequence_tokens,
+        cuda_graphs=None if graphs == "auto" else graphs == "true",
     )

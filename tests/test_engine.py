@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from boson_multimodal.engine import HiggsAudioEngine, SamplingConfig, SpeechRequest, batchable
+from boson_multimodal.engine import HiggsAudioEngine, SamplingConfig, SpeechRequest
 from boson_multimodal.loading import ModelLoadError, load_model
 from boson_multimodal.prompt import Voice, build_prompt
 
@@ -22,12 +23,16 @@ def sine(seconds: float, rate: int) -> np.ndarray:
     return (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
 
 
-def test_loads_on_cpu_in_float32_with_repetition_aware_sampling(tiny_checkpoint) -> None:
+def test_loads_on_cpu_in_float32_with_no_sampling_settings_of_its_own(tiny_checkpoint) -> None:
+    """The tiny checkpoint saves Boson's RAS window in its generation config; the loaded model must not
+    keep it, or transformers would fill a request's "RAS off" (None) with it."""
     loaded = load_model(tiny_checkpoint.model_dir, tiny_checkpoint.codec_dir, device="cpu")
     assert loaded.dtype.is_floating_point and str(loaded.dtype) == "torch.float32"
     assert loaded.sample_rate == 24000 and loaded.frame_rate == 25 and loaded.num_codebooks == 8
-    assert loaded.model.generation_config.ras_win_len == 7
-    assert loaded.model.generation_config.ras_win_max_num_repeat == 2
+    assert loaded.model.generation_config.ras_win_len is None
+    assert loaded.model.generation_config.ras_win_max_num_repeat is None
+    assert SamplingConfig().ras_window == 7 and SamplingConfig().ras_max_repeat == 2
+    assert SamplingConfig().ras_on and not SamplingConfig(temperature=0).ras_on
 
 
 def test_missing_directory_is_a_clear_error(tmp_path) -> None:
@@ -85,39 +90,33 @@ def test_multi_speaker_with_references(engine: HiggsAudioEngine) -> None:
     assert speech.waveform.shape == (speech.num_frames * HOP,)
 
 
-def test_batches_of_compatible_requests(engine: HiggsAudioEngine) -> None:
-    sampling = SamplingConfig(max_new_tokens=20)
-    requests = [
-        SpeechRequest("One.", sampling=sampling),
-        SpeechRequest("A longer second one.", sampling=sampling),
-    ]
-    assert batchable(requests)
-    assert [s.num_frames for s in engine.generate_batch(requests)] == [12, 12]
-
-
-def test_unbatchable_mixes_are_refused(engine: HiggsAudioEngine) -> None:
+def test_concurrent_requests_of_every_kind_run_together(engine: HiggsAudioEngine) -> None:
+    """Requests with and without references, seeded, greedy and sampled: submitted at once, each gets what
+    it would get alone (the deterministic ones to the token)."""
     voice = Voice(sine(1.0, 24000), 24000, "ref")
-    sampling = SamplingConfig(max_new_tokens=20)
-    mixed = [SpeechRequest("a", sampling=sampling), SpeechRequest("b", voices=(voice,), sampling=sampling)]
-    seeded = [
-        SpeechRequest("a", sampling=SamplingConfig(seed=1)),
-        SpeechRequest("b", sampling=SamplingConfig(seed=1)),
+    requests = [
+        SpeechRequest("One.", sampling=SamplingConfig(max_new_tokens=20)),
+        SpeechRequest("Two.", voices=(voice,), sampling=SamplingConfig(max_new_tokens=26, seed=4)),
+        SpeechRequest("Three.", sampling=SamplingConfig(max_new_tokens=30, temperature=0)),
     ]
-    assert not batchable(mixed) and not batchable(seeded)
-    with pytest.raises(ValueError, match="cannot share one batch"):
-        engine.generate_batch(mixed)
+    alone = [engine.generate(r) for r in requests[1:]]
+    handles = [engine.submit(r) for r in requests]
+    together = [engine.decode(engine.to_codes(h.result().rows)) for h in handles]
+    assert [s.num_frames for s in together] == [12, 18, 22]
+    for got, want in zip(together[1:], alone, strict=True):
+        assert np.array_equal(got.waveform, want.waveform)
 
 
-def test_rows_tap_sees_every_generated_row(engine: HiggsAudioEngine) -> None:
-    seen: list[int] = []
-    speech = engine.generate(
-        SpeechRequest("Tap.", sampling=SamplingConfig(max_new_tokens=20, temperature=0)),
-        on_rows=lambda rows: seen.append(rows.shape[1]),
-    )
-    # One row more per decode step, one step late: the last row only exists in generate()'s return value.
-    assert seen == list(range(1, len(seen) + 1))
-    rows_generated = speech.num_frames + 8 + (1 if speech.finished else 0)
-    assert len(seen) == min(rows_generated, 20) - 1
+def test_the_handle_publishes_every_row_as_it_is_made(engine: HiggsAudioEngine) -> None:
+    handle = engine.submit(SpeechRequest("Tap.", sampling=SamplingConfig(max_new_tokens=20, temperature=0)))
+    seen, version = [], 0
+    while True:
+        version, rows, result = handle.wait_newer(version)
+        if result is not None:
+            break
+        seen.append(rows.shape[0])
+    assert seen == sorted(set(seen)) and seen[-1] <= 20  # growing; a slow reader may skip versions
+    assert torch.equal(rows, result.rows)  # the last published rows are the result
 
 
 def test_prompt_shapes() -> None:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from boson_multimodal.engine import GenerationCancelled
 from higgs_worker.settings import load_settings
 from tests.hub_server import HubServer
 from tests.runpod_queue import ProductionWorker, RunPodQueue
@@ -139,19 +140,14 @@ def test_cancelling_a_streaming_job_stops_its_generation(
     monkeypatch.setattr(serverless_handler, "_worker", worker)
     monkeypatch.setattr(serverless_handler, "_job_threads", None)
     engine, _ = worker.ensure_engine()
-    ended: list[str] = []  # how each generation ended
-    real_generate_codes = engine.generate_codes
+    handles = []  # the stream's sequence in the scheduler
+    submit = engine.submit
 
-    def recording_generate_codes(*args, **kwargs):
-        try:
-            codes = real_generate_codes(*args, **kwargs)
-        except BaseException as error:
-            ended.append(type(error).__name__)
-            raise
-        ended.append(f"{codes[0].frames.shape[0]} frames")
-        return codes
+    def recording_submit(*args, **kwargs):
+        handles.append(submit(*args, **kwargs))
+        return handles[-1]
 
-    monkeypatch.setattr(engine, "generate_codes", recording_generate_codes)
+    monkeypatch.setattr(engine, "submit", recording_submit)
     steps = settings.max_new_tokens_limit
 
     async def cancel_after_the_first_chunk() -> dict:
@@ -168,9 +164,9 @@ def test_cancelling_a_streaming_job_stops_its_generation(
 
     first = asyncio.run(cancel_after_the_first_chunk())
     assert first["index"] == 0 and "audio_base64" in first
-    with engine._lock:  # the background generation has ended and released the engine
-        pass
-    assert ended == ["_Cancelled"]  # stopped by the cancellation, not run to its 4096 steps
+    [handle] = handles
+    with pytest.raises(GenerationCancelled):  # stopped by the cancellation, not run to its 4096 steps
+        handle.result(timeout=60)
 
 
 def test_cancelling_while_a_chunk_is_being_produced_closes_the_stream(

@@ -1,0 +1,165 @@
+"""The decode step: one audio row per sequence in flight, through the model's own layers, over a slot cache.
+
+Why not ``model.forward`` with a transformers cache: the scheduler's sequences have different lengths and
+come and go at every step, which transformers' caches (one length per batch, left padding) do not express,
+and a step with fixed shapes is what CUDA graphs need. So, like gpt-fast and nano-vllm, the KV cache is
+preallocated — ``slots × max_tokens`` positions per layer, one slot per sequence — and the step is written
+out here against the loaded model's modules (its weights, norms, rotary embedding and attention function):
+
+    rows (n, K) ─ audio embedding ─▶ per layer: audio norm → attention over the slot's cache → audio MLP
+                                      ─▶ final norm ─▶ audio head ─▶ logits (n, K, V)
+
+In decode mode transformers feeds Higgs Audio V2 only the previous audio row, with no text token, so
+every position takes the audio branch of the dual FFN (``audio_token_mask`` is None); that is the path
+written here. The prompt (text and reference audio mixed) is prefilled by transformers' own forward and its
+keys and values are copied into the slot (``load_prefill``).
+
+Row b of a step is slot b: a step runs over slots ``[0, n)``, free slots in that range compute a throwaway
+row at position 0 of their own (unused) cache, and nothing is gathered or copied per step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from transformers.models.higgs_audio_v2 import modeling_higgs_audio_v2 as higgs
+
+logger = logging.getLogger(__name__)
+
+# Batch sizes the CUDA graphs are captured for (a step pads to the next one) and the attention spans (a
+# step attends over the next one that covers its longest sequence, so short sequences do not pay for
+# reading a long cache).
+GRAPH_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+GRAPH_SPAN_BUCKET = 512
+
+
+class SlotCache:
+    """Preallocated keys and values: ``slots`` sequences of up to ``max_tokens`` positions, every layer."""
+
+    def __init__(self, config, slots: int, max_tokens: int, device: torch.device, dtype: torch.dtype):
+        shape = (slots, config.num_key_value_heads, max_tokens, config.head_dim)
+        layers = range(config.num_hidden_layers)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in layers]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in layers]
+        self.slots = slots
+        self.max_tokens = max_tokens
+
+    @staticmethod
+    def bytes_needed(config, slots: int, max_tokens: int, dtype: torch.dtype) -> int:
+        per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
+        return slots * max_tokens * per_token * dtype.itemsize
+
+    def load_prefill(self, slot: int, past_key_values) -> int:
+        """Copy a prefilled transformers cache (batch of one) into ``slot``; returns the prompt length."""
+        length = 0
+        for layer, cached in enumerate(past_key_values.layers):
+            length = cached.keys.shape[-2]
+            self.keys[layer][slot, :, :length] = cached.keys[0]
+            self.values[layer][slot, :, :length] = cached.values[0]
+        return length
+
+
+class DecodeStep:
+    """The model's decode forward for slots ``[0, n)``: rows ``(n, K)`` at ``positions`` ``(n,)`` → logits."""
+
+    def __init__(self, model, cache: SlotCache) -> None:
+        self._model = model
+        self._cache = cache
+        config = model.config
+        self._attention: Callable = higgs.ALL_ATTENTION_FUNCTIONS.get_interface(
+            config._attn_implementation, higgs.eager_attention_forward
+        )
+        self._shape = (config.num_codebooks, config.codebook_size)
+
+    @torch.inference_mode()
+    def __call__(self, rows: torch.Tensor, positions: torch.Tensor, span: int, masked: bool) -> torch.Tensor:
+        """Write each row's keys and values at its position; attend over cache positions ``[0, span)``.
+
+        ``masked=False`` is for a step in which every row is at position ``span − 1`` (one sequence alone,
+        or all of one length): each row sees the whole span and, as in transformers' own decode step, no
+        mask is passed to the attention. Otherwise row b sees positions ``≤ positions[b]``.
+        """
+        backbone = self._model.model
+        n = rows.shape[0]
+        hidden = backbone.embed_audio_tokens(rows[:, None, :])  # (n, 1, H): the K codes summed
+        cos, sin = backbone.rotary_emb(hidden, positions[:, None])
+        mask = None
+        if masked:
+            visible = torch.arange(span, device=rows.device)[None, :] <= positions[:, None]
+            mask = visible[:, None, None, :]  # (n, 1, 1, span)
+        slots = torch.arange(n, device=rows.device)
+        for index, layer in enumerate(backbone.layers):
+            attention = layer.self_attn
+            residual = hidden
+            normed = layer.audio_input_layernorm(hidden)
+            query = attention.q_proj(normed).view(n, 1, -1, attention.head_dim).transpose(1, 2)
+            key = attention.k_proj(normed).view(n, 1, -1, attention.head_dim).transpose(1, 2)
+            value = attention.v_proj(normed).view(n, 1, -1, attention.head_dim).transpose(1, 2)
+            query, key = higgs.apply_rotary_pos_emb(query, key, cos, sin)
+            keys, values = self._cache.keys[index], self._cache.values[index]
+            keys[slots, :, positions] = key[:, :, 0]
+            values[slots, :, positions] = value[:, :, 0]
+            out, _ = self._attention(
+                attention,
+                query,
+                keys[:n, :, :span],
+                values[:n, :, :span],
+                mask,
+                dropout=0.0,
+                scaling=attention.scaling,
+            )
+            hidden = residual + attention.o_proj(out.reshape(n, 1, -1))
+            hidden = hidden + layer.audio_mlp(layer.audio_post_attention_layernorm(hidden))
+        hidden = backbone.norm(hidden)
+        logits = self._model.audio_lm_head(hidden[:, 0])
+        return logits.float().view(n, *self._shape)
+
+
+class GraphedDecodeStep:
+    """The decode step replayed from CUDA graphs, one per (batch bucket, span bucket), captured on first use.
+
+    Why: at batch 1 a step of the real model launches hundreds of small kernels, and launching them from
+    Python costs more than running them. A graph replays all of them with one call. Shapes are fixed per
+    graph, so a step pads its batch to the next bucket (padding rows are free slots, see the module doc)
+    and attends over the next multiple of ``GRAPH_SPAN_BUCKET`` positions, with the mask hiding the rest.
+    Captured from the scheduler thread only, which is also the only thread that replays them.
+    """
+
+    def __init__(self, step: DecodeStep, cache: SlotCache, device: torch.device) -> None:
+        self._step = step
+        self._cache = cache
+        self._rows = torch.zeros(cache.slots, step._shape[0], dtype=torch.long, device=device)
+        self._positions = torch.zeros(cache.slots, dtype=torch.long, device=device)
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+        self.batch_buckets = [b for b in GRAPH_BATCH_BUCKETS if b < cache.slots] + [cache.slots]
+
+    def __call__(self, rows: torch.Tensor, positions: torch.Tensor, span: int, masked: bool) -> torch.Tensor:
+        n = rows.shape[0]
+        batch = next(b for b in self.batch_buckets if b >= n)
+        span = min(-(-span // GRAPH_SPAN_BUCKET) * GRAPH_SPAN_BUCKET, self._cache.max_tokens)
+        self._rows[:batch].zero_()
+        self._positions[:batch].zero_()
+        self._rows[:n].copy_(rows)
+        self._positions[:n].copy_(positions)
+        graph, logits = self._graphs.get((batch, span)) or self._capture(batch, span)
+        graph.replay()
+        return logits[:n]
+
+    def _capture(self, batch: int, span: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        rows, positions = self._rows[:batch], self._positions[:batch]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: lazy initialisation and allocator state outside the capture
+                self._step(rows, positions, span, masked=True)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._step(rows, positions, span, masked=True)
+        self._pool = graph.pool()
+        self._graphs[(batch, span)] = (graph, logits)
+        logger.info("captured the decode step for batch %d over %d positions", batch, span)
+        return graph, logits

@@ -1,0 +1,230 @@
+"""Choosing the next audio row of every sequence in a step, the way transformers' Higgs Audio V2 does it.
+
+Why our own: transformers applies its logits processing to a whole batch with one set of parameters, one
+delay-pattern state and torch's global random stream. A scheduler whose sequences join and leave at any
+step needs the same processing *per sequence*: each its own temperature, top-k, top-p, delay state,
+repetition-aware sampling window and random generator. The order and arithmetic follow
+``transformers/models/higgs_audio_v2/generation_higgs_audio_v2.py`` (``_sample`` and
+``HiggsAudioV2DelayPatternLogitsProcessor``), so that
+
+* greedy decoding picks the tokens transformers' ``generate()`` picks, and
+* a seeded sequence draws exactly what ``generate()`` draws after ``torch.manual_seed(seed)`` for a batch
+  of one — and the same whatever runs beside it, because nothing else touches its generator.
+
+The delay pattern, in words: the first K steps force codebook k to the stream BOS until step k (codebook
+k lags k steps); once any codebook emits the stream EOS, the text token becomes the "delay" token and from
+the next step on codebook 0, then 0–1, … are forced to EOS, until a row of all EOS ends the clip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+# Boson's repetition-aware sampling defaults (``GenerationConfig.from_pretrained`` drops these keys).
+RAS_WINDOW = 7
+RAS_MAX_REPEAT = 2
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """What transformers' Higgs Audio V2 supports: greedy, or sampling with temperature, top-k and top-p."""
+
+    temperature: float = 0.7  # 0 means greedy decoding
+    top_p: float = 0.95
+    top_k: int | None = 50
+    max_new_tokens: int = 1024  # decode steps; N steps give N − 8 frames of 40 ms
+    seed: int | None = None
+    ras_window: int = RAS_WINDOW  # repetition-aware sampling; 0 turns it off
+    ras_max_repeat: int = RAS_MAX_REPEAT
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def deterministic(self) -> bool:
+        """Same request, same audio: greedy decoding, or sampling from a fixed seed."""
+        return self.greedy or self.seed is not None
+
+    @property
+    def ras_on(self) -> bool:
+        """RAS resamples even in greedy mode in transformers; greedy here means greedy, so it is off there."""
+        return self.ras_window > 0 and not self.greedy
+
+
+@dataclass(frozen=True)
+class StreamTokens:
+    """The ids that shape a clip: the text tokens the delay pattern reads and the audio stream's ends."""
+
+    audio_bos_token: int  # text token that opens the generated audio (<|audio_out_bos|>)
+    audio_delay_token: int  # text token that marks "the clip is ending" (the delay pattern's EOS)
+    stream_bos: int  # audio code opening the stream (codebook_size − 2)
+    stream_eos: int  # audio code closing the stream (codebook_size − 1)
+    num_codebooks: int
+    codebook_size: int  # codes per codebook in the LM's head, BOS and EOS included
+
+    @classmethod
+    def from_config(cls, config) -> StreamTokens:
+        return cls(
+            audio_bos_token=config.audio_bos_token_id,
+            audio_delay_token=config.audio_delay_token_id,
+            stream_bos=config.audio_stream_bos_id,
+            stream_eos=config.audio_stream_eos_id,
+            num_codebooks=config.num_codebooks,
+            codebook_size=config.codebook_size,
+        )
+
+
+@dataclass
+class SequenceSampler:
+    """One sequence's sampling state: parameters, delay pattern, recent rows for RAS, its own generator."""
+
+    config: SamplingConfig
+    generator: torch.Generator
+    bos_delay: torch.Tensor  # (K,) codebooks with a value ≥ 0 are forced to the stream BOS this step
+    eos_delay: torch.Tensor  # (K,) codebooks with a value ≤ 0 are forced to the stream EOS this step
+    recent_rows: torch.Tensor  # (≤ ras_window, K) the last audio rows of the conversation, prompt included
+    delaying: bool = False  # the previous text token was the delay token
+    steps: int = 0
+    finished: bool = False  # the last row was all stream EOS
+    _ras_rows: int = field(default=0, repr=False)
+
+    @classmethod
+    def start(
+        cls,
+        config: SamplingConfig,
+        tokens: StreamTokens,
+        prompt_ids: torch.Tensor,
+        prompt_audio_rows: torch.Tensor | None,
+        device: torch.device,
+    ) -> SequenceSampler:
+        """State before the first step, from the prompt's last K text ids and its audio rows (CPU tensors).
+
+        As in the delay processor: an audio BOS among the last K ids shifts the BOS countdown by its distance
+        from the end (at the very end: codebook k is forced to BOS for k + 1 steps); an audio delay token
+        there starts the EOS countdown the same way.
+        """
+        generator = torch.Generator(device=device)
+        if config.seed is not None:
+            generator.manual_seed(config.seed)
+        else:
+            generator.seed()
+        window = prompt_ids[-tokens.num_codebooks :]
+        pattern = torch.arange(1, tokens.num_codebooks + 1)
+        bos_delay = _shifted(pattern, window, tokens.audio_bos_token, otherwise=torch.zeros_like(pattern))
+        eos_delay = _shifted(pattern, window, tokens.audio_delay_token, otherwise=pattern.clone())
+        rows = prompt_audio_rows if prompt_audio_rows is not None else torch.zeros(0, tokens.num_codebooks)
+        return cls(
+            config=config,
+            generator=generator,
+            bos_delay=bos_delay,
+            eos_delay=eos_delay,
+            recent_rows=rows[-max(config.ras_window, 1) :].long(),
+            delaying=bool(prompt_ids[-1] == tokens.audio_delay_token),
+        )
+
+    def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's forced codebooks (BOS, EOS), advancing the countdowns as the processor does."""
+        forced_bos = self.bos_delay >= 0
+        self.bos_delay[forced_bos] -= 1
+        if self.delaying:
+            self.eos_delay -= 1
+        return forced_bos, self.eos_delay <= 0
+
+    def record(self, row: torch.Tensor, tokens: StreamTokens) -> None:
+        """After a row is chosen: the text token it implies, and the RAS window."""
+        is_eos = row == tokens.stream_eos
+        self.delaying = self.delaying or bool(is_eos.any())
+        self.finished = bool(is_eos.all())
+        self.steps += 1
+        if self.config.ras_on:
+            self.recent_rows = torch.cat([self.recent_rows, row[None]])[-self.config.ras_window :]
+
+
+def _shifted(pattern: torch.Tensor, window: torch.Tensor, token: int, otherwise: torch.Tensor):
+    positions = (window == token).nonzero()
+    if not len(positions):
+        return otherwise
+    return pattern - (len(pattern) - int(positions[0, 0]))
+
+
+def next_rows(logits: torch.Tensor, samplers: list[SequenceSampler], tokens: StreamTokens) -> torch.Tensor:
+    """The next row ``(n, K)`` (on the CPU) for each of n sequences, from raw logits ``(n, K, V)`` (float32).
+
+    Updates each sampler's state. Greedy rows take the argmax of the delay-masked logits; sampled rows go
+    through temperature, top-k and top-p (each only where transformers would add that warper), then draw
+    from their own generator; then repetition-aware sampling redraws over-repeated codes from the raw logits.
+    """
+    n, num_codebooks, vocab = logits.shape
+    device = logits.device
+    forced = [sampler.masks() for sampler in samplers]
+    forced_bos = torch.stack([bos for bos, _ in forced]).to(device)
+    forced_eos = torch.stack([eos for _, eos in forced]).to(device)
+    codes = torch.arange(vocab, device=device)
+    scores = logits.clone()
+    scores[forced_bos[..., None] & (codes != tokens.stream_bos)] = -float("inf")
+    scores[forced_eos[..., None] & (codes != tokens.stream_eos)] = -float("inf")
+
+    chosen = torch.empty(n, num_codebooks, dtype=torch.long, device=device)
+    greedy = [i for i, s in enumerate(samplers) if s.config.greedy]
+    sampled = [i for i, s in enumerate(samplers) if not s.config.greedy]
+    if greedy:
+        chosen[greedy] = scores[greedy].argmax(dim=-1)
+    if sampled:
+        probs = _warped(scores[sampled], [samplers[i].config for i in sampled]).softmax(dim=-1)
+        for row, i in enumerate(sampled):
+            draw = torch.multinomial(probs[row], num_samples=1, generator=samplers[i].generator)
+            chosen[i] = draw.squeeze(1)
+    chosen = chosen.cpu()
+    for i, sampler in enumerate(samplers):
+        _repetition_aware(chosen[i], logits[i], sampler, tokens)
+        sampler.record(chosen[i], tokens)
+    return chosen
+
+
+def _warped(scores: torch.Tensor, configs: list[SamplingConfig]) -> torch.Tensor:
+    """Temperature, top-k, top-p over ``(m, K, V)`` with per-sequence values, as transformers' warpers.
+
+    A warper transformers would not add for a sequence (temperature 1, top-k None or 0, top-p 1) is skipped
+    for it here too: even a no-op warper can change probabilities that underflow.
+    """
+    m, _, vocab = scores.shape
+    device = scores.device
+
+    def per_sequence(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=scores.dtype, device=device)[:, None, None]
+
+    scores = scores / per_sequence([c.temperature for c in configs])  # x / 1 is x: no mask needed
+    top_k = [min(c.top_k, vocab) if c.top_k else vocab for c in configs]
+    if any(k < vocab for k in top_k):
+        kth = scores.sort(dim=-1, descending=True).values.gather(
+            -1, torch.tensor(top_k, device=device)[:, None, None].expand(m, scores.shape[1], 1) - 1
+        )
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    top_p = [c.top_p for c in configs]
+    if any(p < 1.0 for p in top_p):
+        sorted_scores, order = scores.sort(dim=-1, descending=False)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= (1 - per_sequence(top_p))
+        remove[..., -1:] = False  # keep at least one
+        remove &= per_sequence([p < 1.0 for p in top_p]) > 0
+        scores = scores.masked_fill(remove.scatter(-1, order, remove), -float("inf"))
+    return scores
+
+
+def _repetition_aware(
+    row: torch.Tensor, logits: torch.Tensor, sampler: SequenceSampler, tokens: StreamTokens
+) -> None:
+    """Boson's RAS: a code repeated ``ras_max_repeat`` times in the last ``ras_window`` rows is redrawn from
+    the untempered raw logits (stream BOS/EOS in the window do not count). In place on ``row``."""
+    config = sampler.config
+    window = sampler.recent_rows
+    if not config.ras_on or not len(window):
+        return
+    counted = (window == row[None]) & (window != tokens.stream_bos) & (window != tokens.stream_eos)
+    redraw = counted.sum(dim=0) >= config.ras_max_repeat
+    if redraw.any():
+        probs = logits[redraw.to(logits.device)].softmax(dim=-1)
+        row[redraw] = probs.multinomial(1, replacement=True, generator=sampler.generator).view(-1).cpu()

@@ -1,0 +1,312 @@
+"""One thread owns the model and advances every sequence in flight, one audio row each, at every step.
+
+Why (continuous batching): a decode step of the real model reads every weight once (~5.7 GB), whatever the
+batch size, so on a GPU sixteen sequences cost little more than one. Everything that generates — one-shot
+jobs, streams, the pieces of a long text, benchmarks — submits a *sequence* here and gets a handle. The
+scheduler thread loops:
+
+    admit   waiting sequences while a slot is free: prefill the prompt (transformers' forward), copy its
+            keys and values into the slot, choose the first row from the prefill's logits;
+    step    one decode forward for all active slots, then each sequence's own logits processing
+            (``sampling.next_rows``); publish the new rows to each handle;
+    retire  sequences that ended (all-EOS row, ``max_new_tokens``) or were cancelled: their slot is free
+            for the next admission at once.
+
+A long sequence never blocks a short one, N streams progress together, and because only this thread calls
+into the model, CUDA graphs (per-thread in torch) are safe. Failures stay with the sequences they belong
+to: a prompt that fails to prefill fails its own handle; a step that fails fails the sequences in it, and
+the thread goes on serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from boson_multimodal.decode_step import DecodeStep, GraphedDecodeStep, SlotCache
+from boson_multimodal.errors import SequenceTooLong
+from boson_multimodal.sampling import SamplingConfig, SequenceSampler, StreamTokens, next_rows
+
+logger = logging.getLogger(__name__)
+
+
+class GenerationCancelled(Exception):
+    """The sequence was cancelled (its consumer went away) before it finished."""
+
+
+@dataclass(frozen=True)
+class SequenceInput:
+    """One conversation as the processor encoded it (batch of one), and how to sample it."""
+
+    input_ids: torch.Tensor  # (1, L)
+    attention_mask: torch.Tensor  # (1, L)
+    audio_input_ids: torch.Tensor | None  # (1, F, K) reference audio codes, delay pattern applied
+    audio_input_ids_mask: torch.Tensor | None  # (1, F)
+    sampling: SamplingConfig
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+@dataclass(frozen=True)
+class SequenceResult:
+    rows: torch.Tensor  # (R, K) on the CPU: the generated rows, delay pattern applied, opening BOS row first
+    finished: bool  # the model closed the clip (all-EOS row) rather than running out of steps
+
+
+class SequenceHandle:
+    """The consumer's side of one sequence: its growing rows, its result, and a way to cancel it.
+
+    Rows are published after every step as a view of the sequence's buffer (rows already written never
+    change), so a streaming consumer can wait for newer rows without copying.
+    """
+
+    def __init__(self, cancel: threading.Event | None = None) -> None:
+        self._condition = threading.Condition()
+        self._rows: torch.Tensor | None = None
+        self._version = 0
+        self._result: SequenceResult | None = None
+        self._error: BaseException | None = None
+        self.cancel_event = cancel or threading.Event()
+
+    def cancel(self) -> None:
+        """Abandon the sequence; its slot is freed at the next step."""
+        self.cancel_event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set()
+
+    def wait_newer(self, seen: int) -> tuple[int, torch.Tensor | None, SequenceResult | None]:
+        """Block until rows newer than version ``seen`` or the end; raise the sequence's error."""
+        with self._condition:
+            self._condition.wait_for(
+                lambda: self._version != seen or self._result is not None or self._error is not None
+            )
+            if self._error is not None:
+                raise self._error
+            return self._version, self._rows, self._result
+
+    def result(self, timeout: float | None = None) -> SequenceResult:
+        with self._condition:
+            if not self._condition.wait_for(
+                lambda: self._result is not None or self._error is not None, timeout=timeout
+            ):
+                raise TimeoutError("the sequence did not finish in time")
+            if self._error is not None:
+                raise self._error
+            return self._result
+
+    # -- the scheduler's side -----------------------------------------------------------------------------
+    def publish(self, rows: torch.Tensor) -> None:
+        with self._condition:
+            self._rows = rows
+            self._version += 1
+            self._condition.notify_all()
+
+    def finish(self, result: SequenceResult) -> None:
+        with self._condition:
+            self._result = result
+            self._condition.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        with self._condition:
+            self._error = error
+            self._condition.notify_all()
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    """How many sequences run at once and how long one may be (prompt plus generated rows), in tokens."""
+
+    slots: int = 8
+    max_tokens: int = 6144
+
+    def __post_init__(self) -> None:
+        if self.slots < 1:
+            raise ValueError(f"slots must be at least 1, got {self.slots}")
+        if self.max_tokens < 64:
+            raise ValueError(f"max_tokens must be at least 64, got {self.max_tokens}")
+
+
+class _Sequence:
+    """A sequence in a slot: its sampler, its row buffer and its handle."""
+
+    def __init__(self, position: int, sampler: SequenceSampler, handle: SequenceHandle, width: int) -> None:
+        self.position = position  # where the next row's keys and values go
+        self.sampler = sampler
+        self.handle = handle
+        self.rows = torch.empty(sampler.config.max_new_tokens, width, dtype=torch.long)
+        self.count = 0
+
+    def append(self, row: torch.Tensor) -> None:
+        self.rows[self.count] = row
+        self.count += 1
+        self.handle.publish(self.rows[: self.count])
+
+    @property
+    def done(self) -> bool:
+        return self.sampler.finished or self.count >= self.sampler.config.max_new_tokens
+
+    def last_row(self) -> torch.Tensor:
+        return self.rows[self.count - 1]
+
+
+_CLOSE = object()
+
+
+class Scheduler:
+    """Runs every submitted sequence on one thread with continuous batching (see the module docstring)."""
+
+    def __init__(self, model, limits: SchedulerLimits, *, cuda_graphs: bool = False) -> None:
+        self._model = model
+        self.limits = limits
+        self.device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        self._tokens = StreamTokens.from_config(model.config)
+        self._cache = SlotCache(model.config, limits.slots, limits.max_tokens, self.device, dtype)
+        step = DecodeStep(model, self._cache)
+        self._step = GraphedDecodeStep(step, self._cache, self.device) if cuda_graphs else step
+        self.cuda_graphs = cuda_graphs
+        self._waiting: queue.SimpleQueue = queue.SimpleQueue()
+        self._active: dict[int, _Sequence] = {}  # slot → sequence
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self.steps = 0  # decode steps run so far (for benchmarks and tests)
+        self._thread = threading.Thread(target=self._run, name="higgs-scheduler", daemon=True)
+        self._thread.start()
+
+    def submit(self, sequence: SequenceInput, cancel: threading.Event | None = None) -> SequenceHandle:
+        """Queue one sequence; it joins the running batch at the next step with a free slot."""
+        needed = sequence.prompt_tokens + sequence.sampling.max_new_tokens
+        if needed > self.limits.max_tokens:
+            raise SequenceTooLong(
+                f"the prompt ({sequence.prompt_tokens} tokens, reference audio included) plus "
+                f"max_new_tokens ({sequence.sampling.max_new_tokens}) is {needed} tokens, more than the "
+                f"{self.limits.max_tokens} one sequence may hold; shorten the reference audio or lower "
+                "max_new_tokens"
+            )
+        handle = SequenceHandle(cancel)
+        with self._close_lock:
+            if self._closed:
+                raise RuntimeError("the scheduler is closed")
+            self._waiting.put((sequence, handle))
+        return handle
+
+    def close(self) -> None:
+        """Finish every sequence already submitted, then stop the thread."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._waiting.put(_CLOSE)
+        self._thread.join()
+
+    # -- the scheduler thread -----------------------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():  # every tensor the thread makes is an inference tensor, state included
+            self._loop()
+
+    def _loop(self) -> None:
+        closing = False
+        pending: list = []
+        while not (closing and not self._active and not pending):
+            closing = self._take(pending, block=not self._active and not pending) or closing
+            for item in [item for item in pending if item[1].cancelled]:
+                pending.remove(item)
+                item[1].fail(GenerationCancelled("cancelled before it started"))
+            while pending and len(self._active) < self.limits.slots:
+                self._admit(*pending.pop(0))
+            self._retire()
+            if self._active:
+                self._advance()
+                self._retire()
+
+    def _take(self, pending: list, *, block: bool) -> bool:
+        """Move newly submitted sequences to ``pending``; True once ``close()`` was called."""
+        closing = False
+        while True:
+            try:
+                item = self._waiting.get(block=block)
+            except queue.Empty:
+                return closing
+            block = False
+            if item is _CLOSE:
+                closing = True
+            else:
+                pending.append(item)
+
+    def _admit(self, sequence: SequenceInput, handle: SequenceHandle) -> None:
+        """Prefill the prompt into the lowest free slot and choose the first row from its logits."""
+        slot = min(set(range(self.limits.slots)) - set(self._active))
+        try:
+            cache = DynamicCache(config=self._model.config)
+            output = self._model(
+                input_ids=sequence.input_ids,
+                attention_mask=sequence.attention_mask,
+                audio_input_ids=sequence.audio_input_ids,
+                audio_input_ids_mask=sequence.audio_input_ids_mask,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            length = self._cache.load_prefill(slot, cache)
+            audio = sequence.audio_input_ids
+            sampler = SequenceSampler.start(
+                sequence.sampling,
+                self._tokens,
+                prompt_ids=sequence.input_ids[0].cpu(),
+                prompt_audio_rows=audio[0].cpu() if audio is not None else None,
+                device=self.device,
+            )
+            logits = output.logits[:, -1].float().view(1, *self._step_shape())
+            active = _Sequence(length, sampler, handle, self._tokens.num_codebooks)
+            active.append(next_rows(logits, [sampler], self._tokens)[0])
+        except Exception as error:  # a bad prompt fails its own sequence, not the scheduler
+            logger.exception("prefill failed")
+            handle.fail(error)
+            return
+        self._active[slot] = active
+
+    def _step_shape(self) -> tuple[int, int]:
+        return self._tokens.num_codebooks, self._tokens.codebook_size
+
+    def _advance(self) -> None:
+        """One decode step over slots ``[0, highest active + 1)``; free slots in between compute padding."""
+        width = max(self._active) + 1
+        rows = torch.zeros(width, self._tokens.num_codebooks, dtype=torch.long)
+        positions = torch.zeros(width, dtype=torch.long)
+        for slot, sequence in self._active.items():
+            rows[slot] = sequence.last_row()
+            positions[slot] = sequence.position
+        span = int(positions.max()) + 1
+        uniform = len(self._active) == width and bool((positions == span - 1).all())
+        order = sorted(self._active)
+        try:
+            logits = self._step(rows.to(self.device), positions.to(self.device), span, masked=not uniform)
+            chosen = next_rows(logits[order], [self._active[s].sampler for s in order], self._tokens)
+        except Exception as error:
+            logger.exception("a decode step failed; failing the %d sequences in it", len(order))
+            for slot in order:
+                self._active.pop(slot).handle.fail(error)
+            return
+        self.steps += 1
+        for index, slot in enumerate(order):
+            sequence = self._active[slot]
+            sequence.position += 1
+            sequence.append(chosen[index])
+
+    def _retire(self) -> None:
+        for slot in [s for s, seq in self._active.items() if seq.done or seq.handle.cancelled]:
+            sequence = self._active.pop(slot)
+            if sequence.handle.cancelled and not sequence.done:
+                sequence.handle.fail(GenerationCancelled("cancelled"))
+            else:
+                rows = sequence.rows[: sequence.count].clone()
+                sequence.handle.finish(SequenceResult(rows=rows, finished=sequence.sampler.finished))

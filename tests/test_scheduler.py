@@ -1,0 +1,201 @@
+"""The scheduler's decode loop against transformers' own ``generate()``: same tokens, whatever runs beside.
+
+Parity is checked on more than one tiny geometry: the default demo checkpoint (sharp code logits: clips run
+to ``max_new_tokens``) and a wider, deeper one with raw random logits, whose clips the model ends itself
+(so the delay pattern's end of stream is exercised too).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from boson_multimodal.engine import EngineOptions, HiggsAudioEngine, SpeechRequest
+from boson_multimodal.loading import LoadedModel, load_model
+from boson_multimodal.prompt import Voice
+from boson_multimodal.sampling import SamplingConfig
+from boson_multimodal.scheduler import GenerationCancelled, SchedulerLimits, SequenceTooLong
+from boson_multimodal.tiny_model import TinyModelSpec, build_tiny_checkpoint
+
+GEOMETRIES = {
+    "demo": TinyModelSpec(),
+    "wide-raw": TinyModelSpec(
+        hidden_size=48, num_layers=3, num_heads=6, num_kv_heads=3, intermediate_size=96, seed=3,
+        code_logit_scale=1.0,
+    ),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=sorted(GEOMETRIES))
+def loaded(request, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    root: Path = tmp_path_factory.mktemp(request.param)
+    build_tiny_checkpoint(root / "model", root / "codec", GEOMETRIES[request.param])
+    return load_model(root / "model", root / "codec", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(loaded: LoadedModel):
+    engine = HiggsAudioEngine(loaded, EngineOptions(backend="transformers"))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def scheduler(loaded: LoadedModel):
+    engine = HiggsAudioEngine(loaded, EngineOptions(limits=SchedulerLimits(slots=4, max_tokens=2048)))
+    yield engine
+    engine.close()
+
+
+def sine(seconds: float, rate: int = 22050, hz: float = 220.0) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.3 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+
+
+VOICE_A = Voice(sine(1.2), 22050, "A low hum.")
+VOICE_B = Voice(sine(0.9, 16000, 330.0), 16000, "A higher hum.")
+GREEDY = SamplingConfig(temperature=0, max_new_tokens=48)
+PROMPTS = {
+    "smart voice": SpeechRequest("Hello there, this is a test.", sampling=GREEDY),
+    "scene": SpeechRequest("Quiet now.", scene="Audio is recorded in a hall.", sampling=GREEDY),
+    "cloned voice": SpeechRequest("Say it like me.", voices=(VOICE_A,), sampling=GREEDY),
+    "two speakers": SpeechRequest(
+        "[SPEAKER0] Hi. [SPEAKER1] Hello.", voices=(VOICE_A, VOICE_B), sampling=GREEDY
+    ),
+}
+
+
+def rows_of(engine: HiggsAudioEngine, request: SpeechRequest) -> torch.Tensor:
+    return engine.submit(request).result().rows
+
+
+@pytest.mark.parametrize("prompt", sorted(PROMPTS))
+def test_greedy_tokens_equal_transformers_generate(reference, scheduler, prompt: str) -> None:
+    request = PROMPTS[prompt]
+    expected = rows_of(reference, request)
+    assert torch.equal(rows_of(scheduler, request), expected)
+
+
+def test_greedy_tokens_hold_while_other_sequences_join_and_leave(reference, scheduler) -> None:
+    """A long sequence runs; others of other lengths and kinds join mid-way and leave before it ends."""
+    long = replace(PROMPTS["smart voice"], sampling=replace(GREEDY, max_new_tokens=90))
+    others = [
+        replace(PROMPTS["cloned voice"], sampling=replace(GREEDY, max_new_tokens=20)),
+        replace(PROMPTS["two speakers"], sampling=SamplingConfig(seed=11, max_new_tokens=30)),
+        replace(PROMPTS["scene"], sampling=replace(GREEDY, max_new_tokens=35)),
+    ]
+    expected = [rows_of(reference, r) for r in (long, *others)]
+    handle = scheduler.submit(long)
+    handles, version = [], 0
+    for joins_at, other in zip((5, 15, 30), others, strict=True):
+        while True:  # wait until the long one has that many rows, then let the next one join
+            version, rows, result = handle.wait_newer(version)
+            if result is not None or rows.shape[0] >= joins_at:
+                break
+        handles.append(scheduler.submit(other))
+    results = [h.result().rows for h in (handle, *handles)]
+    for got, want in zip(results, expected, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_seeded_sampling_draws_what_transformers_draws_after_manual_seed(reference, scheduler) -> None:
+    """Temperature, top-k, top-p and the sequence's own generator reproduce ``generate()`` exactly."""
+    for sampling in (
+        SamplingConfig(temperature=0.8, top_k=40, top_p=0.9, seed=3, max_new_tokens=40),
+        SamplingConfig(temperature=1.3, top_k=None, top_p=1.0, seed=4, max_new_tokens=40),
+        SamplingConfig(temperature=0.6, top_k=7, top_p=0.5, seed=5, max_new_tokens=40, ras_window=0),
+    ):
+        request = replace(PROMPTS["cloned voice"], sampling=sampling)
+        assert torch.equal(rows_of(scheduler, request), rows_of(reference, request))
+
+
+def test_seeded_sampling_is_the_same_whatever_runs_beside_it_and_whenever_it_arrives(scheduler) -> None:
+    seeded = replace(PROMPTS["smart voice"], sampling=SamplingConfig(seed=21, max_new_tokens=40))
+    alone = rows_of(scheduler, seeded)
+    neighbours = [
+        replace(PROMPTS["two speakers"], sampling=SamplingConfig(max_new_tokens=60)),  # unseeded
+        replace(PROMPTS["scene"], sampling=SamplingConfig(seed=21, temperature=1.1, max_new_tokens=50)),
+    ]
+    running = [scheduler.submit(n) for n in neighbours]
+    late = running[0]
+    version = 0
+    while True:
+        version, rows, result = late.wait_newer(version)
+        if result is not None or rows.shape[0] >= 12:
+            break
+    assert torch.equal(scheduler.submit(seeded).result().rows, alone)
+    for handle in running:
+        handle.result()
+    other_seed = replace(seeded, sampling=replace(seeded.sampling, seed=22))
+    assert not torch.equal(rows_of(scheduler, other_seed), alone)
+
+
+def test_repetition_aware_sampling_redraws_as_transformers_does(reference, scheduler) -> None:
+    """A low temperature makes codes repeat, which RAS must catch: on differs from off, and equals
+    transformers' own RAS draw for draw."""
+    on = replace(
+        PROMPTS["smart voice"],
+        sampling=SamplingConfig(temperature=0.3, top_k=5, seed=8, max_new_tokens=40, ras_max_repeat=1),
+    )
+    off = replace(on, sampling=replace(on.sampling, ras_window=0))
+    with_ras = rows_of(scheduler, on)
+    assert not torch.equal(with_ras, rows_of(scheduler, off))  # it triggered
+    assert torch.equal(with_ras, rows_of(reference, on))
+
+
+def test_a_short_sequence_is_not_held_behind_a_long_one(scheduler) -> None:
+    long = scheduler.submit(replace(PROMPTS["smart voice"], sampling=SamplingConfig(max_new_tokens=1500)))
+    short = scheduler.submit(replace(PROMPTS["scene"], sampling=SamplingConfig(max_new_tokens=20)))
+    short.result()
+    _, rows, result = long.wait_newer(0)
+    assert result is None and rows.shape[0] < 1500  # the long one is still running
+    long.cancel()
+    with pytest.raises(GenerationCancelled):
+        long.result()
+
+
+def test_cancelling_frees_the_slot_for_the_next_sequence(loaded: LoadedModel) -> None:
+    engine = HiggsAudioEngine(loaded, EngineOptions(limits=SchedulerLimits(slots=1, max_tokens=2048)))
+    try:
+        cancel = threading.Event()
+        long = engine.submit(
+            replace(PROMPTS["smart voice"], sampling=SamplingConfig(max_new_tokens=1900)), cancel
+        )
+        waiting = engine.submit(PROMPTS["scene"])  # no free slot until the long one goes
+        long.wait_newer(0)
+        cancel.set()
+        with pytest.raises(GenerationCancelled):
+            long.result()
+        assert waiting.result(timeout=60).rows.shape[0] > 0
+    finally:
+        engine.close()
+
+
+def test_a_sequence_too_long_for_a_slot_is_refused_up_front(loaded: LoadedModel) -> None:
+    engine = HiggsAudioEngine(loaded, EngineOptions(limits=SchedulerLimits(slots=1, max_tokens=200)))
+    try:
+        with pytest.raises(SequenceTooLong, match=r"max_new_tokens \(190\)"):
+            engine.submit(replace(PROMPTS["smart voice"], sampling=SamplingConfig(max_new_tokens=190)))
+        with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+            engine.submit(replace(PROMPTS["smart voice"], sampling=SamplingConfig(max_new_tokens=0)))
+        assert rows_of(engine, replace(PROMPTS["scene"], sampling=GREEDY)).shape[0] > 0  # still serving
+    finally:
+        engine.close()
+
+
+def test_a_prompt_that_fails_fails_alone(scheduler, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broken sequence (its audio codes do not match its placeholders) fails its own handle only."""
+    good = scheduler.submit(replace(PROMPTS["smart voice"], sampling=SamplingConfig(max_new_tokens=30)))
+    sequence = scheduler._sequence_input(PROMPTS["cloned voice"])
+    broken = replace(sequence, audio_input_ids=sequence.audio_input_ids[:, :-3])
+    handle = scheduler._runner.submit(broken)
+    with pytest.raises(Exception) as failure:
+        handle.result()
+    assert not isinstance(failure.value, GenerationCancelled)
+    assert good.result().rows.shape[0] == 30
+    assert rows_of(scheduler, PROMPTS["scene"]).shape[0] > 0
