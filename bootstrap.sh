@@ -60,6 +60,25 @@ RUNTIME_GB="${RUNTIME_SIZE_GB:-7}" # what the runtime set takes on disk: checked
 export UV_PYTHON_DOWNLOADS=never UV_LINK_MODE="${UV_LINK_MODE:-copy}"
 
 # --- checks -------------------------------------------------------------------------------------------------
+# The runpod SDK prints every job's input and output at DEBUG and TRACE: base64 audio and reference audio, user
+# data that must never reach a log. Default to INFO (as the image does; the SDK's own default is DEBUG) and
+# never go below it.
+RUNPOD_LOG_LEVEL="${RUNPOD_LOG_LEVEL:-INFO}"
+case "${RUNPOD_LOG_LEVEL^^}" in
+  DEBUG | TRACE)
+    warn "RUNPOD_LOG_LEVEL=$RUNPOD_LOG_LEVEL would log every job's audio: using INFO"
+    RUNPOD_LOG_LEVEL=INFO
+    ;;
+esac
+export RUNPOD_LOG_LEVEL
+for ((i = 0; i < ${#HANDLER_ARGS[@]}; i++)); do
+  arg="${HANDLER_ARGS[i]}"
+  level=""
+  if [[ "$arg" == --rp_log_level=* ]]; then level="${arg#*=}"; elif [[ "$arg" == --rp_log_level ]]; then level="${HANDLER_ARGS[i + 1]:-}"; fi
+  if [[ "${level^^}" == DEBUG || "${level^^}" == TRACE ]]; then
+    die "--rp_log_level $level would log every job's audio (inputs and outputs); use INFO, WARN or ERROR"
+  fi
+done
 if $LOCAL; then log "mode: local (the runpod SDK's local API on 127.0.0.1:$PORT)"; else log "mode: container"; fi
 command -v "$BOOTSTRAP_PYTHON" >/dev/null || die "python not found ('$BOOTSTRAP_PYTHON'); set BOOTSTRAP_PYTHON"
 log "python: $("$BOOTSTRAP_PYTHON" -c 'import sys; print(sys.version.split()[0], sys.executable)')"

@@ -16,7 +16,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from boson_multimodal.tiny_model import build_tiny_checkpoint
 from higgs_worker.model_store import LOCAL_BUILD, RepoSpec, publish_local, read_marker, read_store
 from higgs_worker.settings import Settings, load_settings
 
@@ -47,6 +46,9 @@ def publish_demo(settings: Settings) -> None:
     if all(read_store(spec, accept_local=True) is not None for spec in specs):
         logger.info("the demo model is already in place at %s and %s", *(s.local_dir for s in specs))
         return
+    # Imported only to build: it loads torch and transformers (~6 s), which a warm restart must not wait for.
+    from boson_multimodal.tiny_model import build_tiny_checkpoint
+
     with tempfile.TemporaryDirectory(dir=settings.volume_path) as scratch:
         staging = Path(scratch)
         build_tiny_checkpoint(staging / "model", staging / "codec")

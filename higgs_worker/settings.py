@@ -14,6 +14,12 @@ from pathlib import Path
 
 DEFAULT_MODEL_REPO = "bosonai/higgs-audio-v2-generation-3B-base"
 DEFAULT_TOKENIZER_REPO = "bosonai/higgs-audio-v2-tokenizer"
+# The revisions every deployment loads unless MODEL_REVISION / TOKENIZER_REVISION say otherwise. The one place
+# to pin them: deploy/endpoint.json, .runpod/hub.json and the README must carry the same values (a test keeps
+# them in step). A branch follows the repository, a 40-hex commit freezes it; the bosonai repositories were
+# converted in place to the transformers format in April 2026, so a pin must name a commit after that.
+DEFAULT_MODEL_REVISION = "main"
+DEFAULT_TOKENIZER_REVISION = "main"
 DEFAULT_VOICES_BASE_URL = "https://raw.githubusercontent.com/boson-ai/higgs-audio/main/examples/voice_prompts"
 RUNPOD_VOLUME = Path("/runpod-volume")
 
@@ -153,10 +159,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     return Settings(
         volume_path=volume,
         model_repo=model_repo,
-        model_revision=_str(env, "MODEL_REVISION", "main"),
+        model_revision=_str(env, "MODEL_REVISION", DEFAULT_MODEL_REVISION),
         model_path=Path(_str(env, "MODEL_PATH", str(_repo_dir(volume, model_repo)))),
         tokenizer_repo=tokenizer_repo,
-        tokenizer_revision=_str(env, "TOKENIZER_REVISION", "main"),
+        tokenizer_revision=_str(env, "TOKENIZER_REVISION", DEFAULT_TOKENIZER_REVISION),
         tokenizer_path=Path(_str(env, "TOKENIZER_PATH", str(_repo_dir(volume, tokenizer_repo)))),
         hf_cache_hub_dir=Path(_str(env, "RUNPOD_HF_CACHE_DIR", str(volume / "huggingface-cache" / "hub"))),
         download_lock_stale_s=_float(env, "DOWNLOAD_LOCK_STALE_S", 60.0, minimum=1.0),

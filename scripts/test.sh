@@ -6,6 +6,27 @@ cd "$(dirname "$0")/.."
 
 log() { printf '[test %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 
+# Disk first, before minutes of installing: the test venv (torch, transformers...) takes ~7.4 GB and the tests
+# write ~1 GB of temporary files. A full disk otherwise shows up late, as pip or S3-server errors.
+VENV_GB=8
+TEMP_GB=1
+free_gb() { df -Pk "$1" | awk 'NR==2 {printf "%d", $4 / 1048576}'; }
+need=$TEMP_GB
+[[ -x .venv/bin/python ]] || need=$((need + VENV_GB))
+tmp_dir="${TMPDIR:-/tmp}"
+if [[ "$(df -P . | awk 'NR==2 {print $1}')" != "$(df -P "$tmp_dir" | awk 'NR==2 {print $1}')" ]]; then
+  if (($(free_gb "$tmp_dir") < TEMP_GB)); then
+    echo "not enough disk in $tmp_dir: $(free_gb "$tmp_dir") GB free, the tests need ~$TEMP_GB GB (or set TMPDIR)" >&2
+    exit 1
+  fi
+  need=$((need - TEMP_GB))
+fi
+if (($(free_gb .) < need)); then
+  echo "not enough disk in $PWD: $(free_gb .) GB free, need ~$need GB (the test venv .venv is ~7.4 GB," \
+    "the tests' temporary files ~$TEMP_GB GB); free some space and run again" >&2
+  exit 1
+fi
+
 missing=()
 for tool in espeak-ng curl; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")

@@ -33,6 +33,11 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 STARTUP_TIMEOUT_S = 90.0
+# A fixed, small store: by default the volume server allows free disk / volume size volumes, so on a nearly
+# full disk the first bucket takes them all and every other bucket's writes fail with HTTP 500 ("no free
+# volumes left"), then its reads with NoSuchKey. 32 volumes of 64 MB hold far more than the suite writes.
+VOLUME_SIZE_LIMIT_MB = 64
+VOLUME_COUNT = 32
 # The admin's built-in worker dials admin port + 10000, whatever -admin.port.grpc says.
 _ADMIN_GRPC_OFFSET = 10_000
 
@@ -179,6 +184,8 @@ def start_s3_server(workdir: Path) -> S3Server:
         "-s3.autoCreateBucket=false",  # real S3 answers NoSuchBucket; so must the stand-in
         "-admin.ui=false",
         "-master.telemetry=false",
+        f"-master.volumeSizeLimitMB={VOLUME_SIZE_LIMIT_MB}",
+        f"-volume.max={VOLUME_COUNT}",
         *(f"-{flag}={value}" for flag, value in ports.items()),
     ]
     log_path = workdir / "weed.log"

@@ -1,0 +1,1 @@
+../serverless_handler.py
