@@ -73,6 +73,13 @@ class Worker:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        if settings.concurrency > settings.scheduler_slots:
+            logger.warning(
+                "CONCURRENCY=%d is more than SCHEDULER_SLOTS=%d: jobs past the slots wait inside this worker "
+                "for a free slot while other workers could take them",
+                settings.concurrency,
+                settings.scheduler_slots,
+            )
         self.limits = RequestLimits(settings.max_transcript_chars, settings.max_new_tokens_limit)
         self._models: Models | None = None
         self._engine = None

@@ -140,13 +140,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if device not in {"auto", "cpu"} and not device.startswith("cuda"):
         raise SettingsError(f"DEVICE={device!r} is not allowed; use auto, cpu, cuda or cuda:N")
     concurrency = _int(env, "CONCURRENCY", 8, minimum=1)
-    slots = _int(env, "SCHEDULER_SLOTS", 8, minimum=1)
-    if concurrency > slots:
-        raise SettingsError(
-            f"CONCURRENCY={concurrency} is more than SCHEDULER_SLOTS={slots}: the jobs past the slots would "
-            "wait inside this worker while other workers could take them; raise SCHEDULER_SLOTS (each slot "
-            "holds MAX_SEQUENCE_TOKENS of KV cache on the GPU) or lower CONCURRENCY"
-        )
+    slots = _int(env, "SCHEDULER_SLOTS", concurrency, minimum=1)  # by default one per job in flight
     max_new_tokens_limit = _int(env, "MAX_NEW_TOKENS_LIMIT", 4096, minimum=16)
     max_sequence_tokens = _int(env, "MAX_SEQUENCE_TOKENS", 6144, minimum=64)
     if max_sequence_tokens <= max_new_tokens_limit:
