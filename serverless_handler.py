@@ -126,7 +126,7 @@ class Worker:
             started = time.perf_counter()
             # torch is imported only when a job needs it, so a cache hit or a bad input never pays for it
             from boson_multimodal.engine import EngineOptions, HiggsAudioEngine
-            from boson_multimodal.scheduler import SchedulerLimits
+            from boson_multimodal.scheduler import SchedulerLimits, SchedulerMemoryError
 
             settings = self.settings
             options = EngineOptions(
@@ -134,9 +134,14 @@ class Worker:
                 limits=SchedulerLimits(settings.scheduler_slots, settings.max_sequence_tokens),
                 cuda_graphs=settings.cuda_graphs,
             )
-            engine = HiggsAudioEngine.load(
-                models.generation.path, models.audio_tokenizer.path, device=settings.device, options=options
-            )
+            try:
+                directories = (models.generation.path, models.audio_tokenizer.path)
+                engine = HiggsAudioEngine.load(*directories, device=settings.device, options=options)
+            except SchedulerMemoryError as error:
+                raise JobError(
+                    f"{error} (SCHEDULER_SLOTS={settings.scheduler_slots}, "
+                    f"MAX_SEQUENCE_TOKENS={settings.max_sequence_tokens})"
+                ) from error
             if (models.generation.path / "TINY_RANDOM_MODEL.json").exists():
                 logger.warning("serving the tiny random-weight demo model (--demo): its audio is noise")
             self._engine = engine
