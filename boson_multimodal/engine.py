@@ -17,7 +17,7 @@ from transformers import CompileConfig
 
 from boson_multimodal.codes import decode_frames, generated_stream, revert_delay
 from boson_multimodal.loading import RAS_MAX_REPEAT, RAS_WINDOW, LoadedModel, load_model
-from boson_multimodal.prompt import Voice, build_prompt
+from boson_multimodal.prompt import PromptRequest, Voice, build_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +49,7 @@ class SamplingConfig:
 
 
 @dataclass(frozen=True)
-class SpeechRequest:
-    text: str
-    scene: str | None = None
-    voices: tuple[Voice, ...] = ()  # voices[i] speaks [SPEAKERi] (or the whole text when there is one)
+class SpeechRequest(PromptRequest):  # the text, scene, voices and context the prompt is built from
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
@@ -77,7 +74,7 @@ def batchable(requests: Sequence[SpeechRequest]) -> bool:
     request must not share the random stream with others, or its audio would depend on its neighbours."""
     if len(requests) <= 1:
         return True
-    with_voices = {bool(r.voices) for r in requests}
+    with_voices = {r.has_audio for r in requests}
     samplings = {r.sampling for r in requests}
     return len(with_voices) == 1 and len(samplings) == 1 and not requests[0].sampling.deterministic
 
@@ -185,7 +182,7 @@ class HiggsAudioEngine:
         processor = self._loaded.processor
         texts, audios = [], []
         for request in requests:
-            prompt = build_prompt(request.text, scene=request.scene, voices=request.voices)
+            prompt = build_prompt(request)
             texts.append(
                 processor.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True)
             )
