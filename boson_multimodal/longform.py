@@ -161,15 +161,16 @@ def _by_turns(text: str, max_turns: int) -> list[str]:
 
 
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
-_CJK_WORD = re.compile(rf"[{_CJK}]|[^\s{_CJK}]+")
+_CJK_WORD = re.compile(rf"[{_CJK}]|[^ {_CJK}]+")
 
 
 def _by_words(text: str, max_words: int) -> list[str]:
     """Pieces of at most ``max_words`` words, paragraph by paragraph.
 
-    Words are what spaces separate; in CJK text, which has no spaces, each character counts as a word (the
-    upstream script segments Chinese with jieba, whose words are a character or two). The cuts fall just
-    before a word, so the text between words (spaces, newlines) stays as it was.
+    Words are what spaces separate, as in the upstream script (a line break alone does not separate them);
+    in CJK text, which has no spaces, each character counts as a word (the script segments Chinese with
+    jieba, whose words are a character or two). The cuts fall just before a word, so the text between words
+    stays as it was.
     """
     chunks: list[str] = []
     for paragraph in text.split("\n\n"):
