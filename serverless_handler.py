@@ -22,11 +22,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from boson_multimodal.errors import SpeechRequestError
+from boson_multimodal.transcript import normalize_transcript
 from higgs_worker.audio_encoding import EncodedAudio, change_tempo, encode_audio
 from higgs_worker.delivery import DeliveryError, DeliveryPolicy, S3Target, deliver
+from higgs_worker.dry_run import dry_run
 from higgs_worker.model_store import ModelStoreError, RepoSpec, StoredRepo, ensure_repo
 from higgs_worker.redaction import install_log_redaction, redact
-from higgs_worker.references import ReferenceAudio, ReferenceAudioError, resolve_reference
+from higgs_worker.references import ReferenceAudioError, ResolvedVoice, resolve_reference
+from higgs_worker.rendering import chunking_for, prompt_request
 from higgs_worker.request_plan import RequestPlanError, cache_identity, s3_target_for
 from higgs_worker.result_cache import ResultCache, cache_key
 from higgs_worker.schema import RequestError, RequestLimits, TTSRequest, parse_request
@@ -34,6 +37,7 @@ from higgs_worker.settings import Settings, load_settings
 
 if TYPE_CHECKING:  # torch is imported only when a job needs the engine
     from boson_multimodal.engine import Speech, SpeechRequest
+    from boson_multimodal.longform import Chunking
     from boson_multimodal.streaming import AudioChunk
 
 logger = logging.getLogger("higgs_worker.handler")
@@ -166,6 +170,9 @@ class Worker:
         return PreparedJob(request, target, references, models, timings, started, key)
 
     def run(self, job: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:
+        request = parse_request(job.get("input"), self.limits)
+        if request.dry_run:  # before the models: a dry run never downloads, loads or generates
+            return dry_run(request, self._references(request), self.settings)
         prepared = self.prepare(job)
         if prepared.cache_key is not None:
             hit = self.cache.get(prepared.cache_key)
@@ -197,6 +204,10 @@ class Worker:
         """
         from boson_multimodal.streaming import chunk_speech, stream_speech
 
+        request = parse_request(job.get("input"), self.limits)
+        if request.dry_run:  # before the models: a dry run never downloads, loads or generates
+            yield dry_run(request, self._references(request), self.settings)
+            return
         prepared = self.prepare(job)
         request = prepared.request
         engine, prepared.timings["load"] = self.ensure_engine()
@@ -254,8 +265,13 @@ class Worker:
             "set s3_bucket, or use output_format mp3 or opus for long streams"
         )
 
+    def _chunking(self, request: TTSRequest) -> Chunking | None:
+        """How the transcript is cut into pieces, or None for one generation (see higgs_worker.rendering)."""
+        text = normalize_transcript(request.transcript)
+        return chunking_for(request, text, self.settings.longform_chunk_chars)
+
     def _is_long(self, request: TTSRequest) -> bool:
-        return len(request.transcript) > self.settings.longform_chunk_chars
+        return self._chunking(request) is not None
 
     def _synthesize(self, prepared: PreparedJob, progress: Progress | None) -> Speech:
         """Generation: long transcripts piece by piece; every sequence shares the engine's decode steps with
@@ -266,7 +282,7 @@ class Worker:
         if self._is_long(prepared.request):
             from boson_multimodal.longform import generate_long
 
-            speech = generate_long(engine, speech_request, self.settings.longform_chunk_chars, progress)
+            speech = generate_long(engine, speech_request, self._chunking(prepared.request), progress)
         else:
             speech = engine.generate(speech_request)
         prepared.timings["generate"] = time.perf_counter() - started
@@ -278,7 +294,7 @@ class Worker:
             waveform, sample_rate, request.output_format, target_sample_rate=request.sample_rate
         )
 
-    def _references(self, request: TTSRequest) -> list[ReferenceAudio]:
+    def _references(self, request: TTSRequest) -> list[ResolvedVoice]:
         many, name = len(request.references) > 1, request.sent_name("ref_audio")
         return [
             resolve_reference(value, text, field=f"{name}[{index}]" if many else name, settings=self.settings)
@@ -326,7 +342,7 @@ class Worker:
 class PreparedJob:
     request: TTSRequest
     target: S3Target | None
-    references: list[ReferenceAudio]
+    references: list[ResolvedVoice]
     models: Models
     timings: dict[str, float]
     started: float
@@ -342,14 +358,11 @@ def _describe_audio(audio: EncodedAudio) -> dict[str, Any]:
     }
 
 
-def _speech_request(request: TTSRequest, references: list[ReferenceAudio]) -> SpeechRequest:
+def _speech_request(request: TTSRequest, references: list[ResolvedVoice]) -> SpeechRequest:
     from boson_multimodal.engine import SamplingConfig, SpeechRequest
-    from boson_multimodal.prompt import Voice
 
     return SpeechRequest(
-        text=request.transcript,
-        scene=request.scene_prompt,
-        voices=tuple(Voice(r.waveform, r.sample_rate, r.text) for r in references),
+        **vars(prompt_request(request, references)),
         sampling=SamplingConfig(
             temperature=request.temperature,
             top_p=request.top_p,

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from boson_multimodal.engine import HiggsAudioEngine, SamplingConfig, Speech, SpeechRequest
 from boson_multimodal.longform import crossfade_join, generate_long, split_text
-from boson_multimodal.prompt import SPEAKER_TAG, Voice
+from boson_multimodal.prompt import Voice, VoiceDescription
+from boson_multimodal.transcript import SPEAKER_TAG
 
 RATE = 24_000
 CROSSFADE = 480  # the default 20 ms at 24 kHz
@@ -207,7 +208,10 @@ def test_smart_voice_keeps_one_anchor_per_speaker(engine: HiggsAudioEngine, call
     requests = [r for r, _ in calls]
     # A speaker's first piece is generated from its tag; later ones clone that piece, untagged.
     assert [r.text for r in requests] == ["[SPEAKER0] A one.", "A two.", "[SPEAKER1] B one.", "A three."]
-    assert [len(r.voices) for r in requests] == [0, 1, 0, 1]
+    # Until anchored, a piece keeps the dialogue's default voices, as the whole text would have had them.
+    defaults = (VoiceDescription("feminine", default=True), VoiceDescription("masculine", default=True))
+    assert [r.voices for r in requests[0::2]] == [defaults, defaults]
+    assert [len(r.voices) for r in requests[1::2]] == [1, 1]
     assert requests[1].voices == requests[3].voices
     assert requests[1].voices[0].transcript == "A one."
     assert np.array_equal(requests[1].voices[0].waveform, calls[0][1].waveform)
@@ -215,6 +219,6 @@ def test_smart_voice_keeps_one_anchor_per_speaker(engine: HiggsAudioEngine, call
 
 def test_text_with_nothing_to_say_is_refused(engine: HiggsAudioEngine) -> None:
     with pytest.raises(ValueError, match="nothing to speak"):
-        generate_long(engine, SpeechRequest("  \n"), max_chars=100)
+        generate_long(engine, SpeechRequest("  \n"), 100)
     with pytest.raises(ValueError, match="max_chars"):
-        generate_long(engine, SpeechRequest("Hi."), max_chars=0)
+        generate_long(engine, SpeechRequest("Hi."), 0)
