@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from higgs_worker.audio_encoding import FORMATS
 
-OutputFormat = Literal["wav", "flac", "mp3", "ogg", "opus"]
+OutputFormat = Literal["wav", "flac", "mp3", "ogg", "opus", "pcm"]
 MAX_SCENE_CHARS = 2000
 MAX_REF_TEXT_CHARS = 2000
 MAX_SPEAKERS = 8
