@@ -195,17 +195,21 @@ class Pipeline:
                 chunks = chunk_speech(self.generate(prepared), engine.frame_rate)
             else:
                 chunks = stream_speech(engine, _speech_request(request, prepared.references))
-            first = next(chunks)
-        if first.final and first.end_frame == 0:
-            raise JobError(NO_AUDIO)
-        yield first
-        if first.final:
-            return
-        with prepared.timings.phase("generate"):  # the rest of the clip, after the first chunk
-            for chunk in chunks:
-                if chunk.final and chunk.end_frame == 0:
-                    raise JobError(NO_AUDIO)
-                yield chunk
+        try:  # closing this generator closes the engine's stream, which stops the generation
+            with prepared.timings.phase("first_chunk"):
+                first = next(chunks)
+            if first.final and first.end_frame == 0:
+                raise JobError(NO_AUDIO)
+            yield first
+            if first.final:
+                return
+            with prepared.timings.phase("generate"):  # the rest of the clip, after the first chunk
+                for chunk in chunks:
+                    if chunk.final and chunk.end_frame == 0:
+                        raise JobError(NO_AUDIO)
+                    yield chunk
+        finally:
+            chunks.close()
 
     # -- encode -----------------------------------------------------------------------------------------
     def encode(self, prepared: PreparedJob, waveform: np.ndarray, sample_rate: int) -> EncodedAudio:
