@@ -87,6 +87,10 @@ class ReferenceAudioError(ValueError):
     """A reference value the worker cannot use; the message starts with the job field's name."""
 
 
+class UnknownVoiceError(ReferenceAudioError):
+    """No preset or saved voice has that name (the HTTP door answers 404)."""
+
+
 @dataclass(frozen=True)
 class ReferenceAudio:
     waveform: np.ndarray  # float32 mono, at the file's own rate
@@ -294,7 +298,7 @@ def _download_preset(name: str, voices: Path, field: str, settings: Settings) ->
         audio = fetch(f"{base}/{name}.wav", policy)
     except FetchError as error:
         if error.status == 404:
-            raise ReferenceAudioError(f"{field}: unknown preset voice {name!r}{_available(voices)}") from None
+            raise UnknownVoiceError(f"{field}: unknown preset voice {name!r}{_available(voices)}") from None
         raise ReferenceAudioError(f"{field}: preset voice {name!r} could not be fetched: {error}") from None
     try:
         decode_audio(audio)

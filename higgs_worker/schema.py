@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from higgs_worker.audio_encoding import FORMATS
 
-OutputFormat = Literal["wav", "flac", "mp3", "ogg", "opus"]
+OutputFormat = Literal["wav", "flac", "mp3", "ogg", "opus", "pcm"]
 ChunkMethod = Literal["sentence", "speaker", "word", "none"]
 MAX_DESCRIPTION_CHARS = 2000
 DEFAULT_CHUNK_MAX_WORDS = 200  # the upstream script's defaults
