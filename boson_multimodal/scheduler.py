@@ -307,6 +307,7 @@ class Scheduler:
         for slot in [s for s, seq in self._active.items() if seq.done or seq.handle.cancelled]:
             sequence = self._active.pop(slot)
             if sequence.handle.cancelled and not sequence.done:
+                logger.info("sequence cancelled after %d rows; slot %d is free", sequence.count, slot)
                 sequence.handle.fail(GenerationCancelled("cancelled"))
             else:
                 rows = sequence.rows[: sequence.count].clone()
