@@ -209,7 +209,9 @@ def test_overload_is_a_fast_503_and_a_disconnect_frees_the_slot(server: HttpWork
         first.stream("POST", "/v1/audio/speech", json=long_job) as running,
     ):
         assert running.status_code == 200
-        next(running.iter_raw())  # generating now, holding the only slot (CONCURRENCY=1)
+        # Keep the iterator: a dropped one is closed when collected, and closing it disconnects the client.
+        received = running.iter_raw()
+        next(received)  # generating now, holding the only slot (CONCURRENCY=1)
         started = time.monotonic()
         busy = httpx.post(f"{server.url}/v1/audio/speech", json=JOB, timeout=30)
         assert time.monotonic() - started < 2
