@@ -28,7 +28,7 @@ size fits one piece.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
@@ -39,6 +39,7 @@ from boson_multimodal.transcript import SPEAKER_TAG
 
 if TYPE_CHECKING:  # the engine needs torch; planning pieces (dry runs) must not
     from boson_multimodal.engine import HiggsAudioEngine, Speech, SpeechRequest
+    from boson_multimodal.streaming import AudioChunk, ChunkSchedule
 
 ProgressCallback = Callable[[int, int], None]  # (pieces done, pieces in all)
 
@@ -236,6 +237,70 @@ def generate_long(
         num_frames=sum(s.num_frames for s in speeches),
         finished=all(s.finished for s in speeches),
     )
+
+
+def stream_long(
+    engine: HiggsAudioEngine,
+    request: SpeechRequest,
+    chunking: Chunking | int,
+    on_progress: ProgressCallback | None = None,
+    schedule: ChunkSchedule | None = None,
+    crossfade_s: float = DEFAULT_CROSSFADE_S,
+) -> Iterator[AudioChunk]:
+    """``generate_long`` as a stream: each piece's chunks leave while it is generated, the next piece starts
+    when the previous one ends, and each seam gets the same crossfade, so the chunks concatenate to what
+    ``generate_long`` returns. The first audio therefore comes after the first piece's first chunk, not after
+    the whole text.
+
+    The last ``overlap`` samples of every piece but the last are held back until the next piece's first
+    audio arrives to be crossfaded with. Closing the iterator cancels the piece being generated.
+    """
+    from boson_multimodal.streaming import AudioChunk, stream_speech
+
+    chunking = chunking if isinstance(chunking, Chunking) else Chunking(max_chars=chunking)
+    pieces = plan_pieces(request.text, chunking)
+    if not pieces:
+        raise ValueError("text has nothing to speak")
+    history = PieceHistory(request, chunking)
+    overlap = round(crossfade_s * engine.sample_rate)
+    held = np.zeros(0, dtype=np.float32)  # the previous pieces' tail, waiting for the next seam
+    index = frames_before = samples_sent = 0
+    finished_so_far = True  # every earlier piece was ended by the model, not by max_new_tokens
+    for done, piece in enumerate(pieces, start=1):
+        last_piece = done == len(pieces)
+        parts: list[np.ndarray] = []
+        for chunk in stream_speech(engine, history.request_for(piece), schedule):
+            parts.append(chunk.waveform)
+            audio = chunk.waveform
+            if len(audio) and len(held):
+                audio = crossfade_join([held, audio], overlap)
+                held = held[:0]
+            if chunk.final and not last_piece and len(audio):
+                keep = min(overlap, len(audio))
+                audio, held = audio[: len(audio) - keep], audio[len(audio) - keep :]
+            final = chunk.final and last_piece
+            if final and len(held):  # the last piece said nothing: what was held closes the clip
+                audio = np.concatenate([audio, held])
+            if len(audio) or final:
+                yield AudioChunk(
+                    waveform=audio,
+                    sample_rate=chunk.sample_rate,
+                    index=index,
+                    start_frame=frames_before + chunk.start_frame,
+                    num_frames=chunk.num_frames,
+                    frame_rate=chunk.frame_rate,
+                    final=final,
+                    finished=final and chunk.finished and finished_so_far,
+                    start_sample=samples_sent,
+                )
+                index, samples_sent = index + 1, samples_sent + len(audio)
+            if chunk.final:
+                frames_before += chunk.end_frame
+                finished_so_far = finished_so_far and chunk.finished
+        waveform = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+        history.add(piece, Voice(waveform, engine.sample_rate, piece.text))
+        if on_progress is not None:
+            on_progress(done, len(pieces))
 
 
 class PieceHistory:

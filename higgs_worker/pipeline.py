@@ -203,18 +203,23 @@ class Pipeline:
     def chunks(self, prepared: PreparedJob) -> Iterator[AudioChunk]:
         """The clip in chunks while it is generated; closing the iterator cancels the generation.
 
-        A long transcript or a changed speed needs the whole clip first: it is generated whole, then sent in
-        chunks, so its first audio arrives only when the clip is done. An empty clip raises JobError.
+        A long transcript streams piece by piece (the next piece starts when the previous one ends). A changed
+        speed needs the whole clip first: it is generated whole, then sent in chunks, so its first audio
+        arrives only when the clip is done. An empty clip raises JobError.
         """
+        from boson_multimodal.longform import stream_long
         from boson_multimodal.streaming import chunk_speech, stream_speech
 
         engine = self.engine(prepared)
         request = prepared.request
+        speech_request = _speech_request(request, prepared.references)
         with prepared.timings.phase("first_chunk"):
-            if self.is_long(request) or request.speed != 1.0:
+            if request.speed != 1.0:
                 chunks = chunk_speech(self.generate(prepared), engine.frame_rate)
+            elif self.is_long(request):
+                chunks = stream_long(engine, speech_request, self.chunking(request))
             else:
-                chunks = stream_speech(engine, _speech_request(request, prepared.references))
+                chunks = stream_speech(engine, speech_request)
         try:  # closing this generator closes the engine's stream, which stops the generation
             with prepared.timings.phase("first_chunk"):
                 first = next(chunks)
