@@ -191,30 +191,40 @@ def _warped(scores: torch.Tensor, configs: list[SamplingConfig]) -> torch.Tensor
 
     A warper transformers would not add for a sequence (temperature 1, top-k None or 0, top-p 1) is skipped
     for it here too: even a no-op warper can change probabilities that underflow.
+
+    Top-p looks only at the candidates top-k left (transformers sorts the whole vocabulary, whose other
+    entries are -inf by then and weigh nothing): one ``topk`` serves both warpers, and the nucleus is cut
+    where transformers cuts it, at the smallest score it keeps.
     """
     m, _, vocab = scores.shape
     device = scores.device
 
-    def per_sequence(values: list[float]) -> torch.Tensor:
+    def per_sequence(values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=scores.dtype, device=device)[:, None, None]
 
     scores = scores / per_sequence([c.temperature for c in configs])  # x / 1 is x: no mask needed
     top_k = [min(c.top_k, vocab) if c.top_k else 0 for c in configs]
+    nucleus = [c.top_p < 1.0 for c in configs]
+    if not any(top_k) and not any(nucleus):
+        return scores
+    # The candidates, best first: every sequence's top-k, or the whole vocabulary for a top-p without one.
+    width = max(k if k else vocab for k, p in zip(top_k, nucleus, strict=True) if k or p)
+    candidates = scores.topk(width, dim=-1).values
     if any(top_k):
-        # transformers: remove what is below the k-th largest score (torch.topk), per sequence's own k
-        largest = scores.topk(max(top_k), dim=-1).values
+        # transformers: remove what is below the k-th largest score, per sequence's own k
         index = torch.tensor([max(k, 1) - 1 for k in top_k], device=device)[:, None, None]
-        kth = largest.gather(-1, index.expand(m, scores.shape[1], 1))
-        remove = (scores < kth) & (per_sequence([k > 0 for k in top_k]) > 0)
-        scores = scores.masked_fill(remove, -float("inf"))
-    top_p = [c.top_p for c in configs]
-    if any(p < 1.0 for p in top_p):
-        sorted_scores, order = scores.sort(dim=-1, descending=False)
-        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-        remove = cumulative <= (1 - per_sequence(top_p))
-        remove[..., -1:] = False  # keep at least one
-        remove &= per_sequence([p < 1.0 for p in top_p]) > 0
-        scores = scores.masked_fill(remove.scatter(-1, order, remove), -float("inf"))
+        kth = candidates.gather(-1, index.expand(m, scores.shape[1], 1))
+        has_k = per_sequence([k > 0 for k in top_k]) > 0
+        scores = scores.masked_fill((scores < kth) & has_k, -float("inf"))
+        candidates = candidates.masked_fill((candidates < kth) & has_k, -float("inf"))
+    if any(nucleus):
+        ascending = candidates.flip(-1)
+        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+        removed = cumulative <= (1 - per_sequence([c.top_p for c in configs]))
+        removed[..., -1:] = False  # keep at least one
+        smallest_kept = ascending.gather(-1, (~removed).int().argmax(dim=-1, keepdim=True))
+        in_nucleus = per_sequence(nucleus) > 0
+        scores = scores.masked_fill((scores < smallest_kept) & in_nucleus, -float("inf"))
     return scores
 
 
