@@ -15,10 +15,11 @@ first stream chunk or its result arriving):
 
 In this process:
 
-- step         host time per decode step at batch 1 and 8: the scheduler's loop against transformers'
-               ``generate()`` on the same loaded model (batch 8 = one ``generate()`` call over 8 copies of the
-               prompt). A step is timed as the difference between runs of two lengths, so prompt prefill and
-               start-up cancel out. With the tiny model a step is almost all host overhead.
+- step         host time per decode step at batch 1 and 8, default sampling and greedy: the scheduler's
+               loop against transformers' ``generate()`` on the same loaded model (batch 8: one
+               ``generate()`` call over 8 copies of the prompt). A step is timed as the difference
+               between runs of two lengths, so prompt prefill and start-up cancel out. With the tiny model
+               a step is almost all host overhead; greedy against sampled shows what choosing rows costs.
 
     python benchmarks/scheduler.py [--only streams,short-long,mixed,step] [--json PATH]
 
@@ -35,6 +36,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -257,24 +259,29 @@ def measure_step(checkpoint: Path, figures: Figures, repeats: int) -> None:
     engine = HiggsAudioEngine(loaded, options)
     request = SpeechRequest("Time every decode step of this sentence.")
     prompt = engine._sequence_input(request)  # the processor's inputs, exactly as the engine makes them
+    # The default sampling (temperature, top-k, top-p, repetition-aware sampling) and greedy decoding: the
+    # difference is what choosing the next rows costs.
+    kinds = {"sampled": SamplingConfig(), "greedy": SamplingConfig(temperature=0)}
 
-    def scheduler_run(batch: int) -> Callable[[int], None]:
+    def scheduler_run(batch: int, sampling: SamplingConfig) -> Callable[[int], None]:
         def run(steps: int) -> None:
-            sampling = [SamplingConfig(max_new_tokens=steps, seed=seed) for seed in range(batch)]
-            handles = [engine.submit(SpeechRequest(request.text, sampling=s)) for s in sampling]
+            configs = [replace(sampling, max_new_tokens=steps, seed=seed) for seed in range(batch)]
+            handles = [engine.submit(replace(request, sampling=config)) for config in configs]
             for handle in handles:
                 handle.result()
 
         return run
 
-    def transformers_run(batch: int) -> Callable[[int], None]:
+    def transformers_run(batch: int, sampling: SamplingConfig) -> Callable[[int], None]:
         inputs = {
             "input_ids": prompt.input_ids.repeat(batch, 1),
             "attention_mask": prompt.attention_mask.repeat(batch, 1),
         }
 
         def run(steps: int) -> None:
-            config = generation_config(loaded.model.generation_config, SamplingConfig(max_new_tokens=steps))
+            config = generation_config(
+                loaded.model.generation_config, replace(sampling, max_new_tokens=steps)
+            )
             torch.manual_seed(0)
             with torch.inference_mode():
                 loaded.model.generate(**inputs, generation_config=config)
@@ -282,30 +289,17 @@ def measure_step(checkpoint: Path, figures: Figures, repeats: int) -> None:
         return run
 
     try:
-        for batch in (1, 8):
-            ours = seconds_per_step(scheduler_run(batch), repeats)
-            theirs = seconds_per_step(transformers_run(batch), repeats)
-            figures.add(
-                "step",
-                f"batch {batch}: scheduler loop",
-                f"{ours * 1000:.2f} ms/step",
-                f"step_ms_scheduler_batch{batch}",
-                ours * 1000,
-            )
-            figures.add(
-                "step",
-                f"batch {batch}: transformers generate()",
-                f"{theirs * 1000:.2f} ms/step",
-                f"step_ms_transformers_batch{batch}",
-                theirs * 1000,
-            )
-            figures.add(
-                "step",
-                f"batch {batch}: scheduler / generate()",
-                f"{ours / theirs:.2f}×",
-                f"step_ratio_batch{batch}",
-                ours / theirs,
-            )
+        for kind, sampling in kinds.items():
+            for batch in (1, 8):
+                ours = seconds_per_step(scheduler_run(batch, sampling), repeats) * 1000
+                theirs = seconds_per_step(transformers_run(batch, sampling), repeats) * 1000
+                figures.add(
+                    "step",
+                    f"{kind}, batch {batch}: scheduler / generate()",
+                    f"{ours:.2f} / {theirs:.2f} ms/step = {ours / theirs:.2f}×",
+                    f"step_ms_{kind}_batch{batch}",
+                    [ours, theirs],
+                )
     finally:
         engine.close()
 
