@@ -23,12 +23,14 @@ cd "$APP_DIR" # the code's directory, never the volume: the handler and demo_mod
 
 LOCAL=false
 DEMO=false
+HTTP=false # --local --http: the OpenAI-compatible HTTP server (ENDPOINT_TYPE=LOAD_BALANCER) on 127.0.0.1
 PORT="${PORT:-8000}"
 HANDLER_ARGS=()
 while (($#)); do
   case "$1" in
     --local) LOCAL=true ;;
     --demo) DEMO=true ;;
+    --http) HTTP=true ;;
     --port)
       (($# >= 2)) || die "--port needs a value (a TCP port, 1-65535)"
       PORT="$2"
@@ -254,6 +256,10 @@ if $DEMO; then
   "$PYTHON" demo_model.py || die "the demo model could not be published (above)"
 fi
 trap - EXIT
+if $LOCAL && $HTTP; then
+  log "starting $HANDLER (HTTP mode) on http://127.0.0.1:$PORT"
+  ENDPOINT_TYPE=LOAD_BALANCER HTTP_HOST=127.0.0.1 PORT="$PORT" exec "$PYTHON" -u "$HANDLER" "${HANDLER_ARGS[@]}"
+fi
 if $LOCAL; then
   log "starting $HANDLER on http://127.0.0.1:$PORT"
   exec "$PYTHON" -u "$HANDLER" --rp_serve_api --rp_api_host 127.0.0.1 --rp_api_port "$PORT" "${HANDLER_ARGS[@]}"

@@ -60,6 +60,7 @@ def measure(engine, steps: int, runs: int) -> dict[str, float]:
 def handler_overhead(checkpoint: Path, steps: int, runs: int) -> tuple[float, float]:
     """(handler job, bare generate) median seconds for the same request, in this process."""
     import serverless_handler
+    from higgs_worker import pipeline as job_pipeline
     from higgs_worker.model_store import RepoSpec, ensure_repo
     from higgs_worker.settings import load_settings
     from tests.conftest import MODEL_REPO, TOKENIZER_REPO
@@ -71,12 +72,11 @@ def handler_overhead(checkpoint: Path, steps: int, runs: int) -> tuple[float, fl
         for repo, path in ((MODEL_REPO, settings.model_path), (TOKENIZER_REPO, settings.tokenizer_path)):
             spec = RepoSpec(repo, "main", path)  # the store, filled from the stand-in as on a first job
             ensure_repo(spec, lock_dir=settings.lock_dir, runpod_cache_hub_dir=None, endpoint=hub.url)
-        worker = serverless_handler.Worker(settings)
+        worker = job_pipeline.Pipeline(settings)
         job = {"id": "bench", "input": {"transcript": TEXT, "max_new_tokens": steps, "temperature": 0}}
         serverless_handler.run_job(worker, job)  # loads the engine once
-        engine, _ = worker.ensure_engine()
-        parsed = serverless_handler.parse_request(job["input"], worker.limits)
-        request = serverless_handler._speech_request(parsed, [])
+        engine, _ = worker.runtime.engine()
+        request = job_pipeline._speech_request(worker.validate(job["input"]), [])
         jobs, bare = [], []
         for _ in range(runs):
             started = time.perf_counter()

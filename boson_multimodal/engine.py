@@ -19,7 +19,7 @@ import torchaudio
 
 from boson_multimodal.codes import decode_frames, generated_stream, revert_delay
 from boson_multimodal.loading import LoadedModel, load_model
-from boson_multimodal.prompt import Voice, build_prompt
+from boson_multimodal.prompt import PromptRequest, Voice, build_prompt
 from boson_multimodal.reference import ReferenceRunner
 from boson_multimodal.sampling import SamplingConfig
 from boson_multimodal.scheduler import (
@@ -61,10 +61,7 @@ class EngineOptions:
 
 
 @dataclass(frozen=True)
-class SpeechRequest:
-    text: str
-    scene: str | None = None
-    voices: tuple[Voice, ...] = ()  # voices[i] speaks [SPEAKERi] (or the whole text when there is one)
+class SpeechRequest(PromptRequest):  # the text, scene, voices and context the prompt is built from
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
@@ -154,7 +151,7 @@ class HiggsAudioEngine:
 
     def _sequence_input(self, request: SpeechRequest) -> SequenceInput:
         processor = self._loaded.processor
-        prompt = build_prompt(request.text, scene=request.scene, voices=request.voices)
+        prompt = build_prompt(request)
         text = processor.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True)
         audios = [self._resampled(voice) for voice in prompt.voices]
         inputs = processor(

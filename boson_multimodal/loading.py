@@ -66,6 +66,17 @@ def _read_chat_template(model_dir: Path, tokenizer) -> str:
     raise ModelLoadError(f"{model_dir} has no chat_template.jinja and its tokenizer has no chat template")
 
 
+def build_processor(
+    tokenizer, codec: HiggsAudioV2TokenizerModel, chat_template: str
+) -> HiggsAudioV2Processor:
+    """The processor from its parts; the codec's own geometry defines the feature extractor (padding to
+    whole frames at its sample rate)."""
+    feature_extractor = DacFeatureExtractor(
+        feature_size=1, sampling_rate=codec.config.sample_rate, hop_length=codec.config.hop_length
+    )
+    return HiggsAudioV2Processor(feature_extractor, tokenizer, codec, chat_template=chat_template)
+
+
 def load_model(model_dir: Path, codec_dir: Path, device: str = "auto") -> LoadedModel:
     """bf16 on CUDA (the checkpoint's training precision), float32 on CPU (bf16 matmuls are slow there)."""
     torch_device = resolve_device(device)
@@ -88,15 +99,8 @@ def load_model(model_dir: Path, codec_dir: Path, device: str = "auto") -> Loaded
             f"model codebook_size {model.config.codebook_size} must be the codec's "
             f"{codec.config.codebook_size} + 2 (stream BOS and EOS)"
         )
-    # The codec's own geometry defines the feature extractor: padding to whole frames at its sample rate.
-    feature_extractor = DacFeatureExtractor(
-        feature_size=1, sampling_rate=codec.config.sample_rate, hop_length=codec.config.hop_length
-    )
-    processor = HiggsAudioV2Processor(
-        feature_extractor,
-        tokenizer,
-        codec.to(torch_device).eval(),
-        chat_template=_read_chat_template(model_dir, tokenizer),
+    processor = build_processor(
+        tokenizer, codec.to(torch_device).eval(), _read_chat_template(model_dir, tokenizer)
     )
     model = model.to(torch_device).eval()
     # Repetition-aware sampling is a per-request setting (``SamplingConfig``). transformers fills every

@@ -11,24 +11,59 @@ text — becomes that speaker's reference for the rest. Always the *first* piece
 rolling reference lets the voice drift a little further with every piece, and one piece keeps the prompt
 bounded.
 
+Other ways to cut, as the upstream generation script offers them (``Chunking.method``):
+
+* ``"speaker"`` — one piece per speaker turn (a line starting with ``[SPEAKERn]``), or ``max_turns`` turns;
+* ``"word"`` — pieces of at most ``max_words`` words (CJK text: characters count as words).
+
+With these, the voice is kept the script's way: every piece is prompted with the references and with up to
+``buffer_size`` of the pieces generated just before it (their text and audio as earlier turns), so the prompt
+stays bounded however long the text.
+
 ``request.sampling.max_new_tokens`` is the budget of each piece, not of the whole clip: a piece holds at
-most ``max_chars`` characters, so the budget a caller would give one request of that size fits one piece.
+most ``max_chars`` characters (or words, or turns), so the budget a caller would give one request of that
+size fits one piece.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from boson_multimodal.engine import HiggsAudioEngine, Speech, SpeechRequest
-from boson_multimodal.prompt import SPEAKER_TAG, Voice
+from boson_multimodal.prompt import PromptRequest, Voice, default_voices
+from boson_multimodal.transcript import SPEAKER_TAG
+
+if TYPE_CHECKING:  # the engine needs torch; planning pieces (dry runs) must not
+    from boson_multimodal.engine import HiggsAudioEngine, Speech, SpeechRequest
+    from boson_multimodal.streaming import AudioChunk, ChunkSchedule
 
 ProgressCallback = Callable[[int, int], None]  # (pieces done, pieces in all)
 
 DEFAULT_CROSSFADE_S = 0.02
+ChunkMethod = Literal["sentence", "speaker", "word"]
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """How a long text is cut: the method, and the one limit that method uses."""
+
+    method: ChunkMethod = "sentence"
+    max_chars: int = 400  # sentence: characters per piece
+    max_words: int = 200  # word: words per piece
+    max_turns: int = 1  # speaker: turns per piece
+    buffer_size: int = 2  # speaker, word: earlier generated pieces kept in the prompt
+
+    def __post_init__(self) -> None:
+        for name in ("max_chars", "max_words", "max_turns"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.buffer_size < 0:
+            raise ValueError(f"buffer_size must be at least 0, got {self.buffer_size}")
+
 
 # Where a piece may end, coarsest first. Each pattern matches the punctuation and the whitespace after it;
 # the cut goes at the end of the match. Latin punctuation counts only before whitespace, so "3.14", "1,000"
@@ -63,8 +98,7 @@ def split_text(text: str, max_chars: int) -> list[str]:
 
 
 def split_pieces(text: str, max_chars: int) -> list[Piece]:
-    if max_chars < 1:
-        raise ValueError(f"max_chars must be at least 1, got {max_chars}")
+    Chunking(max_chars=max_chars)  # checks the limit
     pieces = []
     for speaker, turn in _turns(text):
         pieces += [Piece(speaker, part.strip()) for part in _fit(turn, max_chars, level=0)]
@@ -106,6 +140,47 @@ def _pack(units: list[str], max_chars: int) -> list[str]:
     return packed
 
 
+def plan_pieces(text: str, chunking: Chunking) -> list[Piece]:
+    """The pieces ``text`` is generated in, by ``chunking.method``."""
+    if chunking.method == "sentence":
+        return split_pieces(text, chunking.max_chars)
+    chunks = _by_turns(text, chunking.max_turns) if chunking.method == "speaker" else None
+    if chunks is None:
+        chunks = _by_words(text, chunking.max_words)
+    return [Piece(None, chunk.strip()) for chunk in chunks if chunk.strip()]
+
+
+def _by_turns(text: str, max_turns: int) -> list[str]:
+    """A piece per turn: a line starting with a speaker tag opens a turn, other lines continue it."""
+    turns: list[str] = []
+    for line in (line.strip() for line in text.split("\n")):
+        if turns and not SPEAKER_TAG.match(line):
+            turns[-1] += "\n" + line
+        else:
+            turns.append(line)
+    return ["\n".join(turns[i : i + max_turns]) for i in range(0, len(turns), max_turns)]
+
+
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff"
+_CJK_WORD = re.compile(rf"[{_CJK}]|[^ {_CJK}]+")
+
+
+def _by_words(text: str, max_words: int) -> list[str]:
+    """Pieces of at most ``max_words`` words, paragraph by paragraph.
+
+    Words are what spaces separate, as in the upstream script (a line break alone does not separate them);
+    in CJK text, which has no spaces, each character counts as a word (the script segments Chinese with
+    jieba, whose words are a character or two). The cuts fall just before a word, so the text between words
+    stays as it was.
+    """
+    chunks: list[str] = []
+    for paragraph in text.split("\n\n"):
+        starts = [match.start() for match in _CJK_WORD.finditer(paragraph)]
+        cuts = [*starts[::max_words][1:], len(paragraph)]
+        chunks += [paragraph[a:b] for a, b in zip([0, *cuts[:-1]], cuts, strict=True)]
+    return chunks
+
+
 def crossfade_join(waveforms: list[np.ndarray], overlap: int) -> np.ndarray:
     """Concatenate with an equal-power crossfade of ``overlap`` samples at each seam.
 
@@ -132,24 +207,27 @@ def crossfade_join(waveforms: list[np.ndarray], overlap: int) -> np.ndarray:
 def generate_long(
     engine: HiggsAudioEngine,
     request: SpeechRequest,
-    max_chars: int,
+    chunking: Chunking | int,
     on_progress: ProgressCallback | None = None,
     crossfade_s: float = DEFAULT_CROSSFADE_S,
 ) -> Speech:
     """Speak ``request.text`` piece by piece (see the module docstring) and join the pieces into one clip.
 
-    ``num_frames`` counts the frames of all pieces; the waveform is shorter than ``num_frames`` frames by
-    the crossfade overlaps.
+    ``chunking`` says how to cut the text; a number is the sentence splitter's piece length. ``num_frames``
+    counts the frames of all pieces; the waveform is shorter than ``num_frames`` frames by the crossfade
+    overlaps.
     """
-    pieces = split_pieces(request.text, max_chars)
+    from boson_multimodal.engine import Speech
+
+    chunking = chunking if isinstance(chunking, Chunking) else Chunking(max_chars=chunking)
+    pieces = plan_pieces(request.text, chunking)
     if not pieces:
         raise ValueError("text has nothing to speak")
-    anchors: dict[int | None, Voice] = {}  # smart voice: each speaker's first generated piece
+    history = PieceHistory(request, chunking)
     speeches: list[Speech] = []
     for done, piece in enumerate(pieces, start=1):
-        speech = engine.generate(_piece_request(request, piece, anchors))
-        if not request.voices and piece.speaker not in anchors and speech.waveform.size:
-            anchors[piece.speaker] = Voice(speech.waveform, speech.sample_rate, piece.body)
+        speech = engine.generate(history.request_for(piece))
+        history.add(piece, Voice(speech.waveform, speech.sample_rate, piece.text))
         speeches.append(speech)
         if on_progress is not None:
             on_progress(done, len(pieces))
@@ -161,12 +239,99 @@ def generate_long(
     )
 
 
-def _piece_request(request: SpeechRequest, piece: Piece, anchors: dict[int | None, Voice]) -> SpeechRequest:
-    """The request for one piece: the caller's voices, else the speaker's anchor voice once there is one.
+def stream_long(
+    engine: HiggsAudioEngine,
+    request: SpeechRequest,
+    chunking: Chunking | int,
+    on_progress: ProgressCallback | None = None,
+    schedule: ChunkSchedule | None = None,
+    crossfade_s: float = DEFAULT_CROSSFADE_S,
+) -> Iterator[AudioChunk]:
+    """``generate_long`` as a stream: each piece's chunks leave while it is generated, the next piece starts
+    when the previous one ends, and each seam gets the same crossfade, so the chunks concatenate to what
+    ``generate_long`` returns. The first audio therefore comes after the first piece's first chunk, not after
+    the whole text.
 
-    An anchored piece is a single-voice cloning prompt, so its speaker tag is dropped: the reference turn
-    already says who speaks.
+    The last ``overlap`` samples of every piece but the last are held back until the next piece's first
+    audio arrives to be crossfaded with. Closing the iterator cancels the piece being generated.
     """
-    if request.voices or piece.speaker not in anchors:
-        return replace(request, text=piece.text)
-    return replace(request, text=piece.body, voices=(anchors[piece.speaker],))
+    from boson_multimodal.streaming import AudioChunk, stream_speech
+
+    chunking = chunking if isinstance(chunking, Chunking) else Chunking(max_chars=chunking)
+    pieces = plan_pieces(request.text, chunking)
+    if not pieces:
+        raise ValueError("text has nothing to speak")
+    history = PieceHistory(request, chunking)
+    overlap = round(crossfade_s * engine.sample_rate)
+    held = np.zeros(0, dtype=np.float32)  # the previous pieces' tail, waiting for the next seam
+    index = frames_before = samples_sent = 0
+    finished_so_far = True  # every earlier piece was ended by the model, not by max_new_tokens
+    for done, piece in enumerate(pieces, start=1):
+        last_piece = done == len(pieces)
+        parts: list[np.ndarray] = []
+        for chunk in stream_speech(engine, history.request_for(piece), schedule):
+            parts.append(chunk.waveform)
+            audio = chunk.waveform
+            if len(audio) and len(held):
+                audio = crossfade_join([held, audio], overlap)
+                held = held[:0]
+            if chunk.final and not last_piece and len(audio):
+                keep = min(overlap, len(audio))
+                audio, held = audio[: len(audio) - keep], audio[len(audio) - keep :]
+            final = chunk.final and last_piece
+            if final and len(held):  # the last piece said nothing: what was held closes the clip
+                audio = np.concatenate([audio, held])
+            if len(audio) or final:
+                yield AudioChunk(
+                    waveform=audio,
+                    sample_rate=chunk.sample_rate,
+                    index=index,
+                    start_frame=frames_before + chunk.start_frame,
+                    num_frames=chunk.num_frames,
+                    frame_rate=chunk.frame_rate,
+                    final=final,
+                    finished=final and chunk.finished and finished_so_far,
+                    start_sample=samples_sent,
+                )
+                index, samples_sent = index + 1, samples_sent + len(audio)
+            if chunk.final:
+                frames_before += chunk.end_frame
+                finished_so_far = finished_so_far and chunk.finished
+        waveform = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+        history.add(piece, Voice(waveform, engine.sample_rate, piece.text))
+        if on_progress is not None:
+            on_progress(done, len(pieces))
+
+
+class PieceHistory:
+    """What each piece is prompted with, given the pieces generated before it.
+
+    Sentence pieces without reference audio: each speaker's first piece becomes its anchor (see the module
+    docstring); until then a dialogue's pieces keep the whole text's default voices, as one generation of the
+    whole text would have them. Speaker and word pieces: the caller's voices plus the last ``buffer_size``
+    generated pieces as context. Dry runs use the same class with stand-in audio.
+    """
+
+    def __init__(self, request: PromptRequest, chunking: Chunking) -> None:
+        self._request = request
+        self._chunking = chunking
+        self._voices = request.voices or default_voices(request.text)
+        self._anchored = chunking.method == "sentence" and not request.has_audio
+        self._anchors: dict[int | None, Voice] = {}
+        self._context: list[Voice] = []
+
+    def request_for(self, piece: Piece) -> PromptRequest:
+        """The request for one piece. An anchored piece is a single-voice cloning prompt, so its speaker tag
+        is dropped: the reference turn already says who speaks."""
+        if self._anchored and piece.speaker in self._anchors:
+            return replace(self._request, text=piece.body, voices=(self._anchors[piece.speaker],))
+        size = self._chunking.buffer_size
+        kept = tuple(self._context[-size:]) if size else ()
+        return replace(self._request, text=piece.text, voices=self._voices, context=kept)
+
+    def add(self, piece: Piece, generated: Voice) -> None:
+        if self._anchored:
+            if piece.speaker not in self._anchors and generated.waveform.size:
+                self._anchors[piece.speaker] = replace(generated, transcript=piece.body)
+        elif self._chunking.method != "sentence":
+            self._context.append(generated)

@@ -18,7 +18,8 @@ the next step on codebook 0, then 0–1, … are forced to EOS, until a row of a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 
 import torch
 
@@ -79,17 +80,18 @@ class StreamTokens:
 
 @dataclass
 class SequenceSampler:
-    """One sequence's sampling state: parameters, delay pattern, recent rows for RAS, its own generator."""
+    """One sequence's sampling state: parameters, delay pattern, recent rows for RAS, its own generator.
+
+    The bookkeeping is plain Python (eight small integers a step): a torch call costs more than the work.
+    """
 
     config: SamplingConfig
     generator: torch.Generator
-    bos_delay: torch.Tensor  # (K,) codebooks with a value ≥ 0 are forced to the stream BOS this step
-    eos_delay: torch.Tensor  # (K,) codebooks with a value ≤ 0 are forced to the stream EOS this step
-    recent_rows: torch.Tensor  # (≤ ras_window, K) the last audio rows of the conversation, prompt included
+    bos_delay: list[int]  # per codebook: a value ≥ 0 forces the stream BOS this step
+    eos_delay: list[int]  # per codebook: a value ≤ 0 forces the stream EOS this step
+    recent_rows: deque[tuple[int, ...]]  # the last ``ras_window`` audio rows, the prompt's included
     delaying: bool = False  # the previous text token was the delay token
-    steps: int = 0
     finished: bool = False  # the last row was all stream EOS
-    _ras_rows: int = field(default=0, repr=False)
 
     @classmethod
     def start(
@@ -111,43 +113,41 @@ class SequenceSampler:
             generator.manual_seed(config.seed)
         else:
             generator.seed()
-        window = prompt_ids[-tokens.num_codebooks :]
-        pattern = torch.arange(1, tokens.num_codebooks + 1)
-        bos_delay = _shifted(pattern, window, tokens.audio_bos_token, otherwise=torch.zeros_like(pattern))
-        eos_delay = _shifted(pattern, window, tokens.audio_delay_token, otherwise=pattern.clone())
-        rows = prompt_audio_rows if prompt_audio_rows is not None else torch.zeros(0, tokens.num_codebooks)
+        window = prompt_ids[-tokens.num_codebooks :].tolist()
+        pattern = list(range(1, tokens.num_codebooks + 1))
+        rows = [] if prompt_audio_rows is None else [tuple(r) for r in prompt_audio_rows.tolist()]
         return cls(
             config=config,
             generator=generator,
-            bos_delay=bos_delay,
-            eos_delay=eos_delay,
-            recent_rows=rows[-max(config.ras_window, 1) :].long(),
-            delaying=bool(prompt_ids[-1] == tokens.audio_delay_token),
+            bos_delay=_shifted(pattern, window, tokens.audio_bos_token, otherwise=[0] * len(pattern)),
+            eos_delay=_shifted(pattern, window, tokens.audio_delay_token, otherwise=pattern),
+            recent_rows=deque(
+                rows[-config.ras_window :] if config.ras_on else [], maxlen=config.ras_window or 1
+            ),
+            delaying=window[-1] == tokens.audio_delay_token,
         )
 
-    def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def masks(self) -> tuple[list[bool], list[bool]]:
         """This step's forced codebooks (BOS, EOS), advancing the countdowns as the processor does."""
-        forced_bos = self.bos_delay >= 0
-        self.bos_delay[forced_bos] -= 1
+        forced_bos = [delay >= 0 for delay in self.bos_delay]
+        self.bos_delay = [delay - 1 if delay >= 0 else delay for delay in self.bos_delay]
         if self.delaying:
-            self.eos_delay -= 1
-        return forced_bos, self.eos_delay <= 0
+            self.eos_delay = [delay - 1 for delay in self.eos_delay]
+        return forced_bos, [delay <= 0 for delay in self.eos_delay]
 
-    def record(self, row: torch.Tensor, tokens: StreamTokens) -> None:
+    def record(self, row: list[int], tokens: StreamTokens) -> None:
         """After a row is chosen: the text token it implies, and the RAS window."""
-        is_eos = row == tokens.stream_eos
-        self.delaying = self.delaying or bool(is_eos.any())
-        self.finished = bool(is_eos.all())
-        self.steps += 1
+        ended = [code == tokens.stream_eos for code in row]
+        self.delaying = self.delaying or any(ended)
+        self.finished = all(ended)
         if self.config.ras_on:
-            self.recent_rows = torch.cat([self.recent_rows, row[None]])[-self.config.ras_window :]
+            self.recent_rows.append(tuple(row))
 
 
-def _shifted(pattern: torch.Tensor, window: torch.Tensor, token: int, otherwise: torch.Tensor):
-    positions = (window == token).nonzero()
-    if not len(positions):
-        return otherwise
-    return pattern - (len(pattern) - int(positions[0, 0]))
+def _shifted(pattern: list[int], window: list[int], token: int, otherwise: list[int]) -> list[int]:
+    if token not in window:
+        return list(otherwise)
+    return [delay - (len(pattern) - window.index(token)) for delay in pattern]
 
 
 def next_rows(logits: torch.Tensor, samplers: list[SequenceSampler], tokens: StreamTokens) -> torch.Tensor:
@@ -160,12 +160,14 @@ def next_rows(logits: torch.Tensor, samplers: list[SequenceSampler], tokens: Str
     n, num_codebooks, vocab = logits.shape
     device = logits.device
     forced = [sampler.masks() for sampler in samplers]
-    forced_bos = torch.stack([bos for bos, _ in forced]).to(device)
-    forced_eos = torch.stack([eos for _, eos in forced]).to(device)
     codes = torch.arange(vocab, device=device)
-    scores = logits.clone()
-    scores[forced_bos[..., None] & (codes != tokens.stream_bos)] = -float("inf")
-    scores[forced_eos[..., None] & (codes != tokens.stream_eos)] = -float("inf")
+    forced_bos = torch.tensor([bos for bos, _ in forced], device=device)[..., None] & (
+        codes != tokens.stream_bos
+    )
+    forced_eos = torch.tensor([eos for _, eos in forced], device=device)[..., None] & (
+        codes != tokens.stream_eos
+    )
+    scores = logits.masked_fill(forced_bos | forced_eos, -float("inf"))
 
     chosen = torch.empty(n, num_codebooks, dtype=torch.long, device=device)
     greedy = [i for i, s in enumerate(samplers) if s.config.greedy]
@@ -177,11 +179,11 @@ def next_rows(logits: torch.Tensor, samplers: list[SequenceSampler], tokens: Str
         for row, i in enumerate(sampled):
             draw = torch.multinomial(probs[row], num_samples=1, generator=samplers[i].generator)
             chosen[i] = draw.squeeze(1)
-    chosen = chosen.cpu()
+    rows = chosen.tolist()
     for i, sampler in enumerate(samplers):
-        _repetition_aware(chosen[i], logits[i], sampler, tokens)
-        sampler.record(chosen[i], tokens)
-    return chosen
+        _repetition_aware(rows[i], logits[i], sampler, tokens)
+        sampler.record(rows[i], tokens)
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def _warped(scores: torch.Tensor, configs: list[SamplingConfig]) -> torch.Tensor:
@@ -197,12 +199,14 @@ def _warped(scores: torch.Tensor, configs: list[SamplingConfig]) -> torch.Tensor
         return torch.tensor(values, dtype=scores.dtype, device=device)[:, None, None]
 
     scores = scores / per_sequence([c.temperature for c in configs])  # x / 1 is x: no mask needed
-    top_k = [min(c.top_k, vocab) if c.top_k else vocab for c in configs]
-    if any(k < vocab for k in top_k):
-        kth = scores.sort(dim=-1, descending=True).values.gather(
-            -1, torch.tensor(top_k, device=device)[:, None, None].expand(m, scores.shape[1], 1) - 1
-        )
-        scores = scores.masked_fill(scores < kth, -float("inf"))
+    top_k = [min(c.top_k, vocab) if c.top_k else 0 for c in configs]
+    if any(top_k):
+        # transformers: remove what is below the k-th largest score (torch.topk), per sequence's own k
+        largest = scores.topk(max(top_k), dim=-1).values
+        index = torch.tensor([max(k, 1) - 1 for k in top_k], device=device)[:, None, None]
+        kth = largest.gather(-1, index.expand(m, scores.shape[1], 1))
+        remove = (scores < kth) & (per_sequence([k > 0 for k in top_k]) > 0)
+        scores = scores.masked_fill(remove, -float("inf"))
     top_p = [c.top_p for c in configs]
     if any(p < 1.0 for p in top_p):
         sorted_scores, order = scores.sort(dim=-1, descending=False)
@@ -214,17 +218,21 @@ def _warped(scores: torch.Tensor, configs: list[SamplingConfig]) -> torch.Tensor
     return scores
 
 
-def _repetition_aware(
-    row: torch.Tensor, logits: torch.Tensor, sampler: SequenceSampler, tokens: StreamTokens
-) -> None:
+def _repetition_aware(row: list[int], logits: torch.Tensor, sampler: SequenceSampler, tokens: StreamTokens):
     """Boson's RAS: a code repeated ``ras_max_repeat`` times in the last ``ras_window`` rows is redrawn from
     the untempered raw logits (stream BOS/EOS in the window do not count). In place on ``row``."""
     config = sampler.config
-    window = sampler.recent_rows
-    if not config.ras_on or not len(window):
+    if not config.ras_on or not sampler.recent_rows:
         return
-    counted = (window == row[None]) & (window != tokens.stream_bos) & (window != tokens.stream_eos)
-    redraw = counted.sum(dim=0) >= config.ras_max_repeat
-    if redraw.any():
-        probs = logits[redraw.to(logits.device)].softmax(dim=-1)
-        row[redraw] = probs.multinomial(1, replacement=True, generator=sampler.generator).view(-1).cpu()
+    ends = (tokens.stream_bos, tokens.stream_eos)
+    redraw = [
+        k
+        for k, code in enumerate(row)
+        if sum(past[k] == code and past[k] not in ends for past in sampler.recent_rows)
+        >= config.ras_max_repeat
+    ]
+    if redraw:
+        probs = logits[redraw].softmax(dim=-1)
+        drawn = probs.multinomial(1, replacement=True, generator=sampler.generator).view(-1).tolist()
+        for k, code in zip(redraw, drawn, strict=True):
+            row[k] = code

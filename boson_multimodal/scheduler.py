@@ -170,6 +170,7 @@ class Scheduler:
         self.device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         self._tokens = StreamTokens.from_config(model.config)
+        _check_memory(model.config, limits, self.device, dtype)
         self._cache = SlotCache(model.config, limits.slots, limits.max_tokens, self.device, dtype)
         step = DecodeStep(model, self._cache)
         self._step = GraphedDecodeStep(step, self._cache, self.device) if cuda_graphs else step
@@ -306,7 +307,31 @@ class Scheduler:
         for slot in [s for s, seq in self._active.items() if seq.done or seq.handle.cancelled]:
             sequence = self._active.pop(slot)
             if sequence.handle.cancelled and not sequence.done:
+                logger.info("sequence cancelled after %d rows; slot %d is free", sequence.count, slot)
                 sequence.handle.fail(GenerationCancelled("cancelled"))
             else:
                 rows = sequence.rows[: sequence.count].clone()
                 sequence.handle.finish(SequenceResult(rows=rows, finished=sequence.sampler.finished))
+
+
+# Memory kept free beside the KV cache for prefill activations, the codec and CUDA graphs' pools.
+HEADROOM_FRACTION = 0.1
+
+
+class SchedulerMemoryError(ValueError):
+    """The KV cache the limits ask for does not fit the GPU beside the model."""
+
+
+def _check_memory(config, limits: SchedulerLimits, device: torch.device, dtype: torch.dtype) -> None:
+    """Fail at start-up, with the numbers, rather than with an out-of-memory error in the first busy step."""
+    if device.type != "cuda":
+        return
+    needed = SlotCache.bytes_needed(config, limits.slots, limits.max_tokens, dtype)
+    free, total = torch.cuda.mem_get_info(device)
+    if needed > free - HEADROOM_FRACTION * total:
+        raise SchedulerMemoryError(
+            f"the KV cache for {limits.slots} sequences of {limits.max_tokens} tokens needs "
+            f"{needed / 1e9:.1f} GB, but the GPU has {free / 1e9:.1f} GB free beside the model and keeps "
+            f"{HEADROOM_FRACTION * total / 1e9:.1f} GB for activations; lower the slots or the longest "
+            "sequence, or use a larger GPU"
+        )

@@ -61,18 +61,19 @@ class ChunkSchedule:
 class AudioChunk:
     """Consecutive chunks concatenate to the whole clip; the final one also says how the clip ended."""
 
-    waveform: np.ndarray  # mono float32, num_frames × hop samples
+    waveform: np.ndarray  # mono float32: num_frames × hop samples, less crossfades between long-form pieces
     sample_rate: int
     index: int
-    start_frame: int
+    start_frame: int  # frames generated before this chunk's (the pieces of a long text all count)
     num_frames: int
     frame_rate: int
     final: bool
     finished: bool  # on the final chunk: the model ended the clip itself (else it hit max_new_tokens)
+    start_sample: int  # where the waveform starts in the clip: the frames' samples less earlier crossfades
 
     @property
     def start_s(self) -> float:
-        return self.start_frame / self.frame_rate
+        return self.start_sample / self.sample_rate
 
     @property
     def end_frame(self) -> int:
@@ -126,6 +127,7 @@ class _ChunkDecoder:
             frame_rate=self._engine.frame_rate,
             final=final,
             finished=finished,
+            start_sample=start * self._hop,
         )
 
 
@@ -163,11 +165,8 @@ def stream_speech(
 def chunk_speech(
     speech: Speech, frame_rate: int, max_frames: int = ChunkSchedule.max_frames
 ) -> Iterator[AudioChunk]:
-    """A finished clip as stream chunks (a long text in streaming mode), each at most ``max_frames`` long.
-
-    The frame count follows the waveform, which for a long text is shorter than ``speech.num_frames`` by the
-    crossfades between its pieces.
-    """
+    """A finished clip as stream chunks, each at most ``max_frames`` long (a clip whose tempo was changed,
+    which needs the whole clip first). The frame count follows the waveform."""
     hop = speech.sample_rate // frame_rate
     total = -(-speech.waveform.size // hop)
     starts = list(range(0, max(total, 1), max_frames))
@@ -183,4 +182,5 @@ def chunk_speech(
             frame_rate=frame_rate,
             final=final,
             finished=speech.finished,
+            start_sample=start * hop,
         )

@@ -1,9 +1,9 @@
 """Turning the engine's waveform into the bytes a user asked for, and reading user audio back.
 
 Why soundfile: its wheel bundles libsndfile 1.2 with LAME, mpg123, Vorbis and Opus, so every output format
-(WAV, FLAC, MP3, Ogg Vorbis, Ogg Opus) is written and read by one library with no ffmpeg in the image. The
-lossy encoders run at libsndfile's default quality, which for 24 kHz speech is about 48 kbps (MP3), 55 kbps
-(Vorbis) and 40 kbps (Opus): small enough to return inline, clean enough for speech.
+(WAV, FLAC, MP3, Ogg Vorbis, Ogg Opus, raw PCM) is written and read by one library with no ffmpeg in the
+image. The lossy encoders run at libsndfile's default quality, which for 24 kHz speech is about 48 kbps
+(MP3), 55 kbps (Vorbis) and 40 kbps (Opus): small enough to return inline, clean enough for speech.
 
 Sample rates: a format that cannot store a rate (Opus: 8/12/16/24/48 kHz; MP3: the MPEG rates) gets a clear
 ``ValueError`` naming the allowed rates instead of a silent resample, because the user asked for that rate
@@ -68,6 +68,8 @@ FORMATS: dict[str, AudioFormat] = {
     "opus": AudioFormat(
         "opus", "audio/ogg; codecs=opus", "OGG", "OPUS", lossless=False, sample_rates=_OPUS_RATES
     ),
+    # OpenAI's "pcm": headerless 16-bit little-endian mono samples, for players that want no container.
+    "pcm": AudioFormat("pcm", "audio/pcm", "RAW", "PCM_16", lossless=True),
 }
 
 

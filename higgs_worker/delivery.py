@@ -58,17 +58,42 @@ class S3Target:
 
 @dataclass(frozen=True)
 class DeliveryPolicy:
-    """How a clip may be returned: ``max_inline_bytes`` bounds the whole JSON result RunPod will accept."""
+    """How a clip may be returned: ``max_inline_bytes`` bounds the whole JSON result RunPod will accept.
+
+    ``delivered_inline``: the client already holds the audio inline (a stream's chunks), so a failed upload
+    is reported, never answered with a second inline copy.
+    """
 
     max_inline_bytes: int
     presign_expiry_s: int
     inline_requested: bool
+    delivered_inline: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.presign_expiry_s <= MAX_PRESIGN_EXPIRY_S:
             raise ValueError(
                 f"presign_expiry_s {self.presign_expiry_s} is out of range; use 1 to {MAX_PRESIGN_EXPIRY_S}"
             )
+
+
+class InlineBudget:
+    """The base64 bytes one job's result may still carry: the one owner of RunPod's result-size limit.
+
+    Why one object per job: a streaming job's result is the aggregate of all its chunks (``/run`` and
+    ``/runsync`` return them together), so the chunks, the final clip and the fallback after a failed upload
+    all draw on the same budget; checking each against the whole limit would let their sum pass it.
+    """
+
+    def __init__(self, max_inline_bytes: int) -> None:
+        self.limit = max_inline_bytes
+        self.left = max_inline_bytes - OUTPUT_OVERHEAD_BYTES  # room for the fields beside the audio
+
+    def spend(self, size: int) -> bool:
+        """Take ``size`` bytes if they fit; False (and nothing taken) if not."""
+        if size > self.left:
+            return False
+        self.left -= size
+        return True
 
 
 S3ClientFactory = Callable[[], Any]
@@ -169,11 +194,6 @@ def _inline_part(audio: EncodedAudio) -> dict[str, str]:
     return {"audio_base64": base64.b64encode(audio.data).decode("ascii")}
 
 
-def _inline_room(policy: DeliveryPolicy) -> int:
-    """Bytes the audio may take in the JSON result: the limit less the margin for the handler's own fields."""
-    return policy.max_inline_bytes - OUTPUT_OVERHEAD_BYTES
-
-
 def _mb(n: int) -> str:
     return f"{n / 1_000_000:.2f} MB"
 
@@ -204,20 +224,22 @@ def deliver(
     target: S3Target | None,
     policy: DeliveryPolicy,
     *,
+    budget: InlineBudget | None = None,
     s3_client_factory: S3ClientFactory = default_s3_client,
 ) -> dict[str, Any]:
     """Return the part of the job output that says where the audio is.
 
     With a target: ``{"s3": {bucket, key, uri, url}}`` plus ``audio_base64`` if inline was requested and fits
     (else ``inline_error`` says why it is missing). If the upload fails: the audio inline with ``s3_error``,
-    or ``DeliveryError`` naming the bucket when it does not fit. Without a target: inline, or
-    ``DeliveryError`` explaining the limit and the way out.
+    or ``DeliveryError`` naming the bucket when it does not fit (only ``s3_error`` when the client already
+    holds the audio). Without a target: inline, or ``DeliveryError`` explaining the limit and the way out.
+    ``budget`` is the job's inline budget (a fresh one of ``policy.max_inline_bytes`` when not given).
     """
+    budget = budget or InlineBudget(policy.max_inline_bytes)
     inline = _inline_part(audio)
-    size, room = len(json.dumps(inline)), _inline_room(policy)
-    fits = size <= room
+    size, room = len(json.dumps(inline)), budget.left
     if target is None:
-        if fits:
+        if budget.spend(size):
             return inline
         raise DeliveryError(
             f"{_too_big_message(size, room)}; set s3_bucket (and AWS credentials) "
@@ -229,15 +251,18 @@ def deliver(
     except (BotoCoreError, ClientError, ValueError) as exc:
         cause = _describe_s3_failure(exc)
         log.warning("S3 upload to bucket %r failed: %s", target.bucket, cause)
-        if fits:
-            return {**inline, "s3_error": f"upload to bucket '{target.bucket}' failed: {cause}"}
+        s3_error = {"s3_error": f"upload to bucket '{target.bucket}' failed: {cause}"}
+        if policy.delivered_inline:
+            return s3_error
+        if budget.spend(size):
+            return {**inline, **s3_error}
         raise DeliveryError(
             f"upload to bucket '{target.bucket}' failed: {cause}; "
             f"and {_too_big_message(size, room)}, so it cannot be returned inline either"
         ) from None
     result: dict[str, Any] = {"s3": s3_part}
     if policy.inline_requested:
-        if fits:
+        if budget.spend(size):
             result.update(inline)
         else:
             result["inline_error"] = f"{_too_big_message(size, room)}; it is in S3 only"

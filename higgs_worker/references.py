@@ -1,28 +1,37 @@
-"""Turn a job's reference-voice value into audio: a preset voice name, an inline data URI, or a URL.
+"""Turn a job's voice value into a voice: audio (a preset, a data URI, a URL) or words (a profile).
 
-Why one module: all three forms end the same way (decoded mono audio, capped in size and length, with its
-transcript), and each has its own way to go wrong that the user must be told about by field name. Preset
-voices live on the volume as ``<name>.wav`` + ``<name>.txt``; the first worker to need one fetches it from the
-operator's ``voices_base_url`` (upstream Higgs Audio's ``examples/voice_prompts`` by default) and publishes it
-atomically, so every later job, on any worker sharing the volume, reads it without touching the network.
-URLs from jobs go through :mod:`higgs_worker.safe_fetch`, which keeps them out of private networks.
+Why one module: every form ends the same way (decoded mono audio, capped in size and length, with its
+transcript; or a description in words), and each has its own way to go wrong that the user must be told
+about by field name. Preset voices live on the volume as ``<name>.wav`` + ``<name>.txt``; the first worker to
+need one fetches it from the operator's ``voices_base_url`` (upstream Higgs Audio's ``examples/voice_prompts``
+by default) and publishes it atomically, so every later job, on any worker sharing the volume, reads it
+without touching the network. Profiles (``profile:<name>``, the upstream script's described voices) come
+from ``profile.yaml`` in the same place and are cached the same way. OpenAI's voice names map to presets
+or profiles (:data:`OPENAI_VOICES`) and never fail: when the voice they map to cannot be had, their own
+description stands in. URLs from jobs go through :mod:`higgs_worker.safe_fetch`, which keeps them out of
+private networks.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 import numpy as np
+import yaml
 
 from higgs_worker.atomic_file import write_atomic
 from higgs_worker.audio_encoding import AudioDecodeError, decode_audio
 from higgs_worker.safe_fetch import FetchError, FetchPolicy, fetch, public_url
 from higgs_worker.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 # fullmatch, not "$": "$" also matches before a trailing newline.
 PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -34,8 +43,42 @@ DATA_URI = re.compile(
     re.IGNORECASE,
 )
 ALLOWED_FORMS = (
-    "a preset voice name such as 'en_woman', a 'data:audio/<type>;base64,<payload>' URI, or an https:// URL"
+    "a preset voice name such as 'en_woman', 'profile:<name>' (a described voice such as "
+    "'profile:male_en_british'), an OpenAI voice name such as 'alloy', a "
+    "'data:audio/<type>;base64,<payload>' URI, or an https:// URL"
 )
+PROFILE_PREFIX = "profile:"
+PROFILES_FILE = "profile.yaml"
+
+
+@dataclass(frozen=True)
+class OpenAIVoice:
+    """What one of OpenAI's voice names gives: a preset or ``profile:<name>``, and words to use without it."""
+
+    target: str
+    fallback: str
+
+
+# One table, documented in the README. Presets clone upstream's example voices; profiles describe a voice.
+OPENAI_VOICES: dict[str, OpenAIVoice] = {
+    "alloy": OpenAIVoice("en_woman", "A clear female voice with a neutral American accent, at an even pace."),
+    "ash": OpenAIVoice("en_man", "A clear male voice with a neutral American accent, at an even pace."),
+    "ballad": OpenAIVoice("profile:male_en", "A friendly American male voice, moderate pitch, clear audio."),
+    "coral": OpenAIVoice("belinda", "A warm, cheerful female voice, lively and expressive, clear audio."),
+    "echo": OpenAIVoice("chadwick", "An animated male voice with a playful, theatrical tone, clear audio."),
+    "fable": OpenAIVoice(
+        "profile:male_en_british", "A male voice with a British accent, conversational and articulate."
+    ),
+    "nova": OpenAIVoice(
+        "profile:female_en_story", "A calm, gentle female storyteller at a measured pace, very clear audio."
+    ),
+    "onyx": OpenAIVoice("broom_salesman", "A deep, measured male voice with a calm, confident delivery."),
+    "sage": OpenAIVoice(
+        "profile:female_en_british", "A female voice with a British accent, expressive and friendly."
+    ),
+    "shimmer": OpenAIVoice("belinda", "A bright, cheerful female voice, lively and expressive, clear audio."),
+    "verse": OpenAIVoice("en_man", "A clear, steady male voice at an even pace, very clear audio."),
+}
 LISTED_PRESETS = 20
 MIN_REFERENCE_SECONDS = 0.5
 
@@ -44,22 +87,45 @@ class ReferenceAudioError(ValueError):
     """A reference value the worker cannot use; the message starts with the job field's name."""
 
 
+class UnknownVoiceError(ReferenceAudioError):
+    """No preset or saved voice has that name (the HTTP door answers 404)."""
+
+
 @dataclass(frozen=True)
 class ReferenceAudio:
     waveform: np.ndarray  # float32 mono, at the file's own rate
     sample_rate: int
     text: str | None  # transcript of the reference audio, when known
     description: str  # where it came from, safe to log and to show the user
+    kind: Literal["reference", "preset"] = "reference"
 
 
-def resolve_reference(value: str, ref_text: str | None, *, field: str, settings: Settings) -> ReferenceAudio:
-    """Load the reference voice named by ``value`` (the job field ``field``).
+@dataclass(frozen=True)
+class DescribedVoice:
+    """A voice given in words, not audio: the model reads ``text`` in the scene (``SPEAKERi: <text>``)."""
+
+    text: str
+    description: str  # where it came from, safe to log and to show the user
+    kind: Literal["profile", "description"] = "profile"
+
+
+ResolvedVoice = ReferenceAudio | DescribedVoice
+
+
+def resolve_reference(
+    value: str, ref_text: str | None, *, field: str, settings: Settings
+) -> ReferenceAudio | DescribedVoice:
+    """Load the voice named by ``value`` (the job field ``field``).
 
     ``ref_text`` is the job's transcript of the reference; it is optional (cloning without one works, less
     well). For a preset voice the preset's own transcript is used unless the job gives one.
     """
     if not isinstance(value, str) or not value:
         raise ReferenceAudioError(f"{field}: must be {ALLOWED_FORMS}")
+    if value in OPENAI_VOICES:
+        return _from_openai_name(value, ref_text, field, settings)
+    if value.startswith(PROFILE_PREFIX):
+        return _from_profile(value.removeprefix(PROFILE_PREFIX), field, settings)
     scheme = value.split(":", 1)[0].lower() if ":" in value else ""
     if scheme == "data":
         data = _data_uri_bytes(value, field, settings)
@@ -152,7 +218,71 @@ def _from_preset(name: str, text: str | None, field: str, settings: Settings) ->
         _download_preset(name, voices, field, settings)
     if text is None and txt_path.is_file():
         text = txt_path.read_text(encoding="utf-8").strip() or None
-    return _decoded(wav_path.read_bytes(), text, description, field, settings)
+    return replace(_decoded(wav_path.read_bytes(), text, description, field, settings), kind="preset")
+
+
+def _from_openai_name(name: str, text: str | None, field: str, settings: Settings) -> ResolvedVoice:
+    """One of OpenAI's voice names: its preset or profile, else its own description (never an error)."""
+    voice = OPENAI_VOICES[name]
+    try:
+        resolved = resolve_reference(voice.target, text, field=field, settings=settings)
+    except ReferenceAudioError as error:
+        logger.warning("OpenAI voice %r: %s; using its description instead", name, error)
+        return DescribedVoice(voice.fallback, f"OpenAI voice {name!r}, described", kind="description")
+    return replace(resolved, description=f"OpenAI voice {name!r}: {resolved.description}")
+
+
+def _from_profile(name: str, field: str, settings: Settings) -> DescribedVoice:
+    if not PRESET_NAME.fullmatch(name):
+        raise ReferenceAudioError(
+            f"{field}: profile name {_shown(name)} is not allowed (letters, digits, '_' and '-', at most 64)"
+        )
+    profiles = _profiles(field, settings)
+    if name not in profiles:
+        known = ", ".join(sorted(profiles)[:LISTED_PRESETS])
+        raise ReferenceAudioError(f"{field}: unknown profile {name!r}; profiles: {known}")
+    return DescribedVoice(profiles[name], f"profile {name!r}")
+
+
+def _profiles(field: str, settings: Settings) -> dict[str, str]:
+    """The described voices of ``profile.yaml``: read from the volume, fetched and published on first use."""
+    path = settings.voices_dir / PROFILES_FILE
+    if path.is_file():
+        return _parsed_profiles(path.read_bytes(), field, "the volume's " + PROFILES_FILE)
+    base = settings.voices_base_url
+    try:
+        data = fetch(f"{base}/{PROFILES_FILE}", _voices_policy(settings))
+    except FetchError as error:
+        raise ReferenceAudioError(f"{field}: voice profiles could not be fetched: {error}") from None
+    profiles = _parsed_profiles(data, field, f"{public_url(base)}/{PROFILES_FILE}")
+    settings.voices_dir.mkdir(parents=True, exist_ok=True)
+    _publish(path, data)
+    return profiles
+
+
+def _parsed_profiles(data: bytes, field: str, source: str) -> dict[str, str]:
+    """``{"profiles": {name: description}}``, as upstream's file holds them; anything else is refused."""
+    try:
+        parsed = yaml.safe_load(data.decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError):
+        parsed = None
+    profiles = parsed.get("profiles") if isinstance(parsed, dict) else None
+    if not isinstance(profiles, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in profiles.items()
+    ):
+        raise ReferenceAudioError(f"{field}: {source} is not a 'profiles:' mapping of names to descriptions")
+    return {name: text.strip() for name, text in profiles.items()}
+
+
+def _voices_policy(settings: Settings) -> FetchPolicy:
+    base_host = (urlsplit(settings.voices_base_url).hostname or "").lower()
+    return FetchPolicy(
+        max_bytes=settings.max_reference_bytes,
+        timeout_s=settings.reference_fetch_timeout_s,
+        allowed_schemes=frozenset({"http", "https"}),
+        # The operator's own voices server is trusted to be internal; hosts it redirects to are not.
+        allowed_hosts=settings.reference_allowed_hosts | {base_host},
+    )
 
 
 def _download_preset(name: str, voices: Path, field: str, settings: Settings) -> None:
@@ -163,19 +293,12 @@ def _download_preset(name: str, voices: Path, field: str, settings: Settings) ->
     voice each publish identical complete files, which is harmless.
     """
     base = settings.voices_base_url
-    base_host = (urlsplit(base).hostname or "").lower()
-    policy = FetchPolicy(
-        max_bytes=settings.max_reference_bytes,
-        timeout_s=settings.reference_fetch_timeout_s,
-        allowed_schemes=frozenset({"http", "https"}),
-        # The operator's own voices server is trusted to be internal; hosts it redirects to are not.
-        allowed_hosts=settings.reference_allowed_hosts | {base_host},
-    )
+    policy = _voices_policy(settings)
     try:
         audio = fetch(f"{base}/{name}.wav", policy)
     except FetchError as error:
         if error.status == 404:
-            raise ReferenceAudioError(f"{field}: unknown preset voice {name!r}{_available(voices)}") from None
+            raise UnknownVoiceError(f"{field}: unknown preset voice {name!r}{_available(voices)}") from None
         raise ReferenceAudioError(f"{field}: preset voice {name!r} could not be fetched: {error}") from None
     try:
         decode_audio(audio)

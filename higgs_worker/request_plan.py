@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from higgs_worker.delivery import S3Target, default_s3_key, validate_bucket_name, validate_s3_key
-from higgs_worker.references import ReferenceAudio
+from higgs_worker.references import DescribedVoice, ResolvedVoice
 from higgs_worker.schema import TTSRequest
 from higgs_worker.settings import Settings
 
@@ -46,7 +46,9 @@ def s3_target_for(request: TTSRequest, job_id: str, settings: Settings) -> S3Tar
     return S3Target(bucket=bucket, key=key)
 
 
-def _reference_identity(reference: ReferenceAudio) -> dict[str, Any]:
+def _reference_identity(reference: ResolvedVoice) -> dict[str, Any]:
+    if isinstance(reference, DescribedVoice):
+        return {"described": reference.text}
     samples = np.ascontiguousarray(reference.waveform, dtype=np.float32)
     return {
         "sha256": hashlib.sha256(samples.tobytes()).hexdigest(),
@@ -56,7 +58,7 @@ def _reference_identity(reference: ReferenceAudio) -> dict[str, Any]:
 
 
 def cache_identity(
-    request: TTSRequest, references: Sequence[ReferenceAudio], longform_chars: int | bool = False
+    request: TTSRequest, references: Sequence[ResolvedVoice], longform_chars: int | bool = False
 ) -> dict[str, Any] | None:
     """Everything that shapes the audio, or None when the request is not deterministic (sampling, no seed).
 
@@ -74,6 +76,10 @@ def cache_identity(
         "sample_rate": request.sample_rate,
         "speed": request.speed,
         "longform_chars": longform_chars,
+        "voice_description": request.voice_descriptions,
+        "ref_audio_in_system_message": request.ref_audio_in_system_message,
+        "chunking": [request.chunk_method, request.chunk_max_words, request.chunk_max_turns],
+        "chunk_buffer": request.chunk_buffer,
     }
     if not greedy:
         identity |= {"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k}

@@ -7,6 +7,10 @@ fails loudly instead of being ignored. All problems are reported at once, one ``
 OpenAI's ``/v1/audio/speech`` body is accepted unchanged: ``input``, ``voice``, ``response_format``,
 ``instructions`` are aliases of ``transcript``, ``ref_audio``, ``output_format``, ``scene_prompt``; ``speed``
 changes the tempo after generation; ``model`` is accepted and ignored (this endpoint serves one model).
+
+The rendering fields follow the upstream generation script's options: ``ref_audio_in_system_message``,
+``chunk_method``, ``chunk_max_word_num``, ``chunk_max_num_turns``, ``generation_chunk_buffer_size``; and
+``voice_description`` describes a speaker in words (the script's ``profile:`` voices, in the user's words).
 """
 
 from __future__ import annotations
@@ -19,7 +23,14 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from higgs_worker.audio_encoding import FORMATS
 
-OutputFormat = Literal["wav", "flac", "mp3", "ogg", "opus"]
+OutputFormat = Literal["wav", "flac", "mp3", "ogg", "opus", "pcm"]
+ChunkMethod = Literal["sentence", "speaker", "word", "none"]
+MAX_DESCRIPTION_CHARS = 2000
+DEFAULT_CHUNK_MAX_WORDS = 200  # the upstream script's defaults
+DEFAULT_CHUNK_MAX_TURNS = 1
+DEFAULT_CHUNK_BUFFER = 2  # the upstream README's long-form example; the script's own default is unbounded
+MAX_CHUNK_BUFFER = 8
+PROFILE_PREFIX = "profile:"
 MAX_SCENE_CHARS = 2000
 MAX_REF_TEXT_CHARS = 2000
 MAX_SPEAKERS = 8
@@ -64,6 +75,13 @@ class TTSRequest(BaseModel):
     s3_key: str | None = Field(default=None, min_length=1, max_length=1024)
     return_base64: bool = False
     model: str | None = Field(default=None, max_length=200)
+    voice_description: str | list[str | None] | None = None
+    ref_audio_in_system_message: bool = False
+    chunk_method: ChunkMethod = "sentence"
+    chunk_max_word_num: int | None = Field(default=None, ge=1, le=1000)
+    chunk_max_num_turns: int | None = Field(default=None, ge=1, le=64)
+    generation_chunk_buffer_size: int | None = Field(default=None, ge=0, le=MAX_CHUNK_BUFFER)
+    dry_run: bool = False
     _sent_as: dict[str, str] = PrivateAttr(default_factory=dict)  # field → the alias the client used
 
     @model_validator(mode="after")
@@ -90,15 +108,63 @@ class TTSRequest(BaseModel):
             )
         if any(t is not None and len(t) > MAX_REF_TEXT_CHARS for t in texts):
             problems.append(f"ref_text: each transcript must be at most {MAX_REF_TEXT_CHARS} characters")
-        tagged = sorted({int(i) for i in SPEAKER_TAG.findall(self.transcript)})
-        if len(references) > 1 and tagged and max(tagged) >= len(references):
-            problems.append(
-                f"transcript: tags [SPEAKER{max(tagged)}] but ref_audio lists {len(references)} voices "
-                f"([SPEAKER0] to [SPEAKER{len(references) - 1}])"
-            )
+        problems += self._voice_problems()
+        problems += self._chunking_problems()
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _voice_problems(self) -> list[str]:
+        """Each speaker has one voice: a ``ref_audio`` entry or a ``voice_description`` entry, not both."""
+        problems = []
+        references, texts, descriptions = self.references, self.reference_texts, self.voice_descriptions
+        for index, (reference, text) in enumerate(zip(references, texts, strict=False)):
+            if text is not None and reference.startswith(PROFILE_PREFIX):
+                name = self._item("ref_text", index)
+                problems.append(f"{name}: a profile voice has no audio to transcribe")
+        if len(descriptions) > MAX_SPEAKERS:
+            problems.append(f"voice_description: at most {MAX_SPEAKERS} descriptions (one per speaker)")
+        for index, description in enumerate(descriptions):
+            name = self._item("voice_description", index)
+            if description is not None and not description.strip():
+                problems.append(f"{name}: must contain words, or be null")
+            elif description is not None and len(description) > MAX_DESCRIPTION_CHARS:
+                problems.append(f"{name}: at most {MAX_DESCRIPTION_CHARS} characters")
+            elif description is not None and index < len(references):
+                problems.append(
+                    f"{name}: speaker {index} already has a voice from {self._item('ref_audio', index)}; "
+                    "give one or the other (null keeps the ref_audio voice)"
+                )
+            elif description is None and index >= len(references):
+                problems.append(f"{name}: speaker {index} has no voice; describe it or give ref_audio")
+        voices = self.voice_count
+        tagged = sorted({int(i) for i in SPEAKER_TAG.findall(self.transcript)})
+        if voices > 1 and tagged and max(tagged) >= voices:
+            problems.append(
+                f"transcript: tags [SPEAKER{max(tagged)}] but ref_audio and voice_description give {voices} "
+                f"voices ([SPEAKER0] to [SPEAKER{voices - 1}])"
+            )
+        if self.ref_audio_in_system_message and not references:
+            problems.append("ref_audio_in_system_message: needs ref_audio (descriptions always go there)")
+        return problems
+
+    def _chunking_problems(self) -> list[str]:
+        """A chunking option given for a method that does not use it is a mistake worth naming."""
+        problems = []
+        uses = {
+            "chunk_max_word_num": ("word",),
+            "chunk_max_num_turns": ("speaker",),
+            "generation_chunk_buffer_size": ("speaker", "word"),
+        }
+        for field, methods in uses.items():
+            if getattr(self, field) is not None and self.chunk_method not in methods:
+                needed = " or ".join(repr(m) for m in methods)
+                problems.append(f"{field}: only used with chunk_method {needed} (got {self.chunk_method!r})")
+        return problems
+
+    def _item(self, field: str, index: int) -> str:
+        """How an error names entry ``index`` of a field: ``field[i]`` for a list, ``field`` for a string."""
+        return f"{field}[{index}]" if isinstance(getattr(self, field), list) else field
 
     def sent_name(self, field: str) -> str:
         """The name the client used for ``field`` (an OpenAI alias, or the field itself)."""
@@ -109,6 +175,32 @@ class TTSRequest(BaseModel):
         if self.ref_audio is None:
             return []
         return [self.ref_audio] if isinstance(self.ref_audio, str) else list(self.ref_audio)
+
+    @property
+    def voice_descriptions(self) -> list[str | None]:
+        """The description of speaker i, or None where ``ref_audio`` gives that speaker's voice."""
+        if self.voice_description is None:
+            return []
+        if isinstance(self.voice_description, str):
+            return [self.voice_description]
+        return list(self.voice_description)
+
+    @property
+    def voice_count(self) -> int:
+        return max(len(self.references), len(self.voice_descriptions))
+
+    @property
+    def chunk_max_words(self) -> int:
+        return self.chunk_max_word_num or DEFAULT_CHUNK_MAX_WORDS
+
+    @property
+    def chunk_max_turns(self) -> int:
+        return self.chunk_max_num_turns or DEFAULT_CHUNK_MAX_TURNS
+
+    @property
+    def chunk_buffer(self) -> int:
+        size = self.generation_chunk_buffer_size
+        return DEFAULT_CHUNK_BUFFER if size is None else size
 
     @property
     def reference_texts(self) -> list[str | None]:
@@ -139,8 +231,12 @@ def _apply_aliases(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str], dict
 
 # A union type fails once per member ("ref_audio.str", "ref_audio.list[str].0"); one sentence says it better.
 UNION_FIELDS = {
-    "ref_audio": "must be a string (a preset voice name, a data: URI or an https:// URL) or a list of them",
+    "ref_audio": (
+        "must be a string (a preset voice name, 'profile:<name>', an OpenAI voice name, a data: URI or an "
+        "https:// URL) or a list of them"
+    ),
     "ref_text": "must be a string or a list with one string (or null) per ref_audio entry",
+    "voice_description": "must be a string or a list with one string (or null) per speaker",
 }
 
 

@@ -8,9 +8,13 @@ must fail at start-up with the variable's name, not deep inside a job. Nothing e
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
+
+from higgs_worker.delivery import MAX_PRESIGN_EXPIRY_S, OUTPUT_OVERHEAD_BYTES, validate_bucket_name
 
 DEFAULT_MODEL_REPO = "bosonai/higgs-audio-v2-generation-3B-base"
 DEFAULT_TOKENIZER_REPO = "bosonai/higgs-audio-v2-tokenizer"
@@ -22,6 +26,7 @@ DEFAULT_MODEL_REVISION = "main"
 DEFAULT_TOKENIZER_REVISION = "main"
 DEFAULT_VOICES_BASE_URL = "https://raw.githubusercontent.com/boson-ai/higgs-audio/main/examples/voice_prompts"
 RUNPOD_VOLUME = Path("/runpod-volume")
+ENDPOINT_TYPES = ("QUEUE", "LOAD_BALANCER")  # RunPod's own names for the two kinds of serverless endpoint
 
 
 class SettingsError(ValueError):
@@ -64,6 +69,12 @@ class Settings:
     scheduler_slots: int  # sequences decoded together; each holds max_sequence_tokens of KV cache
     max_sequence_tokens: int  # prompt (reference audio included) plus max_new_tokens, per sequence
     cuda_graphs: bool | None  # None: on when generating on CUDA
+    endpoint_type: str  # QUEUE: the runpod SDK's worker loop; LOAD_BALANCER: the HTTP server
+    http_host: str
+    port: int
+    port_health: int  # the port of the health route; the same as ``port`` unless RunPod is told otherwise
+    health_path: str  # the route RunPod's load balancer polls (HEALTH_CHECK_PATH, /ping by default)
+    max_request_bytes: int  # an HTTP request body over this is refused before it is read whole
 
     @property
     def lock_dir(self) -> Path:
@@ -99,6 +110,53 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
     return value
 
 
+def _int_at_most(env: Mapping[str, str], name: str, default: int, minimum: int, maximum: int) -> int:
+    value = _int(env, name, default, minimum)
+    if value > maximum:
+        raise SettingsError(f"{name}={value} must be at most {maximum}")
+    return value
+
+
+def _port(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default, minimum=1)
+    if value > 65535:
+        raise SettingsError(f"{name}={value} is not a TCP port; use 1 to 65535")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = _str(env, name, default)
+    if value not in allowed:
+        raise SettingsError(f"{name}={value!r} is not allowed; use one of {', '.join(allowed)}")
+    return value
+
+
+def _bucket(env: Mapping[str, str], name: str) -> str | None:
+    """A bucket name is checked here, at start-up: a typo must stop the worker, not fail every job."""
+    value = env.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return validate_bucket_name(value)
+    except ValueError as error:
+        raise SettingsError(f"{name}: {error}") from None
+
+
+def _base_url(env: Mapping[str, str], name: str, default: str) -> str:
+    value = _str(env, name, default).rstrip("/")
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise SettingsError(f"{name}={value!r} is not an http(s) URL")
+    return value
+
+
+def _path_of_url(env: Mapping[str, str], name: str, default: str) -> str:
+    value = _str(env, name, default)
+    if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", value):
+        raise SettingsError(f"{name}={value!r} is not a URL path such as /ping")
+    return value
+
+
 def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0.0) -> float:
     raw = env.get(name, "").strip()
     if not raw:
@@ -109,13 +167,6 @@ def _float(env: Mapping[str, str], name: str, default: float, minimum: float = 0
         raise SettingsError(f"{name}={raw!r} is not a number") from None
     if not value >= minimum:
         raise SettingsError(f"{name}={value} must be at least {minimum}")
-    return value
-
-
-def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
-    value = _str(env, name, default).lower()
-    if value not in allowed:
-        raise SettingsError(f"{name}={value!r} is not allowed; use one of: {', '.join(allowed)}")
     return value
 
 
@@ -136,6 +187,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     volume = default_volume_path(env)
     model_repo = _str(env, "MODEL_REPO", DEFAULT_MODEL_REPO)
     tokenizer_repo = _str(env, "TOKENIZER_REPO", DEFAULT_TOKENIZER_REPO)
+    port = _port(env, "PORT", 80)
     device = _str(env, "DEVICE", "auto")
     if device not in {"auto", "cpu"} and not device.startswith("cuda"):
         raise SettingsError(f"DEVICE={device!r} is not allowed; use auto, cpu, cuda or cuda:N")
@@ -164,7 +216,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         demo_model=_bool(env, "DEMO_MODEL", False),
         device=device,
         voices_dir=Path(_str(env, "VOICES_DIR", str(volume / "voices"))),
-        voices_base_url=_str(env, "VOICES_BASE_URL", DEFAULT_VOICES_BASE_URL).rstrip("/"),
+        voices_base_url=_base_url(env, "VOICES_BASE_URL", DEFAULT_VOICES_BASE_URL),
         allow_http_reference=_bool(env, "ALLOW_HTTP_REFERENCE", False),
         max_transcript_chars=_int(env, "MAX_TRANSCRIPT_CHARS", 20_000, minimum=1),
         max_new_tokens_limit=max_new_tokens_limit,
@@ -174,10 +226,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         reference_allowed_hosts=frozenset(
             host.strip().lower() for host in env.get("REFERENCE_ALLOWED_HOSTS", "").split(",") if host.strip()
         ),
-        s3_default_bucket=env.get("S3_BUCKET", "").strip() or None,
-        s3_presign_expiry_s=_int(env, "S3_PRESIGN_EXPIRY_S", 3600, minimum=1),
-        max_inline_bytes=_int(env, "MAX_INLINE_BYTES", 9 * 1024 * 1024, minimum=1024),
-        result_cache=_str(env, "RESULT_CACHE", "on").lower() not in {"off", "false", "0", "no"},
+        s3_default_bucket=_bucket(env, "S3_BUCKET"),
+        s3_presign_expiry_s=_int_at_most(env, "S3_PRESIGN_EXPIRY_S", 3600, 1, MAX_PRESIGN_EXPIRY_S),
+        # The result carries a few KB of fields beside the audio: a limit below that could carry no audio.
+        max_inline_bytes=_int(env, "MAX_INLINE_BYTES", 9 * 1024 * 1024, minimum=2 * OUTPUT_OVERHEAD_BYTES),
+        result_cache=_bool(env, "RESULT_CACHE", True),
         result_cache_dir=Path(_str(env, "RESULT_CACHE_DIR", str(volume / "result-cache"))),
         cache_max_bytes=_int(env, "CACHE_MAX_BYTES", 2 * 1024**3, minimum=0),
         streaming=_bool(env, "STREAMING", False),
@@ -187,4 +240,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         scheduler_slots=slots,
         max_sequence_tokens=max_sequence_tokens,
         cuda_graphs=None if graphs == "auto" else graphs == "true",
+        endpoint_type=_choice(env, "ENDPOINT_TYPE", "QUEUE", ENDPOINT_TYPES),
+        http_host=_str(env, "HTTP_HOST", "0.0.0.0"),
+        port=port,
+        port_health=_port(env, "PORT_HEALTH", port),
+        health_path=_path_of_url(env, "HEALTH_CHECK_PATH", "/ping"),
+        max_request_bytes=_int(env, "MAX_REQUEST_BYTES", 30 * 1024 * 1024, minimum=64 * 1024),
     )

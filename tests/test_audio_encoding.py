@@ -70,7 +70,11 @@ def test_every_format_round_trips(speech: np.ndarray, fmt: str, target_rate: int
     rate = target_rate or RATE
     reference = resample(speech, RATE, rate)
 
-    decoded, decoded_rate = decode_audio(encoded.data)
+    if fmt == "pcm":  # headerless: the samples themselves, 16-bit little-endian, at the stated rate
+        decoded = np.frombuffer(encoded.data, "<i2").astype(np.float32) / 32768
+        decoded_rate = encoded.sample_rate
+    else:
+        decoded, decoded_rate = decode_audio(encoded.data)
 
     assert encoded.format == fmt
     assert encoded.mimetype == FORMATS[fmt].mimetype
@@ -94,6 +98,7 @@ def test_mimetypes_are_the_registered_ones() -> None:
         "mp3": "audio/mpeg",
         "ogg": "audio/ogg",
         "opus": "audio/ogg; codecs=opus",
+        "pcm": "audio/pcm",
     }
 
 

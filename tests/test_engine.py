@@ -8,7 +8,7 @@ import torch
 
 from boson_multimodal.engine import HiggsAudioEngine, SamplingConfig, SpeechRequest
 from boson_multimodal.loading import ModelLoadError, load_model
-from boson_multimodal.prompt import Voice, build_prompt
+from boson_multimodal.prompt import Voice
 
 HOP = 960
 
@@ -117,19 +117,3 @@ def test_the_handle_publishes_every_row_as_it_is_made(engine: HiggsAudioEngine) 
         seen.append(rows.shape[0])
     assert seen == sorted(set(seen)) and seen[-1] <= 20  # growing; a slow reader may skip versions
     assert torch.equal(rows, result.rows)  # the last published rows are the result
-
-
-def test_prompt_shapes() -> None:
-    smart = build_prompt("Hi.", scene="Quiet.")
-    assert [m["role"] for m in smart.messages] == ["system", "scene", "user"] and smart.voices == []
-    voice = Voice(sine(0.5, 24000), 24000, "Reference words.")
-    cloned = build_prompt("Hi.", voices=[voice])
-    assert [m["role"] for m in cloned.messages] == ["system", "user", "assistant", "user"]
-    assert cloned.messages[1]["content"][0]["text"] == "Reference words."
-    untranscribed = build_prompt("Hi.", voices=[Voice(voice.waveform, 24000, None)])
-    assert [m["role"] for m in untranscribed.messages] == ["system", "scene", "user"]
-    assert untranscribed.messages[-1]["content"][0]["text"] == "[SPEAKER0] Hi."
-    two = build_prompt("[SPEAKER0] a [SPEAKER1] b", voices=[voice, voice])
-    scene_items = two.messages[1]["content"]
-    assert [i.get("text") for i in scene_items if i["type"] == "text"][1:] == ["SPEAKER0:", "SPEAKER1:"]
-    assert sum(i["type"] == "audio" for i in scene_items) == 2

@@ -27,10 +27,11 @@ from hypothesis import strategies as st
 
 from higgs_worker.audio_encoding import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
 from higgs_worker.delivery import validate_bucket_name
+from higgs_worker.pipeline import Pipeline
 from higgs_worker.references import PRESET_NAME
 from higgs_worker.schema import ALIASES, ALLOWED_FIELDS, MAX_REF_TEXT_CHARS, MAX_SCENE_CHARS
 from higgs_worker.settings import load_settings
-from serverless_handler import Worker, run_job
+from serverless_handler import run_job
 from tests.hub_server import HubServer
 from tests.test_worker_faults import complete_store
 from tests.worker_process import LocalWorker, free_port, worker_env
@@ -222,14 +223,14 @@ def corrupted_jobs(draw: st.DrawFn) -> tuple[Any, tuple[str, ...]]:
 
 
 @pytest.fixture(scope="module")
-def worker(hub: HubServer, tmp_path_factory: pytest.TempPathFactory) -> Worker:
+def worker(hub: HubServer, tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
     """The handler's worker on a volume with a complete store; the preset voices server is down."""
     volume = tmp_path_factory.mktemp("hostile") / "volume"
     worker_settings = load_settings(
         {"RUNPOD_VOLUME_PATH": str(volume), "VOICES_BASE_URL": f"http://127.0.0.1:{free_port()}/voices"}
     )
     complete_store(worker_settings, hub.url)
-    return Worker(worker_settings)
+    return Pipeline(worker_settings)
 
 
 @settings(
@@ -240,7 +241,7 @@ def worker(hub: HubServer, tmp_path_factory: pytest.TempPathFactory) -> Worker:
 )
 @given(corrupted_jobs())
 def check_one_bad_field_is_named_and_the_next_job_succeeds(
-    worker: Worker, case: tuple[Any, tuple[str, ...]]
+    worker: Pipeline, case: tuple[Any, tuple[str, ...]]
 ) -> None:
     job_input, fields = case
     assert_clear_error(run_job(worker, {"id": "hostile", "input": job_input}), *fields)
@@ -249,7 +250,7 @@ def check_one_bad_field_is_named_and_the_next_job_succeeds(
     assert "audio_base64" in after, after
 
 
-def test_every_single_bad_field_is_named_and_the_worker_keeps_generating(worker: Worker) -> None:
+def test_every_single_bad_field_is_named_and_the_worker_keeps_generating(worker: Pipeline) -> None:
     check_one_bad_field_is_named_and_the_next_job_succeeds(worker)
     # and the engine itself still generates (sampling without a seed is never cached)
     fresh = run_job(worker, {"id": "fresh", "input": {"transcript": "After all that.", "max_new_tokens": 20}})
@@ -307,7 +308,7 @@ def test_each_limit_is_named_in_its_error(
     tmp_path: Path, env: dict[str, str], job_input: dict[str, Any], field: str, limit_text: str
 ) -> None:
     # These checks all come before the models are needed, so this worker never loads any.
-    limited = Worker(load_settings({"RUNPOD_VOLUME_PATH": str(tmp_path / "volume"), **env}))
+    limited = Pipeline(load_settings({"RUNPOD_VOLUME_PATH": str(tmp_path / "volume"), **env}))
     error = assert_clear_error(run_job(limited, {"id": "limit", "input": job_input}), field)
     assert limit_text in error, error
 
@@ -324,7 +325,7 @@ def test_each_limit_is_named_in_its_error(
     ],
 )
 def test_an_error_stays_short_however_many_or_long_the_unknown_fields(
-    worker: Worker, job_input: dict[str, Any], field: str, shown: str
+    worker: Pipeline, job_input: dict[str, Any], field: str, shown: str
 ) -> None:
     error = assert_clear_error(run_job(worker, {"id": "flood", "input": job_input}), field)
     assert shown in error, error
@@ -336,13 +337,13 @@ def test_an_error_stays_short_however_many_or_long_the_unknown_fields(
         ({"input": 42}, "input"),
         ({"input": "   "}, "input"),
         ({"input": "x" * (DEFAULT_MAX_TRANSCRIPT_CHARS + 1)}, "input"),
-        ({"input": "hi", "response_format": "pcm"}, "response_format"),
+        ({"input": "hi", "response_format": "aac"}, "response_format"),
         ({"input": "hi", "instructions": "x" * (MAX_SCENE_CHARS + 1)}, "instructions"),
         ({"input": "hi", "voice": "../etc/passwd"}, "voice"),
     ],
 )
 def test_a_bad_openai_field_is_named_as_the_client_sent_it(
-    worker: Worker, job_input: dict[str, Any], alias: str
+    worker: Pipeline, job_input: dict[str, Any], alias: str
 ) -> None:
     """An OpenAI client sends ``input``/``voice``/...: the error must name the field it sent, not ours."""
     assert_clear_error(run_job(worker, {"id": "openai", "input": job_input}), alias)

@@ -9,9 +9,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from boson_multimodal.engine import HiggsAudioEngine, SamplingConfig, Speech, SpeechRequest
-from boson_multimodal.longform import crossfade_join, generate_long, split_text
-from boson_multimodal.prompt import SPEAKER_TAG, Voice
+from boson_multimodal.engine import (
+    GenerationCancelled,
+    HiggsAudioEngine,
+    SamplingConfig,
+    Speech,
+    SpeechRequest,
+)
+from boson_multimodal.longform import crossfade_join, generate_long, split_text, stream_long
+from boson_multimodal.prompt import Voice, VoiceDescription
+from boson_multimodal.streaming import ChunkSchedule
+from boson_multimodal.transcript import SPEAKER_TAG
 
 RATE = 24_000
 CROSSFADE = 480  # the default 20 ms at 24 kHz
@@ -207,7 +215,10 @@ def test_smart_voice_keeps_one_anchor_per_speaker(engine: HiggsAudioEngine, call
     requests = [r for r, _ in calls]
     # A speaker's first piece is generated from its tag; later ones clone that piece, untagged.
     assert [r.text for r in requests] == ["[SPEAKER0] A one.", "A two.", "[SPEAKER1] B one.", "A three."]
-    assert [len(r.voices) for r in requests] == [0, 1, 0, 1]
+    # Until anchored, a piece keeps the dialogue's default voices, as the whole text would have had them.
+    defaults = (VoiceDescription("feminine", default=True), VoiceDescription("masculine", default=True))
+    assert [r.voices for r in requests[0::2]] == [defaults, defaults]
+    assert [len(r.voices) for r in requests[1::2]] == [1, 1]
     assert requests[1].voices == requests[3].voices
     assert requests[1].voices[0].transcript == "A one."
     assert np.array_equal(requests[1].voices[0].waveform, calls[0][1].waveform)
@@ -215,6 +226,53 @@ def test_smart_voice_keeps_one_anchor_per_speaker(engine: HiggsAudioEngine, call
 
 def test_text_with_nothing_to_say_is_refused(engine: HiggsAudioEngine) -> None:
     with pytest.raises(ValueError, match="nothing to speak"):
-        generate_long(engine, SpeechRequest("  \n"), max_chars=100)
+        generate_long(engine, SpeechRequest("  \n"), 100)
     with pytest.raises(ValueError, match="max_chars"):
-        generate_long(engine, SpeechRequest("Hi."), max_chars=0)
+        generate_long(engine, SpeechRequest("Hi."), 0)
+
+
+def test_a_long_text_streams_piece_by_piece_and_joins_as_generate_long(engine: HiggsAudioEngine) -> None:
+    """The first audio leaves before the later pieces are generated, and the chunks, seams crossfaded,
+    concatenate to generate_long's clip (a cloned voice: every piece's prompt is the same either way)."""
+    voice = Voice(np.sin(np.arange(24_000) / 24_000 * 2 * np.pi * 200).astype(np.float32) * 0.3, RATE, "Hum.")
+    text = "First sentence here. Second one now. Third and last."
+    request = SpeechRequest(text, voices=(voice,), sampling=SamplingConfig(max_new_tokens=40, seed=5))
+    whole = generate_long(engine, request, 21)
+
+    chunks, pieces_done_at = [], []
+    stream = stream_long(
+        engine, request, 21, on_progress=lambda done, _: pieces_done_at.append(len(chunks)),
+        schedule=ChunkSchedule(first_frames=4),
+    )  # fmt: skip
+    for chunk in stream:
+        chunks.append(chunk)
+    assert len(pieces_done_at) == 3 and pieces_done_at[0] >= 1  # audio left while pieces remained
+    assert pieces_done_at[0] < pieces_done_at[1] < pieces_done_at[2] == len(chunks)
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    assert [c.final for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    audio = np.concatenate([c.waveform for c in chunks])
+    starts = np.cumsum([0] + [len(c.waveform) for c in chunks[:-1]])
+    assert [c.start_sample for c in chunks] == starts.tolist()
+    assert audio.shape == whole.waveform.shape  # the same two 20 ms seams
+    assert np.abs(audio - whole.waveform).max() < 1e-4 * np.abs(whole.waveform).max()
+    assert chunks[-1].end_frame == whole.num_frames and chunks[-1].finished == whole.finished
+
+
+def test_closing_a_long_stream_cancels_the_piece_being_generated(
+    engine: HiggsAudioEngine, monkeypatch
+) -> None:
+    handles = []
+    submit = engine.submit
+
+    def recording_submit(*args, **kwargs):
+        handles.append(submit(*args, **kwargs))
+        return handles[-1]
+
+    monkeypatch.setattr(engine, "submit", recording_submit)
+    request = SpeechRequest("One long piece. " * 3, sampling=SamplingConfig(max_new_tokens=3000))
+    stream = stream_long(engine, request, 20, schedule=ChunkSchedule(first_frames=2, lookahead_frames=0))
+    assert not next(stream).final
+    stream.close()
+    assert len(handles) == 1  # the later pieces never started
+    with pytest.raises(GenerationCancelled):
+        handles[0].result(timeout=60)

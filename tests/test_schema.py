@@ -80,5 +80,5 @@ def test_alias_conflict_names_both_fields() -> None:
 
 
 def test_unsupported_openai_format_lists_allowed() -> None:
-    message = error_of({"input": "hi", "response_format": "pcm"})
+    message = error_of({"input": "hi", "response_format": "aac"})
     assert message.startswith("response_format:") and "wav" in message and "opus" in message

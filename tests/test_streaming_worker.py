@@ -14,6 +14,7 @@ import pytest
 import soundfile as sf
 
 from boson_multimodal.engine import GenerationCancelled
+from higgs_worker.pipeline import Pipeline
 from higgs_worker.settings import load_settings
 from tests.hub_server import HubServer
 from tests.runpod_queue import ProductionWorker, RunPodQueue
@@ -79,11 +80,16 @@ def test_stream_endpoint_yields_chunks(streaming_worker: LocalWorker) -> None:
     check_chunks([item["output"] for item in streamed["stream"]])
 
 
-def test_streaming_refuses_speed_and_reports_bad_input(streaming_worker: LocalWorker) -> None:
-    result = streaming_worker.runsync({"transcript": "Faster.", "speed": 1.5})
-    assert result["output"] == [
-        {"error": "speed: not available in streaming mode (STREAMING=true); leave it at 1"}
-    ]
+def test_streaming_applies_speed_to_the_whole_clip_and_reports_bad_input(
+    streaming_worker: LocalWorker,
+) -> None:
+    """A tempo change needs the whole clip: it is generated first, then sent in chunks 1.5 times shorter."""
+    job = {"transcript": "Faster.", "max_new_tokens": 40, "seed": 9}
+    normal = check_chunks(streaming_worker.runsync(job)["output"])
+    result = streaming_worker.runsync(job | {"speed": 1.5})
+    assert result["status"] == "COMPLETED", result
+    faster = check_chunks(result["output"])
+    assert len(faster) == pytest.approx(len(normal) / 1.5, abs=2)
     result = streaming_worker.runsync({"transcript": "x", "top_p": 7})
     assert result["output"][0]["error"].startswith("top_p:")
 
@@ -136,10 +142,10 @@ def test_cancelling_a_streaming_job_stops_its_generation(
 
     settings = load_settings({"RUNPOD_VOLUME_PATH": str(tmp_path / "volume"), "STREAMING": "true"})
     complete_store(settings, hub.url)
-    worker = serverless_handler.Worker(settings)
-    monkeypatch.setattr(serverless_handler, "_worker", worker)
+    pipeline = Pipeline(settings)
+    monkeypatch.setattr(serverless_handler, "_pipeline", pipeline)
     monkeypatch.setattr(serverless_handler, "_job_threads", None)
-    engine, _ = worker.ensure_engine()
+    engine, _ = pipeline.runtime.engine()
     handles = []  # the stream's sequence in the scheduler
     submit = engine.submit
 
@@ -176,21 +182,21 @@ def test_cancelling_while_a_chunk_is_being_produced_closes_the_stream(
     import serverless_handler
 
     settings = load_settings({"RUNPOD_VOLUME_PATH": str(tmp_path / "volume"), "CONCURRENCY": "2"})
-    worker = serverless_handler.Worker(settings)
-    monkeypatch.setattr(serverless_handler, "_worker", worker)
+    pipeline = Pipeline(settings)
+    monkeypatch.setattr(serverless_handler, "_pipeline", pipeline)
     monkeypatch.setattr(serverless_handler, "_job_threads", None)
     producing, release, closed = threading.Event(), threading.Event(), []
 
-    def slow_stream(job: dict) -> Iterator[dict]:
+    def slow_stream(job_id: str, _raw_input: object) -> Iterator[dict]:
         try:
             yield {"index": 0}
             producing.set()
             release.wait(10)
             yield {"index": 1}
         finally:
-            closed.append(job["id"])
+            closed.append(job_id)
 
-    monkeypatch.setattr(worker, "stream", slow_stream)
+    monkeypatch.setattr(pipeline, "stream", slow_stream)
 
     async def cancel_mid_chunk() -> None:
         chunks = serverless_handler.stream_handler({"id": "mid-chunk", "input": {}})

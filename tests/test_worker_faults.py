@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from higgs_worker.model_store import MARKER_NAME, RepoSpec, ensure_repo
+from higgs_worker.pipeline import Pipeline
 from higgs_worker.settings import Settings, load_settings
-from serverless_handler import Worker, run_job
+from serverless_handler import run_job
 from tests.conftest import MODEL_REPO, TOKENIZER_REPO, TinyCheckpoint
 from tests.fixtures_hub import tiny_filesystem
 from tests.hub_server import HubServer
@@ -234,8 +235,8 @@ def in_process_volume(stored_volume: Path, tmp_path_factory: pytest.TempPathFact
     return copy_volume(stored_volume, tmp_path_factory.mktemp("in-process"))
 
 
-def in_process_worker(volume: Path, **env: str) -> Worker:
-    return Worker(load_settings({"RUNPOD_VOLUME_PATH": str(volume), "RESULT_CACHE": "off", **env}))
+def in_process_worker(volume: Path, **env: str) -> Pipeline:
+    return Pipeline(load_settings({"RUNPOD_VOLUME_PATH": str(volume), "RESULT_CACHE": "off", **env}))
 
 
 def test_s3_down_still_delivers_the_audio_inline_with_the_upload_error(
@@ -256,7 +257,7 @@ def test_s3_down_still_delivers_the_audio_inline_with_the_upload_error(
 def test_s3_down_and_a_clip_over_the_inline_limit_fails_naming_the_bucket(
     dead_s3: str, in_process_volume: Path
 ) -> None:
-    worker = in_process_worker(in_process_volume, MAX_INLINE_BYTES="1024")
+    worker = in_process_worker(in_process_volume, MAX_INLINE_BYTES="16384")
     job = {**SHORT_JOB, "s3_bucket": "audio-out"}
 
     output = run_job(worker, {"id": "s3-down-big", "input": job})

@@ -133,3 +133,38 @@ class LocalWorker(WorkerProcess):
         submitted = self.post("/run", {"input": job_input})
         assert submitted["status"] == "IN_PROGRESS", submitted
         return self.post(f"/status/{submitted['id']}", timeout=timeout)
+
+
+class HttpWorker(WorkerProcess):
+    """The worker in HTTP mode (``ENDPOINT_TYPE=LOAD_BALANCER``) on a free loopback port.
+
+    ``health_statuses`` records what ``GET /ping`` answered while the worker came up, in order.
+    """
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.health_statuses: list[int] = []
+        env = env | {"ENDPOINT_TYPE": "LOAD_BALANCER", "HTTP_HOST": "127.0.0.1", "PORT": str(self.port)}
+        super().__init__([], env, log_path)
+
+    def __enter__(self) -> HttpWorker:
+        self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.log}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/ping", timeout=2) as response:
+                    self.health_statuses.append(response.status)
+                    if response.status == 200:
+                        return
+            except urllib.error.HTTPError as error:
+                self.health_statuses.append(error.code)
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"worker not ready after {timeout} s:\n{self.log}")

@@ -1,0 +1,211 @@
+"""The GPU figures in one prepared command: the real 3B architecture with random bf16 weights, no downloads.
+
+Why random weights: a benchmark GPU machine may have torch and transformers but no internet. Speed depends on
+the shapes, not the values, so the model is built from the real geometry (Llama-3.2-3B backbone: 28 layers,
+d=3072, 24/8 heads, DualFFN, 8 codebooks × 1026) directly on the GPU. The code rows of the audio head are
+scaled up (as in the tiny demo model) so random logits never pick the stream EOS: every clip runs exactly
+``--steps`` steps and the figures compare like with like. The codec has the real DAC ratios (960 samples a
+frame, 25 frames/s) but a 512-channel decoder (the real one is wider, so the codec's share of the first-chunk
+latency is underestimated); the text vocabulary is the tiny byte-level one (decode steps do not read it).
+
+Writes one JSON file:
+
+- frames/s and real-time factor (seconds of audio per second) at batch 1, 4 and 16 for transformers'
+  ``generate()`` and for the scheduler with and without CUDA graphs;
+- first-chunk latency (request to first audio chunk, decoded) for 1 and 16 concurrent streams;
+- peak GPU memory.
+
+    python benchmarks/gpu_check.py --out "$OUT/gpu_check.json"            # on the GPU machine
+    python benchmarks/gpu_check.py --tiny --device cpu --out /tmp/x.json   # the same code path, on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import transformers
+
+from boson_multimodal.engine import EngineOptions, HiggsAudioEngine, SamplingConfig, SpeechRequest
+from boson_multimodal.loading import LoadedModel, build_processor
+from boson_multimodal.prompt import CHAT_TEMPLATE
+from boson_multimodal.reference import generation_config
+from boson_multimodal.scheduler import SchedulerLimits
+from boson_multimodal.streaming import ChunkSchedule, stream_speech
+from boson_multimodal.tiny_model import TinyModelSpec, build_codec, build_model, build_text_tokenizer
+
+REAL = TinyModelSpec(
+    hidden_size=3072, num_layers=28, num_heads=24, num_kv_heads=8, intermediate_size=8192, codec_hidden=64
+)
+FRAME_RATE = 25
+TEXT = "The quick brown fox jumps over the lazy dog, and then it runs far away into the quiet forest."
+
+
+def build(spec: TinyModelSpec, device: torch.device) -> LoadedModel:
+    """The model and codec made on the device in their serving precision, wrapped like ``load_model``."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tokenizer = build_text_tokenizer()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = build_model(spec, tokenizer).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    model.generation_config.ras_win_len = None  # as load_model: sampling settings come per request
+    model.generation_config.ras_win_max_num_repeat = None
+    with torch.device(device):
+        codec = build_codec(spec).eval()
+    processor = build_processor(tokenizer, codec, CHAT_TEMPLATE)
+    return LoadedModel(model=model, processor=processor, device=device, dtype=dtype)
+
+
+def request(steps: int, index: int = 0) -> SpeechRequest:
+    # Sampling with a seed: the realistic path (temperature, top-k, top-p, RAS), and the same work each run.
+    return SpeechRequest(TEXT, sampling=SamplingConfig(max_new_tokens=steps, seed=index))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generate_throughput(loaded: LoadedModel, batch: int, steps: int) -> dict:
+    """transformers' ``generate()`` on a batch of identical prompts (no padding), sampling as we do."""
+    engine = HiggsAudioEngine(loaded, EngineOptions(backend="transformers"))
+    try:
+        sequence = engine._sequence_input(request(steps))
+    finally:
+        engine.close()
+    config = generation_config(loaded.model.generation_config, sequence.sampling)
+    inputs = {
+        "input_ids": sequence.input_ids.repeat(batch, 1),
+        "attention_mask": sequence.attention_mask.repeat(batch, 1),
+    }
+
+    def run() -> float:
+        sync(loaded.device)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            loaded.model.generate(**inputs, generation_config=config)
+        sync(loaded.device)
+        return time.perf_counter() - started
+
+    run()  # warm-up
+    return rates(batch * steps, statistics.median(run() for _ in range(2)))
+
+
+def scheduler_throughput(engine: HiggsAudioEngine, batch: int, steps: int) -> dict:
+    """``batch`` sequences submitted at once to the running scheduler; wall time until the last is done."""
+
+    def run() -> float:
+        started = time.perf_counter()
+        handles = [engine.submit(request(steps, i)) for i in range(batch)]
+        for handle in handles:
+            handle.result()
+        return time.perf_counter() - started
+
+    run()  # warm-up: captures this batch's CUDA graphs
+    return rates(batch * steps, statistics.median(run() for _ in range(2)))
+
+
+def rates(rows: int, seconds: float) -> dict:
+    """A row per sequence per step is one 40 ms frame (the 8-step codebook delay aside)."""
+    return {
+        "seconds": round(seconds, 3),
+        "frames_per_s": round(rows / seconds, 1),
+        "real_time_factor": round(rows / seconds / FRAME_RATE, 2),
+    }
+
+
+def first_chunk_latency(engine: HiggsAudioEngine, streams: int, steps: int) -> dict:
+    """Request to first decoded chunk for ``streams`` streams started together (default chunk schedule)."""
+
+    def one(index: int, out: list) -> None:
+        started = time.perf_counter()
+        chunks = stream_speech(engine, request(steps, index), ChunkSchedule())
+        next(chunks)
+        out[index] = time.perf_counter() - started
+        chunks.close()
+
+    def run() -> list[float]:
+        out = [0.0] * streams
+        threads = [threading.Thread(target=one, args=(i, out)) for i in range(streams)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return out
+
+    run()  # warm-up
+    latencies = run()
+    return {
+        "mean_ms": round(1000 * statistics.mean(latencies), 1),
+        "max_ms": round(1000 * max(latencies), 1),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="where the JSON file goes")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="the tiny demo geometry (a check of the script)")
+    parser.add_argument("--steps", type=int, default=None, help="decode steps per sequence")
+    parser.add_argument("--batches", default="1,4,16")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device here: run with --tiny --device cpu to check the script")
+    steps = args.steps or (40 if args.tiny else 250)
+    batches = [int(b) for b in args.batches.split(",")]
+    report: dict = {
+        "model": "tiny" if args.tiny else "real 3B geometry, random bf16 weights",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "steps_per_sequence": steps,
+    }
+    started = time.perf_counter()
+    loaded = build(TinyModelSpec() if args.tiny else REAL, device)
+    report["build_s"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(report), flush=True)
+
+    report["generate"] = {}
+    for batch in batches:
+        report["generate"][f"batch_{batch}"] = generate_throughput(loaded, batch, steps)
+        print("generate", batch, report["generate"][f"batch_{batch}"], flush=True)
+    limits = SchedulerLimits(slots=max(batches), max_tokens=steps + 512)
+    graph_modes = [False, True] if device.type == "cuda" else [False]
+    for graphs in graph_modes:
+        name = "scheduler_cuda_graphs" if graphs else "scheduler_eager"
+        engine = HiggsAudioEngine(loaded, EngineOptions(limits=limits, cuda_graphs=graphs))
+        try:
+            report[name] = {f"batch_{b}": scheduler_throughput(engine, b, steps) for b in batches}
+            print(name, report[name], flush=True)
+            report[name]["first_chunk"] = {
+                f"streams_{n}": first_chunk_latency(engine, n, steps) for n in (1, max(batches))
+            }
+            print(name, "first chunk", report[name]["first_chunk"], flush=True)
+        finally:
+            engine.close()
+    if device.type == "cuda":
+        report["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
+    report["total_s"] = round(time.perf_counter() - started, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
