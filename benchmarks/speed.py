@@ -1,5 +1,6 @@
-"""Generation speed: frames per second, real-time factor, time to the first decode step, and the handler's
-overhead over a bare ``generate`` call, for the plain path and the speed path (static cache + compile).
+"""Generation speed of one clip: frames per second, real-time factor, time to the first audio row, and the
+handler's overhead over a bare ``generate`` call, for each decode loop: the scheduler (with and without CUDA
+graphs on a GPU) and transformers' own ``generate()`` (``EngineOptions(backend="transformers")``).
 
 ``--model tiny`` builds the tiny random model (runs on this CPU). ``--model real-size-random`` builds the real
 3B backbone geometry (28 layers, d=3072, 24/8 heads, codebook_size 1026, 8 codebooks at 25 frames/s) with
@@ -35,24 +36,24 @@ def measure(engine, steps: int, runs: int) -> dict[str, float]:
     from boson_multimodal.engine import SamplingConfig, SpeechRequest
 
     request = SpeechRequest(TEXT, sampling=SamplingConfig(temperature=0, max_new_tokens=steps))
-    engine.generate(request)  # warm-up: compiles the speed path's graphs
-    walls, first_steps, frames, audio_s = [], [], 0, 0.0
+    engine.generate(request)  # warm-up: captures the CUDA graphs the run needs
+    walls, first_rows, frames, audio_s = [], [], 0, 0.0
     for _ in range(runs):
         started = time.perf_counter()
         speech = engine.generate(request)
         walls.append(time.perf_counter() - started)
         frames, audio_s = speech.num_frames, len(speech.waveform) / speech.sample_rate
-        # A tapped run (the tap turns compile off): when the first decode step's row arrives.
-        first: list[float] = []
         started = time.perf_counter()
-        engine.generate(request, on_rows=lambda _rows, first=first: first.append(time.perf_counter()))
-        first_steps.append(first[0] - started)
+        handle = engine.submit(request)
+        handle.wait_newer(0)  # the first row: the prompt prefilled and its first audio row chosen
+        first_rows.append(time.perf_counter() - started)
+        handle.result()
     wall = statistics.median(walls)
     return {
         "wall_s": wall,
         "frames_per_s": frames / wall,
         "real_time_factor": audio_s / wall,
-        "first_step_s": statistics.median(first_steps),
+        "first_row_s": statistics.median(first_rows),
     }
 
 
@@ -98,7 +99,7 @@ def main() -> int:
 
     import torch
 
-    from boson_multimodal.engine import HiggsAudioEngine
+    from boson_multimodal.engine import EngineOptions, HiggsAudioEngine
     from boson_multimodal.tiny_model import TinyModelSpec, build_tiny_checkpoint
 
     if args.model == "real-size-random" and not torch.cuda.is_available():
@@ -111,17 +112,32 @@ def main() -> int:
         checkpoint = Path(tmp)
         build_tiny_checkpoint(checkpoint / "model", checkpoint / "codec", spec)
         print(f"model {args.model} on {device}, {args.steps} decode steps, median of {args.runs}")
-        for speed_path in (False, True):
+        loops = {"scheduler": EngineOptions(cuda_graphs=False)}
+        if device == "cuda":
+            loops["scheduler + CUDA graphs"] = EngineOptions(cuda_graphs=True)
+        loops["transformers generate()"] = EngineOptions(backend="transformers")
+        width = max(len(name) for name in loops)
+        rates = {}
+        for name, options in loops.items():
             engine = HiggsAudioEngine.load(
-                checkpoint / "model", checkpoint / "codec", device=device, speed_path=speed_path
+                checkpoint / "model", checkpoint / "codec", device=device, options=options
             )
-            figures = measure(engine, args.steps, args.runs)
+            try:
+                figures = measure(engine, args.steps, args.runs)
+            finally:
+                engine.close()
             print(
-                f"  {'speed path' if speed_path else 'plain     '}: {figures['frames_per_s']:.1f} frames/s, "
-                f"real-time factor {figures['real_time_factor']:.2f}, first decode step "
-                f"{figures['first_step_s'] * 1000:.0f} ms, wall {figures['wall_s']:.2f} s"
+                f"  {name:<{width}}: {figures['frames_per_s']:.1f} frames/s, "
+                f"real-time factor {figures['real_time_factor']:.2f}, first audio row "
+                f"{figures['first_row_s'] * 1000:.0f} ms, wall {figures['wall_s']:.2f} s"
             )
+            rates[name] = figures["frames_per_s"]
             del engine
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        reference = rates.pop("transformers generate()")
+        for name, rate in rates.items():
+            print(f"  {name} / transformers generate(): {rate / reference:.2f}x frames/s")
         if device == "cpu":
             job, bare = handler_overhead(checkpoint, args.steps, args.runs)
             print(

@@ -13,6 +13,9 @@ small HTTP server on 127.0.0.1 can stand in for the platform and record exactly 
 - ``RUNPOD_WEBHOOK_POST_OUTPUT`` / ``RUNPOD_WEBHOOK_POST_STREAM`` with ``$RUNPOD_POD_ID`` and ``$ID`` (the
   job id); the SDK appends ``&isStream=true|false`` and POSTs the JSON result with a form content type.
 - ``RUNPOD_WEBHOOK_PING`` with ``$RUNPOD_POD_ID``: GET with ``job_id`` (in-progress ids), ``runpod_version``.
+
+It also notes when each job became visible and when each of its stream chunks and its result arrived
+(``time.perf_counter()`` in this process), which is what a client measures as latency (benchmarks/).
 """
 
 from __future__ import annotations
@@ -57,6 +60,19 @@ class JobOutcome:
     stream: list[Any]  # the ``output`` of each streamed chunk, in order
     progress: list[Any]  # the ``output`` of each progress update, in order
     done_posts: int  # how many times the worker posted a result for this job (1 unless it retried)
+    enqueued_at: float  # perf_counter() when the job became visible to the worker
+    stream_at: list[float]  # perf_counter() when each streamed chunk arrived
+    done_at: float  # perf_counter() when the (last) result arrived
+
+    @property
+    def first_chunk_s(self) -> float:
+        """Seconds from the job becoming visible to its first stream chunk reaching the platform."""
+        return self.stream_at[0] - self.enqueued_at
+
+    @property
+    def latency_s(self) -> float:
+        """Seconds from the job becoming visible to its result reaching the platform."""
+        return self.done_at - self.enqueued_at
 
 
 @dataclass
@@ -67,6 +83,9 @@ class _Job:
     results: list[dict[str, Any]] = field(default_factory=list)
     stream: list[dict[str, Any]] = field(default_factory=list)
     progress: list[Any] = field(default_factory=list)
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    stream_at: list[float] = field(default_factory=list)
+    done_at: float = 0.0
 
 
 class RunPodQueue:
@@ -135,6 +154,9 @@ class RunPodQueue:
             stream=[chunk.get("output") for chunk in job.stream],
             progress=list(job.progress),
             done_posts=len(job.results),
+            enqueued_at=job.enqueued_at,
+            stream_at=list(job.stream_at),
+            done_at=job.done_at,
         )
 
     def wait_for_take(self, timeout: float = 120.0) -> None:
@@ -167,15 +189,18 @@ class RunPodQueue:
             self._changed.notify_all()
 
     def _record_post(self, action: str, job_id: str, body: dict[str, Any]) -> bool:
+        arrived = time.perf_counter()
         job = self._jobs.get(job_id)
         if job is None:
             return False
         if action == "job-stream":
             job.stream.append(body)
+            job.stream_at.append(arrived)
         elif body.get("status") == "IN_PROGRESS":  # runpod.serverless.progress_update: not the result yet
             job.progress.append(body.get("output"))
         else:
             job.results.append(body)
+            job.done_at = arrived
             job.done.set()
         return True
 

@@ -1,0 +1,384 @@
+"""The scheduler's figures with the tiny model on this machine's CPU, each with its ratio measured in one run.
+
+Through the runpod SDK's production loop (the real ``serverless_handler.py`` against the loopback job queue,
+models served by the hub stand-in; latencies are what the platform sees: from a job becoming visible to its
+first stream chunk or its result arriving):
+
+- streams      4 concurrent streaming jobs (STREAMING=true, CONCURRENCY=4): each one's first-chunk latency
+               against a lone stream's (goal: within 1.5×);
+- short-long   a 40-step job submitted while a 1,000-step job runs, against the same job alone (goal: 1.5×);
+- mixed        8 mixed jobs at once (lengths 40–240 steps, seeded and unseeded, half with a reference voice):
+               aggregate frames/s, against the same 8 submitted one after another (each when the previous
+               one's result arrived), and one after another through transformers' ``generate()``
+               (GENERATION_BACKEND=transformers); CONCURRENCY=8 throughout. The old fixed-batch path is gone
+               from the package and is not rebuilt here (see ``FIXED_BATCHES``).
+
+In this process:
+
+- step         host time per decode step at batch 1 and 8, default sampling and greedy: the scheduler's
+               loop against transformers' ``generate()`` on the same loaded model (batch 8: one
+               ``generate()`` call over 8 copies of the prompt). A step is timed as the difference
+               between runs of two lengths, so prompt prefill and start-up cancel out. With the tiny model
+               a step is almost all host overhead; greedy against sampled shows what choosing rows costs.
+
+    python benchmarks/scheduler.py [--only streams,short-long,mixed,step] [--json PATH]
+
+Other processes on the machine move the absolute figures; the ratios are taken within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from boson_multimodal.tiny_model import build_tiny_checkpoint
+from tests.conftest import MODEL_REPO, TOKENIZER_REPO, speak
+from tests.hub_server import HubServer
+from tests.runpod_queue import JobOutcome, ProductionWorker, RunPodQueue
+from tests.worker_process import worker_env
+
+PARTS = ("streams", "short-long", "mixed", "step")
+# The old BatchingEngine (b6f9c25:boson_multimodal/batching.py) calls the removed engine.generate_batch.
+FIXED_BATCHES = "not measured: the fixed-batch path was removed with the scheduler"
+STREAM_STEPS = 200  # long enough that every stream is still generating when the others send their first chunk
+SHORT_STEPS, LONG_STEPS = 40, 1000
+STEP_LENGTHS = (50, 200)  # decode steps of the two runs whose difference times a step
+
+
+class Figures:
+    """Named figures in the order measured, printed as a table at the end (and optionally as JSON)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str]] = []  # (part, what, value)
+        self.values: dict[str, float | str | list[float]] = {}
+
+    def add(self, part: str, what: str, shown: str, key: str, value: float | str | list[float]) -> None:
+        self.rows.append((part, what, shown))
+        self.values[key] = value
+        print(f"  {what}: {shown}", flush=True)
+
+    def table(self) -> str:
+        width = max(len(what) for _, what, _ in self.rows)
+        lines, part_now = [], None
+        for part, what, shown in self.rows:
+            if part != part_now:
+                lines.append(f"[{part}]")
+                part_now = part
+            lines.append(f"  {what:<{width}}  {shown}")
+        return "\n".join(lines)
+
+
+# -- the production loop ------------------------------------------------------------------------------------
+class Loop:
+    """Workers under the SDK's production loop against one loopback queue, sharing one model volume."""
+
+    def __init__(self, hub_url: str, root: Path, queue: RunPodQueue) -> None:
+        self.hub_url, self.root, self.queue = hub_url, root, queue
+
+    def worker(self, name: str, **env: str) -> ProductionWorker:
+        settings = worker_env(self.root / "volume", self.hub_url, RESULT_CACHE="off", DEVICE="cpu", **env)
+        return ProductionWorker(self.queue, settings, self.root / f"{name}.log")
+
+    @staticmethod
+    def settle() -> None:
+        """Let the SDK notice that the last job ended before a burst that fills the worker.
+
+        The SDK counts a job as in progress until its result is posted; a burst arriving in that instant is
+        taken short (CONCURRENCY − 1 jobs) and the rest only after the SDK's 1 s "queue full" pause — an SDK
+        artefact that would swamp what is measured here.
+        """
+        time.sleep(1.5)
+
+    def run(self, inputs: list[dict]) -> list[JobOutcome]:
+        """Enqueue ``inputs`` at once and wait for all; any failure stops the benchmark."""
+        outcomes = [self.queue.wait(job_id) for job_id in self.queue.enqueue_many(inputs)]
+        failed = [o.error for o in outcomes if o.status != "COMPLETED"]
+        if failed:
+            raise SystemExit(f"jobs failed: {failed}")
+        return outcomes
+
+
+def stream_job(index: int) -> dict:
+    return {"transcript": f"Stream number {index} is speaking now.", "max_new_tokens": STREAM_STEPS}
+
+
+def worker_first_chunk_s(outcome: JobOutcome) -> float:
+    """The worker's own measure: from the job's generation starting to its first chunk being ready."""
+    return outcome.stream[-1]["summary"]["timings_ms"]["first_chunk"] / 1000
+
+
+def measure_streams(loop: Loop, figures: Figures, repeats: int) -> None:
+    """A lone stream ``repeats`` times before and after ``repeats`` bursts of 4 (drift in load evens out)."""
+    print("streams: STREAMING=true, CONCURRENCY=4", flush=True)
+    with loop.worker("streams", STREAMING="true", CONCURRENCY="4"):
+        loop.run([stream_job(0)])  # warm-up: download, load, first codec decode
+        lone = [loop.run([stream_job(1)])[0] for _ in range(repeats)]
+        bursts = []
+        for _ in range(repeats):
+            loop.settle()
+            bursts.append(loop.run([stream_job(i) for i in range(4)]))
+        lone += [loop.run([stream_job(1)])[0] for _ in range(repeats)]
+    alone = statistics.median(o.first_chunk_s for o in lone)
+    alone_worker = statistics.median(worker_first_chunk_s(o) for o in lone)
+    figures.add(
+        "streams",
+        "lone stream, first chunk",
+        f"{alone * 1000:.0f} ms (median of {len(lone)}; in the worker {alone_worker * 1000:.0f} ms)",
+        "stream_first_chunk_alone_s",
+        alone,
+    )
+    slowest = statistics.median(max(o.first_chunk_s for o in burst) for burst in bursts)
+    every = [o.first_chunk_s for burst in bursts for o in burst]
+    slowest_worker = statistics.median(max(worker_first_chunk_s(o) for o in burst) for burst in bursts)
+    figures.add(
+        "streams",
+        "4 concurrent streams, first chunk",
+        f"slowest {slowest * 1000:.0f} ms, median {statistics.median(every) * 1000:.0f} ms "
+        f"({repeats} bursts; slowest in the worker {slowest_worker * 1000:.0f} ms)",
+        "stream_first_chunk_concurrent_s",
+        sorted(every),
+    )
+    figures.add(
+        "streams",
+        "slowest of 4 / lone (goal ≤ 1.5×)",
+        f"{slowest / alone:.2f}×",
+        "stream_first_chunk_ratio",
+        slowest / alone,
+    )
+    figures.add(
+        "streams",
+        "same, in the worker",
+        f"{slowest_worker / alone_worker:.2f}×",
+        "stream_first_chunk_worker_ratio",
+        slowest_worker / alone_worker,
+    )
+
+
+def measure_short_beside_long(loop: Loop, figures: Figures, repeats: int) -> None:
+    """The short job alone before and after the long one (so drift in the machine's load evens out), and
+    ``repeats`` times one after another while the long one runs."""
+    print(f"short-long: a {SHORT_STEPS}-step job beside a {LONG_STEPS}-step one, CONCURRENCY=8", flush=True)
+    short = {"transcript": "A short one.", "max_new_tokens": SHORT_STEPS}
+    with loop.worker("short-long", CONCURRENCY="8"):
+        loop.run([short])  # warm-up
+        alone = [loop.run([short])[0] for _ in range(repeats)]
+        long_id = loop.queue.enqueue({"transcript": "A long one, on and on.", "max_new_tokens": LONG_STEPS})
+        time.sleep(1.0)  # taken and prefilled: the long one is generating
+        beside = [loop.run([short])[0] for _ in range(repeats)]
+        long = loop.queue.wait(long_id)
+        alone += [loop.run([short])[0] for _ in range(repeats)]
+    if long.status != "COMPLETED":
+        raise SystemExit(f"the long job failed: {long.error}")
+    overlapped = all(o.done_at < long.done_at for o in beside)
+
+    def medians(outcomes: list[JobOutcome]) -> tuple[float, float]:
+        """(latency, the worker's own "generate" timing: decode steps and codec decoding), seconds."""
+        generate = [o.output["timings_ms"]["generate"] / 1000 for o in outcomes]
+        return statistics.median(o.latency_s for o in outcomes), statistics.median(generate)
+
+    (alone_s, alone_gen), (beside_s, beside_gen) = medians(alone), medians(beside)
+    figures.add(
+        "short-long",
+        f"{SHORT_STEPS}-step job alone",
+        f"{alone_s * 1000:.0f} ms (median of {len(alone)}; generate {alone_gen * 1000:.0f} ms)",
+        "short_alone_s",
+        alone_s,
+    )
+    figures.add(
+        "short-long",
+        f"same, while a {LONG_STEPS}-step job runs",
+        f"{beside_s * 1000:.0f} ms (median of {repeats}; generate {beside_gen * 1000:.0f} ms; long job "
+        f"{long.latency_s:.1f} s{', still running' if overlapped else ', NOT overlapping: check'})",
+        "short_beside_long_s",
+        beside_s,
+    )
+    ratio = beside_s / alone_s
+    figures.add("short-long", "beside long / alone (goal ≤ 1.5×)", f"{ratio:.2f}×", "short_ratio", ratio)
+    figures.add(
+        "short-long",
+        "same, the worker's generate timing",
+        f"{beside_gen / alone_gen:.2f}×",
+        "short_generate_ratio",
+        beside_gen / alone_gen,
+    )
+
+
+def reference_uri(root: Path) -> str:
+    wav = speak("The quick brown fox jumps over the lazy dog.", root / "reference.wav")
+    return "data:audio/wav;base64," + base64.b64encode(wav.read_bytes()).decode()
+
+
+def mixed_jobs(reference: str) -> list[dict]:
+    """Eight jobs: lengths 40–240 steps, every other one seeded, every other pair with a reference voice."""
+    jobs = []
+    for index, steps in enumerate((40, 240, 80, 200, 120, 160, 60, 100)):
+        job: dict = {"transcript": f"Mixed job {index}, a sentence to speak.", "max_new_tokens": steps}
+        if index % 2 == 0:
+            job["seed"] = 100 + index
+        if index % 4 < 2:
+            job |= {"ref_audio": reference, "ref_text": "The quick brown fox jumps over the lazy dog."}
+        jobs.append(job)
+    return jobs
+
+
+def frames_per_second(outcomes: list[JobOutcome]) -> tuple[float, int]:
+    """(frames over the wall time from the first job's arrival to the last result, frames)."""
+    frames = sum(o.output["num_frames"] for o in outcomes)
+    wall = max(o.done_at for o in outcomes) - min(o.enqueued_at for o in outcomes)
+    return frames / wall, frames
+
+
+def measure_mixed(loop: Loop, figures: Figures) -> None:
+    jobs = mixed_jobs(reference_uri(loop.root))
+    rates: dict[str, float] = {}
+
+    def add(key: str, label: str, outcomes: list[JobOutcome]) -> None:
+        rates[key], frames = frames_per_second(outcomes)
+        figures.add(
+            "mixed",
+            f"8 jobs, {label}",
+            f"{rates[key]:.0f} frames/s ({frames} frames)",
+            f"mixed_frames_per_s_{key}",
+            rates[key],
+        )
+
+    print("mixed: 8 jobs at once, then one after another, scheduler, CONCURRENCY=8", flush=True)
+    with loop.worker("mixed-scheduler", CONCURRENCY="8"):
+        loop.run([jobs[0]])  # warm-up, reference voice included
+        loop.settle()
+        add("together", "at once (scheduler)", loop.run(jobs))
+        add("one_at_a_time", "one after another (scheduler)", [loop.run([job])[0] for job in jobs])
+    print("mixed: 8 jobs one after another, GENERATION_BACKEND=transformers", flush=True)
+    with loop.worker("mixed-transformers", CONCURRENCY="8", GENERATION_BACKEND="transformers"):
+        loop.run([jobs[0]])
+        outcomes = [loop.run([job])[0] for job in jobs]
+        add("transformers", "one after another (transformers generate())", outcomes)
+    for key, label in (("one_at_a_time", "one after another"), ("transformers", "transformers one by one")):
+        ratio = rates["together"] / rates[key]
+        figures.add("mixed", f"together / {label}", f"{ratio:.2f}×", f"mixed_ratio_vs_{key}", ratio)
+    figures.add("mixed", "today's fixed batches", FIXED_BATCHES, "mixed_fixed_batches", FIXED_BATCHES)
+
+
+# -- in-process step time -----------------------------------------------------------------------------------
+def seconds_per_step(run: Callable[[int], None], repeats: int) -> float:
+    """(fastest ``run(long)`` − fastest ``run(short)``) / (long − short), runs interleaved.
+
+    The fastest rather than the median: other processes on the machine only ever add time to a run.
+    """
+    times: dict[int, list[float]] = {steps: [] for steps in STEP_LENGTHS}
+    run(STEP_LENGTHS[0])  # warm-up
+    for _ in range(repeats):
+        for steps in STEP_LENGTHS:
+            started = time.perf_counter()
+            run(steps)
+            times[steps].append(time.perf_counter() - started)
+    short, long = STEP_LENGTHS
+    return (min(times[long]) - min(times[short])) / (long - short)
+
+
+def measure_step(checkpoint: Path, figures: Figures, repeats: int) -> None:
+    import torch
+
+    from boson_multimodal.engine import EngineOptions, HiggsAudioEngine, SamplingConfig, SpeechRequest
+    from boson_multimodal.loading import load_model
+    from boson_multimodal.reference import generation_config
+    from boson_multimodal.scheduler import SchedulerLimits
+
+    print("step: host time per decode step, in this process", flush=True)
+    loaded = load_model(checkpoint / "model", checkpoint / "codec", device="cpu")
+    options = EngineOptions(limits=SchedulerLimits(slots=8, max_tokens=1024))
+    engine = HiggsAudioEngine(loaded, options)
+    request = SpeechRequest("Time every decode step of this sentence.")
+    prompt = engine._sequence_input(request)  # the processor's inputs, exactly as the engine makes them
+    # The default sampling (temperature, top-k, top-p, repetition-aware sampling) and greedy decoding: the
+    # difference is what choosing the next rows costs.
+    kinds = {"sampled": SamplingConfig(), "greedy": SamplingConfig(temperature=0)}
+
+    def scheduler_run(batch: int, sampling: SamplingConfig) -> Callable[[int], None]:
+        def run(steps: int) -> None:
+            configs = [replace(sampling, max_new_tokens=steps, seed=seed) for seed in range(batch)]
+            handles = [engine.submit(replace(request, sampling=config)) for config in configs]
+            for handle in handles:
+                handle.result()
+
+        return run
+
+    def transformers_run(batch: int, sampling: SamplingConfig) -> Callable[[int], None]:
+        inputs = {
+            "input_ids": prompt.input_ids.repeat(batch, 1),
+            "attention_mask": prompt.attention_mask.repeat(batch, 1),
+        }
+
+        def run(steps: int) -> None:
+            config = generation_config(
+                loaded.model.generation_config, replace(sampling, max_new_tokens=steps)
+            )
+            torch.manual_seed(0)
+            with torch.inference_mode():
+                loaded.model.generate(**inputs, generation_config=config)
+
+        return run
+
+    try:
+        for kind, sampling in kinds.items():
+            for batch in (1, 8):
+                ours = seconds_per_step(scheduler_run(batch, sampling), repeats) * 1000
+                theirs = seconds_per_step(transformers_run(batch, sampling), repeats) * 1000
+                figures.add(
+                    "step",
+                    f"{kind}, batch {batch}: scheduler / generate()",
+                    f"{ours:.2f} / {theirs:.2f} ms/step = {ours / theirs:.2f}×",
+                    f"step_ms_{kind}_batch{batch}",
+                    [ours, theirs],
+                )
+    finally:
+        engine.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of the timed single runs (median)")
+    parser.add_argument("--step-repeats", type=int, default=5, help="runs of each length in the step part")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    args = parser.parse_args()
+    parts = [part.strip() for part in args.only.split(",") if part.strip()]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        parser.error(f"--only: unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    figures = Figures()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        checkpoint = root / "checkpoint"
+        build_tiny_checkpoint(checkpoint / "model", checkpoint / "codec")
+        if "step" in parts:
+            measure_step(checkpoint, figures, args.step_repeats)
+        loop_parts = [part for part in parts if part != "step"]
+        if loop_parts:
+            repos = {MODEL_REPO: checkpoint / "model", TOKENIZER_REPO: checkpoint / "codec"}
+            with HubServer(repos) as hub, RunPodQueue() as queue:
+                loop = Loop(hub.url, root, queue)
+                if "streams" in parts:
+                    measure_streams(loop, figures, args.repeats)
+                if "short-long" in parts:
+                    measure_short_beside_long(loop, figures, args.repeats)
+                if "mixed" in parts:
+                    measure_mixed(loop, figures)
+    print("\ntiny model, CPU (" + ", ".join(parts) + ")\n" + figures.table())
+    if args.json:
+        args.json.write_text(json.dumps(figures.values, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
