@@ -1,0 +1,34 @@
+"""The GPU check runs its whole path on a CPU with the tiny geometry and writes every figure it promises."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_gpu_check_writes_its_figures(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    command = [sys.executable, "benchmarks/gpu_check.py", "--tiny", "--device", "cpu", "--out", str(out)]
+    done = subprocess.run(
+        [*command, "--steps", "16", "--batches", "1,2"], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["steps_per_sequence"] == 16
+    for name in ("generate", "scheduler_eager"):
+        for batch in ("batch_1", "batch_2"):
+            figures = report[name][batch]
+            assert figures["frames_per_s"] > 0
+            assert figures["real_time_factor"] == pytest.approx(figures["frames_per_s"] / 25, rel=0.02)
+    for streams in ("streams_1", "streams_2"):
+        latency = report["scheduler_eager"]["first_chunk"][streams]
+        assert 0 < latency["mean_ms"] <= latency["max_ms"]
+    assert "scheduler_cuda_graphs" not in report  # only where there is CUDA
