@@ -8,6 +8,7 @@ library's `platform`: milliseconds, left alone.)
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,21 @@ def test_the_door_imports_the_sdk_without_starting_a_process_and_keeps_the_cpu_n
     assert interpreters(door["spawned"]) == [], door["spawned"]
     assert door["processor"] == cpu_brand() != "unknown"
     assert door["probe"] == "cpuinfo.cpuinfo.get_cpu_info", "py-cpuinfo must be itself again afterwards"
+
+
+def test_the_worker_starts_without_the_s3_and_hub_clients(tmp_path: Path) -> None:
+    """boto3 waits for the first S3 upload and huggingface_hub for the first download: neither is needed
+    to serve, and a warm volume with inline jobs never needs them."""
+    loaded = """\
+import json, sys
+import serverless_handler
+serverless_handler.get_pipeline()
+print(json.dumps(sorted(m for m in ("boto3", "botocore", "huggingface_hub", "torch") if m in sys.modules)))
+"""
+    env = {**os.environ, "RUNPOD_VOLUME_PATH": str(tmp_path / "volume")}
+    done = subprocess.run(
+        [sys.executable, "-c", loaded], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == []
