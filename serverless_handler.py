@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import platform
 import traceback
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from types import ModuleType
 from typing import Any
 
 from higgs_worker.pipeline import USER_ERRORS, Pipeline, Progress
@@ -108,6 +110,38 @@ def concurrency_modifier(_current: int) -> int:
     return get_pipeline().settings.concurrency
 
 
+def cpu_brand() -> str:
+    """The CPU's name as the kernel reports it (``model name`` in /proc/cpuinfo), or the platform's."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def import_runpod() -> ModuleType:
+    """The runpod SDK, imported without its CPU probe.
+
+    Importing the SDK names the CPU for its ``--rp_debugger`` output (``rp_debugger.PROCESSOR``) with
+    py-cpuinfo's ``get_cpu_info()``, which starts a second Python interpreter and runs CPUID probes in it:
+    about a second of every worker start, before the worker can take a job (workhorsy/py-cpuinfo#155). The
+    name from /proc/cpuinfo serves that field; py-cpuinfo is itself again once the SDK is imported.
+    """
+    import cpuinfo
+
+    probe = cpuinfo.get_cpu_info
+    cpuinfo.get_cpu_info = lambda: {"brand_raw": cpu_brand()}
+    try:
+        import runpod
+    finally:
+        cpuinfo.get_cpu_info = probe
+    return runpod
+
+
 def main() -> None:
     install_log_redaction()
     pipeline = get_pipeline()  # reads and checks every setting: a bad one stops the start here
@@ -116,8 +150,7 @@ def main() -> None:
 
         serve(pipeline)
         return
-    import runpod
-
+    runpod = import_runpod()
     if pipeline.settings.preload_models:
         logger.info("PRELOAD_MODELS=true: fetching and loading the models before taking jobs")
         # Keep serving if it fails: each job then reports why the models are missing, and retries.

@@ -1,5 +1,6 @@
 """Time to ready of bootstrap.sh: a first boot on an empty volume (installs the runtime) against a warm boot
-(reuses it), measured until the handler starts, with their ratio.
+(reuses it), measured until the handler starts, with their ratio. That is bootstrap's own share; what a user
+waits for (the local API answering, the first job's result) is measured by benchmarks/serve_time.py.
 
 By default the runtime set is the tests' two tiny local wheels (no network), which measures bootstrap's own
 overhead. `--runtime-requirements requirements/runtime.txt` measures the real thing from the package index

@@ -21,14 +21,16 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import boto3
-from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
-
 from higgs_worker.audio_encoding import FORMATS, EncodedAudio, supported_formats
+
+if TYPE_CHECKING:
+    from botocore.config import Config
+
+# boto3 and botocore are imported where audio goes to S3, never at import: they cost about half a second of
+# every worker start, before it serves, and a job answered inline never needs them.
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +152,8 @@ def validate_bucket_name(bucket: str) -> str:
 
 
 def _client_config(addressing_style: str | None) -> Config:
+    from botocore.config import Config
+
     # A dead endpoint must fail within seconds so the inline fallback still lands inside the job's time.
     return Config(
         connect_timeout=5,
@@ -167,6 +171,8 @@ def _is_aws_endpoint(endpoint_url: str) -> bool:
 
 def default_s3_client() -> Any:
     """A boto3 S3 client configured from the environment, path-style for any non-AWS endpoint."""
+    import boto3
+
     session = boto3.session.Session()
     client = session.client("s3", config=_client_config(None))
     if _is_aws_endpoint(client.meta.endpoint_url):
@@ -180,6 +186,8 @@ def _describe_s3_failure(exc: Exception) -> str:
     Only the error code and message of an S3 answer are used: the rest of it (``StringToSign``,
     ``CanonicalRequest``, ``AWSAccessKeyId`` on a signature mismatch) describes the caller's credentials.
     """
+    from botocore.exceptions import ClientError
+
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
         code = error.get("Code") or "error"
@@ -245,6 +253,8 @@ def deliver(
             f"{_too_big_message(size, room)}; set s3_bucket (and AWS credentials) "
             "or use a compressed output_format such as mp3 or opus"
         )
+    from botocore.exceptions import BotoCoreError, ClientError
+
     try:
         s3_part = _upload(audio, target, policy, s3_client_factory())
     # ValueError: botocore rejects a malformed endpoint URL when the client is built.

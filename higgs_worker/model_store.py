@@ -27,20 +27,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-import httpx2
-from huggingface_hub import HfApi, snapshot_download
-from huggingface_hub import constants as hf_constants
-from huggingface_hub.errors import (
-    GatedRepoError,
-    HfHubHTTPError,
-    HFValidationError,
-    LocalEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-
 from higgs_worker.atomic_file import write_atomic
 from higgs_worker.volume_lock import VolumeLock
+
+# huggingface_hub is imported where the hub is asked, never at import: it costs about half a second of every
+# worker start (and of `demo_model.py`) before the worker serves; a store already complete never needs it.
 
 logger = logging.getLogger(__name__)
 
@@ -323,6 +314,8 @@ def _download(spec: RepoSpec, revision: str, token: str | None, endpoint: str | 
     local_dir = spec.local_dir
     (local_dir / MARKER_NAME).unlink(missing_ok=True)
     _remove_leftovers(local_dir)
+    from huggingface_hub import HfApi, snapshot_download
+
     api = HfApi(endpoint=endpoint, token=token)
     info = api.model_info(spec.repo_id, revision=revision, files_metadata=True)
     assert info.sha is not None and info.siblings is not None, "the hub always sends sha and siblings"
@@ -389,6 +382,17 @@ def _write_marker(local_dir: Path, marker: StoreMarker) -> None:
 
 def _explain(error: Exception, spec: RepoSpec, token: str | None, endpoint: str | None) -> ModelStoreError:
     """Turn what huggingface_hub or the file system raised into a message that says what to do."""
+    import httpx2
+    from huggingface_hub import constants as hf_constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
     name = _name(spec)
     hub = (endpoint or hf_constants.ENDPOINT).rstrip("/")
     if _disk_full(error):
