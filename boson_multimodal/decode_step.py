@@ -124,7 +124,8 @@ class GraphedDecodeStep:
     Python costs more than running them. A graph replays all of them with one call. Shapes are fixed per
     graph, so a step pads its batch to the next bucket (padding rows are free slots, see the module doc)
     and attends over the next multiple of ``GRAPH_SPAN_BUCKET`` positions, with the mask hiding the rest.
-    Captured from the scheduler thread only, which is also the only thread that replays them.
+    Captured from the scheduler thread only, which is also the only thread that replays them; other threads
+    (the codec decoding audio) may use the GPU meanwhile, so captures are thread-local.
     """
 
     def __init__(self, step: DecodeStep, cache: SlotCache, device: torch.device) -> None:
@@ -157,7 +158,9 @@ class GraphedDecodeStep:
                 self._step(rows, positions, span, masked=True)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: the job threads keep decoding audio (and allocating) on the GPU while this thread
+        # captures; the default ("global") mode would make their CUDA calls fail during the capture.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             logits = self._step(rows, positions, span, masked=True)
         self._pool = graph.pool()
         self._graphs[(batch, span)] = (graph, logits)

@@ -252,8 +252,9 @@ def stream_long(
     ``generate_long`` returns. The first audio therefore comes after the first piece's first chunk, not after
     the whole text.
 
-    The last ``overlap`` samples of every piece but the last are held back until the next piece's first
-    audio arrives to be crossfaded with. Closing the iterator cancels the piece being generated.
+    The last ``overlap`` samples of every piece but the last are held back (a rolling tail: the piece's last
+    chunk may be too short, or empty) until the next piece's first audio arrives to be crossfaded with.
+    Closing the iterator cancels the piece being generated.
     """
     from boson_multimodal.streaming import AudioChunk, stream_speech
 
@@ -269,15 +270,19 @@ def stream_long(
     for done, piece in enumerate(pieces, start=1):
         last_piece = done == len(pieces)
         parts: list[np.ndarray] = []
+        tail = np.zeros(0, dtype=np.float32)  # this piece's newest samples, not sent yet
         for chunk in stream_speech(engine, history.request_for(piece), schedule):
             parts.append(chunk.waveform)
             audio = chunk.waveform
             if len(audio) and len(held):
                 audio = crossfade_join([held, audio], overlap)
                 held = held[:0]
-            if chunk.final and not last_piece and len(audio):
-                keep = min(overlap, len(audio))
-                audio, held = audio[: len(audio) - keep], audio[len(audio) - keep :]
+            if not last_piece:
+                audio = np.concatenate([tail, audio])
+                cut = max(len(audio) - overlap, 0)
+                audio, tail = audio[:cut], audio[cut:]
+                if chunk.final and len(tail):  # (an empty piece leaves the earlier pieces' tail held)
+                    held = tail
             final = chunk.final and last_piece
             if final and len(held):  # the last piece said nothing: what was held closes the clip
                 audio = np.concatenate([audio, held])

@@ -187,14 +187,11 @@ def next_rows(logits: torch.Tensor, samplers: list[SequenceSampler], tokens: Str
 
 
 def _warped(scores: torch.Tensor, configs: list[SamplingConfig]) -> torch.Tensor:
-    """Temperature, top-k, top-p over ``(m, K, V)`` with per-sequence values, as transformers' warpers.
+    """Temperature, top-k, top-p over ``(m, K, V)`` with per-sequence values, as transformers' warpers do
+    them, operation for operation (bf16 logits tie often, and ties must fall as transformers lets them).
 
     A warper transformers would not add for a sequence (temperature 1, top-k None or 0, top-p 1) is skipped
     for it here too: even a no-op warper can change probabilities that underflow.
-
-    Top-p looks only at the candidates top-k left (transformers sorts the whole vocabulary, whose other
-    entries are -inf by then and weigh nothing): one ``topk`` serves both warpers, and the nucleus is cut
-    where transformers cuts it, at the smallest score it keeps.
     """
     m, _, vocab = scores.shape
     device = scores.device
@@ -202,29 +199,29 @@ def _warped(scores: torch.Tensor, configs: list[SamplingConfig]) -> torch.Tensor
     def per_sequence(values: list) -> torch.Tensor:
         return torch.tensor(values, dtype=scores.dtype, device=device)[:, None, None]
 
-    scores = scores / per_sequence([c.temperature for c in configs])  # x / 1 is x: no mask needed
+    # Divided by a Python number, as transformers does (on CUDA that is a multiplication by its reciprocal,
+    # which can differ from dividing by a tensor in the last bit); x / 1 is x.
+    divided = torch.empty_like(scores)
+    for temperature in {c.temperature for c in configs}:
+        rows = [i for i, c in enumerate(configs) if c.temperature == temperature]
+        divided[rows] = scores[rows] / temperature
+    scores = divided
     top_k = [min(c.top_k, vocab) if c.top_k else 0 for c in configs]
-    nucleus = [c.top_p < 1.0 for c in configs]
-    if not any(top_k) and not any(nucleus):
-        return scores
-    # The candidates, best first: every sequence's top-k, or the whole vocabulary for a top-p without one.
-    width = max(k if k else vocab for k, p in zip(top_k, nucleus, strict=True) if k or p)
-    candidates = scores.topk(width, dim=-1).values
     if any(top_k):
-        # transformers: remove what is below the k-th largest score, per sequence's own k
+        # transformers: remove what is below the k-th largest score (torch.topk), per sequence's own k
+        largest = scores.topk(max(top_k), dim=-1).values
         index = torch.tensor([max(k, 1) - 1 for k in top_k], device=device)[:, None, None]
-        kth = candidates.gather(-1, index.expand(m, scores.shape[1], 1))
-        has_k = per_sequence([k > 0 for k in top_k]) > 0
-        scores = scores.masked_fill((scores < kth) & has_k, -float("inf"))
-        candidates = candidates.masked_fill((candidates < kth) & has_k, -float("inf"))
+        kth = largest.gather(-1, index.expand(m, scores.shape[1], 1))
+        remove = (scores < kth) & (per_sequence([k > 0 for k in top_k]) > 0)
+        scores = scores.masked_fill(remove, -float("inf"))
+    nucleus = [c.top_p < 1.0 for c in configs]
     if any(nucleus):
-        ascending = candidates.flip(-1)
-        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
-        removed = cumulative <= (1 - per_sequence([c.top_p for c in configs]))
-        removed[..., -1:] = False  # keep at least one
-        smallest_kept = ascending.gather(-1, (~removed).int().argmax(dim=-1, keepdim=True))
-        in_nucleus = per_sequence(nucleus) > 0
-        scores = scores.masked_fill((scores < smallest_kept) & in_nucleus, -float("inf"))
+        sorted_scores, order = scores.sort(dim=-1, descending=False)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= (1 - per_sequence([c.top_p for c in configs]))
+        remove[..., -1:] = False  # keep at least one
+        remove &= per_sequence(nucleus) > 0
+        scores = scores.masked_fill(remove.scatter(-1, order, remove), -float("inf"))
     return scores
 
 

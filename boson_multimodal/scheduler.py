@@ -13,7 +13,8 @@ scheduler thread loops:
             for the next admission at once.
 
 A long sequence never blocks a short one, N streams progress together, and because only this thread calls
-into the model, CUDA graphs (per-thread in torch) are safe. Failures stay with the sequences they belong
+into the model, its CUDA graphs are captured and replayed by one thread (torch.compile's cudagraph trees
+fail when several threads call them, pytorch/pytorch#123177). Failures stay with the sequences they belong
 to: a prompt that fails to prefill fails its own handle; a step that fails fails the sequences in it, and
 the thread goes on serving.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -177,6 +179,7 @@ class Scheduler:
         self.cuda_graphs = cuda_graphs
         self._waiting: queue.SimpleQueue = queue.SimpleQueue()
         self._active: dict[int, _Sequence] = {}  # slot → sequence
+        self._pending: list[tuple[SequenceInput, SequenceHandle]] = []  # taken from the queue, not admitted
         self._closed = False
         self._close_lock = threading.Lock()
         self.steps = 0  # decode steps run so far (for benchmarks and tests)
@@ -211,12 +214,29 @@ class Scheduler:
 
     # -- the scheduler thread -----------------------------------------------------------------------------
     def _run(self) -> None:
-        with torch.inference_mode():  # every tensor the thread makes is an inference tensor, state included
-            self._loop()
+        device = torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
+        try:
+            with device, torch.inference_mode():  # every tensor the thread makes is an inference tensor
+                self._loop()
+        except BaseException as error:  # never leave a caller waiting on a thread that is gone
+            logger.exception("the scheduler thread stopped")
+            with self._close_lock:
+                self._closed = True
+            for sequence in self._active.values():
+                sequence.handle.fail(error)
+            for _, handle in self._pending:
+                handle.fail(error)
+            while True:
+                try:
+                    item = self._waiting.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not _CLOSE:
+                    item[1].fail(error)
 
     def _loop(self) -> None:
         closing = False
-        pending: list = []
+        pending = self._pending
         while not (closing and not self._active and not pending):
             closing = self._take(pending, block=not self._active and not pending) or closing
             for item in [item for item in pending if item[1].cancelled]:

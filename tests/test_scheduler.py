@@ -201,3 +201,24 @@ def test_a_prompt_that_fails_fails_alone(scheduler, monkeypatch: pytest.MonkeyPa
     assert not isinstance(failure.value, GenerationCancelled)
     assert good.result().rows.shape[0] == 30
     assert rows_of(scheduler, PROMPTS["scene"]).shape[0] > 0
+
+
+class _Fatal(BaseException):
+    """Not an Exception: what the scheduler's own per-step guard does not catch."""
+
+
+def test_a_dying_scheduler_thread_fails_every_waiting_caller(loaded: LoadedModel, monkeypatch) -> None:
+    engine = HiggsAudioEngine(loaded, EngineOptions(limits=SchedulerLimits(slots=1, max_tokens=2048)))
+    runner = engine._runner
+
+    def fatal_step(*args, **kwargs):
+        raise _Fatal("the step could not run")
+
+    monkeypatch.setattr(runner, "_advance", fatal_step)
+    running = engine.submit(replace(PROMPTS["smart voice"], sampling=GREEDY))
+    waiting = engine.submit(replace(PROMPTS["scene"], sampling=GREEDY))  # no slot: still pending
+    for handle in (running, waiting):
+        with pytest.raises(_Fatal):
+            handle.result(timeout=60)
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.submit(PROMPTS["scene"])
