@@ -25,6 +25,7 @@ from higgs_worker.pipeline import Pipeline
 from higgs_worker.settings import Settings, load_settings
 from serverless_handler import run_job
 from tests.conftest import MODEL_REPO, TOKENIZER_REPO, TinyCheckpoint
+from tests.error_clauses import offending_fields
 from tests.fixtures_hub import tiny_filesystem
 from tests.hub_server import HubServer
 from tests.worker_process import LocalWorker, free_port, worker_env
@@ -125,7 +126,8 @@ def test_without_a_hub_an_empty_store_fails_clearly_recovers_when_it_returns_the
             worker.runsync(SHORT_JOB), MODEL_REPO, f"http://127.0.0.1:{port}", "HF_ENDPOINT"
         )
         assert "put a complete copy of the repo on the volume" in error
-        assert_failed_with(worker.runsync({"transcript": ""}), "transcript")  # still answering
+        blank = assert_failed_with(worker.runsync({"transcript": ""}))  # still answering
+        assert offending_fields(blank) == {"transcript"}, blank
 
         relay = PortRelay(port, int(hub.url.rsplit(":", 1)[1]))
         try:
@@ -213,7 +215,8 @@ def test_a_full_volume_is_a_clear_error_and_the_worker_keeps_answering(
             first = assert_failed_with(worker.runsync(SHORT_JOB), "the volume is full", "free space")
             assert MODEL_REPO in first or TOKENIZER_REPO in first
             assert_failed_with(worker.runsync(SHORT_JOB), "the volume is full")
-            assert_failed_with(worker.runsync({"transcript": "hi", "speed": 9}), "speed")
+            bad_speed = assert_failed_with(worker.runsync({"transcript": "hi", "speed": 9}))
+            assert offending_fields(bad_speed) == {"speed"}, bad_speed
 
 
 # -- S3 ----------------------------------------------------------------------------------------------------
