@@ -5,6 +5,13 @@ body against RunPod's own OpenAPI schema (vendored beside it) before anything is
 
     python deploy/deploy.py --owner me --volume-id abc123 --data-center EU-RO-1 [--image-tag v1] [--dry-run]
     python deploy/deploy.py ... --endpoint-id ep123          # update (PATCH) instead of create (POST)
+    python deploy/deploy.py ... --type LOAD_BALANCER         # the HTTP server instead of the queue worker
+
+Both endpoint types run the same image. endpoint.json describes the queue endpoint; `--type LOAD_BALANCER`
+lays endpoint.load-balancer.json over it the way RunPod applies a template under a body (its keys replace
+the base's, `env` is merged per key), so the image, GPUs, volume and secrets are written once. The ports
+RunPod exposes are the ones the worker is told to listen on (env PORT and PORT_HEALTH), so they cannot
+disagree.
 
 Placeholders in string values are `${NAME}` (required) or `${NAME:-default}`. Values come from the flags, else
 from environment variables of the same name (NETWORK_VOLUME_ID, DATA_CENTER_ID, GITHUB_OWNER, GITHUB_REPO,
@@ -33,9 +40,12 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ENDPOINT_FILE = HERE / "endpoint.json"
+# RunPod's endpoint types, and what each lays over endpoint.json (nothing for the queue endpoint).
+VARIANTS: dict[str, Path | None] = {"QUEUE": None, "LOAD_BALANCER": HERE / "endpoint.load-balancer.json"}
 SPEC_FILE = HERE / "runpod-rest-v2.openapi.json"
 DEFAULT_API_BASE = "https://api.runpod.io"  # the spec's `servers`
 RUN_URL = "https://api.runpod.ai/v2/{id}/run"
+BASE_URL = "https://{id}.api.runpod.ai"  # a load-balancer endpoint's paths are the worker's own
 PLACEHOLDER = re.compile(r"\$\{([A-Z][A-Z0-9_]*)(?::-([^}]*))?\}")
 SECRET_REFERENCE = re.compile(r"^\{\{\s*RUNPOD_SECRET_\w+\s*\}\}$")
 SECRET_NAME = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PRIVATE)(_|$)|(API|ACCESS)_KEY")
@@ -93,6 +103,27 @@ def substitute(match: re.Match[str], values: Mapping[str, str], missing: set[str
 def flag_for(name: str) -> str:
     flag = next((flag for flag, placeholder in FLAGS.items() if placeholder == name), None)
     return f"{flag} or ${name}" if flag else f"${name}"
+
+
+def with_variant(endpoint: Mapping[str, Any], overlay: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The endpoint with the overlay's keys replacing its own, except `env`, merged per key (overlay wins)."""
+    merged = dict(endpoint)
+    for key, value in (overlay or {}).items():
+        merged[key] = {**merged.get(key, {}), **value} if key == "env" else value
+    if merged.get("type") == "LOAD_BALANCER":
+        merged["ports"] = exposed_ports(merged.get("env", {}))
+    return merged
+
+
+def exposed_ports(env: Mapping[str, str]) -> list[str]:
+    """The HTTP ports a load-balancer worker listens on. Both variables are required: RunPod's health port
+    defaults to 80 whatever PORT says, the worker's to PORT, so leaving one out would split them."""
+    missing = [name for name in ("PORT", "PORT_HEALTH") if not env.get(name)]
+    if missing:
+        raise DeployError(
+            f"a LOAD_BALANCER endpoint must set env {' and '.join(missing)} (the worker's ports)"
+        )
+    return [f"{port}/http" for port in dict.fromkeys((env["PORT"], env["PORT_HEALTH"]))]
 
 
 def check_no_literal_secrets(body: Mapping[str, Any]) -> None:
@@ -173,6 +204,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--endpoint-id", help="update this endpoint instead of creating one ($RUNPOD_ENDPOINT_ID)"
     )
     parser.add_argument("--file", type=Path, default=ENDPOINT_FILE, help="the endpoint description")
+    parser.add_argument(
+        "--type",
+        choices=list(VARIANTS),
+        default="QUEUE",
+        help="QUEUE: the runpod worker behind RunPod's queue; LOAD_BALANCER: the worker's own HTTP server",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the request instead of sending it")
     return parser.parse_args(argv)
 
@@ -183,7 +220,9 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
     try:
         values = {name: getattr(args, name) or env.get(name, "") for name in FLAGS.values()}
         values |= {name: value for name, value in env.items() if name not in values}
-        endpoint = fill_placeholders(json.loads(args.file.read_text()), values)
+        overlay_file = VARIANTS[args.type]
+        overlay = json.loads(overlay_file.read_text()) if overlay_file else None
+        endpoint = fill_placeholders(with_variant(json.loads(args.file.read_text()), overlay), values)
         spec = json.loads(SPEC_FILE.read_text())
         api_base = env.get("RUNPOD_API_BASE", DEFAULT_API_BASE).rstrip("/")
         endpoint_id = args.endpoint_id or env.get("RUNPOD_ENDPOINT_ID") or None
@@ -201,9 +240,12 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
     except DeployError as error:
         print(f"deploy: {error}", file=sys.stderr)
         return 1
-    run_url = result.get("requestUrls", {}).get("run") or RUN_URL.format(id=result["id"])
     print(f"endpoint {'updated' if endpoint_id else 'created'}: {result['id']}")
-    print(f"run URL: {run_url}")
+    urls = result.get("requestUrls") or {}
+    if args.type == "LOAD_BALANCER":
+        print(f"base URL: {urls.get('base') or BASE_URL.format(id=result['id'])}")
+    else:
+        print(f"run URL: {urls.get('run') or RUN_URL.format(id=result['id'])}")
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -31,6 +32,8 @@ from higgs_worker.thread_iteration import iterate_in_threads
 from higgs_worker.voice_library import VoiceLibrary
 from http_api.errors import error_response, failure_response
 from http_api.limits import RETRY_AFTER_S, Slots
+
+logger = logging.getLogger("http_api")
 
 T = TypeVar("T")
 STREAM_FORMATS = ("audio", "sse")
@@ -152,7 +155,7 @@ def create_app(pipeline: Pipeline, *, with_health: bool = True) -> FastAPI:
                 cancel = threading.Event()
                 job = threads.submit(pipeline.clip, prepared, None, cancel)
                 handed_over = True
-                job.add_done_callback(lambda _: slots.give_back())  # the slot is free when the work is
+                job.add_done_callback(_release(slots, job_id))
                 clip = await _unless_client_leaves(request, job, cancel)
             return _whole(clip, stream_format)
         except JobAbandoned:
@@ -313,6 +316,17 @@ def _whole(clip: Clip, stream_format: str) -> Response:
     return Response(clip.audio.data, media_type=clip.audio.mimetype)
 
 
+def _release(slots: Slots, job_id: str) -> Callable[[Future[Clip]], None]:
+    """The done callback of a whole-file generation: the slot is free when the work is, however it ended."""
+
+    def done(job: Future[Clip]) -> None:
+        slots.give_back()
+        if isinstance(job.exception(), JobAbandoned):
+            logger.info("%s: the client went away; its generation was cancelled", job_id)
+
+    return done
+
+
 async def _unless_client_leaves(request: Request, job: Future[Clip], cancel: threading.Event) -> Clip:
     """The job's result; if the client disconnects first, ``cancel`` is set and JobAbandoned raised."""
     wrapped = asyncio.wrap_future(job)
@@ -322,4 +336,7 @@ async def _unless_client_leaves(request: Request, job: Future[Clip], cancel: thr
             return wrapped.result()
         if await request.is_disconnected():
             cancel.set()
+            # Nobody awaits the job now: take its outcome (JobAbandoned, expected) when it comes, so asyncio
+            # does not log it as an error ("Future exception was never retrieved").
+            wrapped.add_done_callback(lambda job: job.cancelled() or job.exception())
             raise JobAbandoned("the client went away")

@@ -7,6 +7,7 @@ problem+json errors. The command runs as a real subprocess, as an operator would
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -22,6 +23,8 @@ import jsonschema
 import pytest
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
+
+from higgs_worker.settings import load_settings
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy" / "deploy.py"
@@ -51,6 +54,7 @@ class FakeRunPod:
     requests: list[dict[str, Any]] = field(default_factory=list)
     error: tuple[int, dict[str, Any]] | None = None
     base: str = ""
+    existing_type: str = "QUEUE"  # the type of the endpoint a PATCH updates (its body cannot say)
 
     def answer(
         self, method: str, path: str, headers: dict[str, str], body: Any
@@ -74,14 +78,13 @@ class FakeRunPod:
                 "detail": "invalid body",
                 "errors": errors,
             }
-        return status, endpoint_response(endpoint_id, body)
+        return status, endpoint_response(endpoint_id, {"type": self.existing_type, **body})
 
 
 def endpoint_response(endpoint_id: str, body: dict[str, Any]) -> dict[str, Any]:
     urls = "https://api.runpod.ai/v2/" + endpoint_id
     response = {
         "id": endpoint_id,
-        "type": "QUEUE",
         "createdAt": "2026-11-23T10:00:00Z",
         "args": "",
         "registry": None,
@@ -99,6 +102,9 @@ def endpoint_response(endpoint_id: str, body: dict[str, Any]) -> dict[str, Any]:
             "health": f"{urls}/health",
         },
     }
+    if body["type"] == "LOAD_BALANCER":
+        base = f"https://{endpoint_id}.api.runpod.ai"
+        response["requestUrls"] = {"base": base, "health": base + body["env"]["HEALTH_CHECK_PATH"]}
     assert schema_errors(response, "Endpoint") == [], "the stand-in must answer what the spec promises"
     return response
 
@@ -316,3 +322,109 @@ def test_the_shipped_endpoint_only_references_secrets() -> None:
         assert re.fullmatch(r"\{\{ RUNPOD_SECRET_\w+ \}\}", env[name]), name
     text = ENDPOINT_FILE.read_text()
     assert not re.search(r"hf_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}|rpa_[A-Za-z0-9]{20,}", text)
+
+
+# --- the load-balancer endpoint (the HTTP server from the same image) ---------------------------------------
+
+
+def dry_run_body(*args: str) -> dict[str, Any]:
+    result = deploy(*FILLS, "--dry-run", *args)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.partition("\n")[2])
+
+
+def test_create_a_load_balancer_endpoint_posts_a_valid_body_and_prints_its_base_url(
+    runpod_api: FakeRunPod,
+) -> None:
+    result = deploy(*FILLS, "--type", "LOAD_BALANCER", api=runpod_api, RUNPOD_API_KEY=API_KEY)
+
+    assert result.returncode == 0, result.stderr
+    (request,) = runpod_api.requests
+    assert (request["method"], request["path"]) == ("POST", "/v2/serverless")
+    body = request["body"]
+    assert schema_errors(body, "CreateEndpointRequest") == []
+    assert body["type"] == "LOAD_BALANCER"
+    assert body["scaling"]["type"] == "REQUEST_COUNT", "the spec allows no other scaler for this type"
+    assert body["ports"] == ["80/http"]
+    env = body["env"]
+    assert (env["ENDPOINT_TYPE"], env["PORT"], env["PORT_HEALTH"], env["HEALTH_CHECK_PATH"]) == (
+        "LOAD_BALANCER", "80", "80", "/ping",
+    )  # fmt: skip
+    assert "endpoint created: 4m7x2k9q" in result.stdout
+    assert "base URL: https://4m7x2k9q.api.runpod.ai" in result.stdout
+    assert "run URL" not in result.stdout
+
+
+def test_the_load_balancer_endpoint_differs_from_the_queue_one_only_where_it_must() -> None:
+    queue = dry_run_body()
+    balancer = dry_run_body("--type", "LOAD_BALANCER")
+
+    differing = {key for key in queue.keys() | balancer.keys() if queue.get(key) != balancer.get(key)}
+    assert differing == {"name", "type", "scaling", "ports", "env"}
+    added = {key: value for key, value in balancer["env"].items() if queue["env"].get(key) != value}
+    assert set(added) == {"ENDPOINT_TYPE", "PORT", "PORT_HEALTH", "HEALTH_CHECK_PATH"}
+    assert queue["env"].items() <= balancer["env"].items(), "secrets, models and region are shared"
+    assert queue["name"] != balancer["name"], "both kinds can live in one account"
+
+
+def test_the_load_balancer_endpoint_starts_the_worker_as_an_http_server_on_the_exposed_ports() -> None:
+    endpoint = dry_run_body("--type", "LOAD_BALANCER")
+    settings = load_settings(endpoint["env"])  # what the worker reads from the endpoint's environment
+
+    assert settings.endpoint_type == "LOAD_BALANCER"
+    assert {f"{settings.port}/http", f"{settings.port_health}/http"} == set(endpoint["ports"])
+    assert settings.health_path == "/ping", "RunPod polls /ping unless HEALTH_CHECK_PATH says otherwise"
+    assert endpoint["scaling"]["requestCount"] <= settings.concurrency, (
+        "scale out before the worker's slots are full: a load balancer has no queue, the excess gets 503"
+    )
+
+
+def test_update_of_a_load_balancer_endpoint_patches_without_the_type(runpod_api: FakeRunPod) -> None:
+    runpod_api.existing_type = "LOAD_BALANCER"
+
+    result = deploy(
+        *FILLS, "--type", "LOAD_BALANCER", "--endpoint-id", "lb7q", api=runpod_api, RUNPOD_API_KEY=API_KEY
+    )
+
+    assert result.returncode == 0, result.stderr
+    (request,) = runpod_api.requests
+    assert (request["method"], request["path"]) == ("PATCH", "/v2/serverless/lb7q")
+    assert "type" not in request["body"] and request["body"]["ports"] == ["80/http"]
+    assert schema_errors(request["body"], "UpdateEndpointRequest") == []
+    assert (
+        "endpoint updated: lb7q" in result.stdout and "base URL: https://lb7q.api.runpod.ai" in result.stdout
+    )
+
+
+def test_a_separate_health_port_is_exposed_too() -> None:
+    exposed_ports = load_deploy_module().exposed_ports
+
+    assert exposed_ports({"PORT": "8000", "PORT_HEALTH": "8001"}) == ["8000/http", "8001/http"]
+    assert exposed_ports({"PORT": "8000", "PORT_HEALTH": "8000"}) == ["8000/http"]
+
+
+def test_a_load_balancer_endpoint_without_both_ports_is_refused() -> None:
+    deploy_module = load_deploy_module()
+    endpoint = filled_endpoint()
+    overlay = {"type": "LOAD_BALANCER", "env": {"PORT": "8000"}}
+
+    with pytest.raises(deploy_module.DeployError, match=r"must set env PORT_HEALTH"):
+        deploy_module.with_variant(endpoint, overlay)
+
+
+def test_the_load_balancer_endpoint_needs_a_request_count_scaler_per_the_spec() -> None:
+    """The spec's own rule, checked here so the overlay cannot silently inherit the queue's scaler."""
+    endpoint = dry_run_body("--type", "LOAD_BALANCER")
+
+    assert schema_errors(
+        endpoint | {"scaling": {"type": "QUEUE_DELAY", "queueDelay": 4}}, "CreateEndpointRequest"
+    )
+
+
+def load_deploy_module() -> Any:
+    spec = importlib.util.spec_from_file_location("deploy_under_test", DEPLOY)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -229,3 +230,24 @@ def test_overload_is_a_fast_503_and_a_disconnect_frees_the_slot(server: HttpWork
     assert response.status_code == 200, response.text
     assert "generated 4088 frames" not in server.log  # the long one did not run to its end
     assert "cancelled after" in server.log
+
+
+def test_a_client_leaving_a_whole_file_request_cancels_its_generation_and_frees_the_slot(
+    server: HttpWorker,
+) -> None:
+    """FLAC is sent once complete: nothing is written while it generates, so the door watches for the client
+    leaving and cancels the generation in the scheduler; the slot is free as soon as it has stopped."""
+    long_job = JOB | {"response_format": "flac", "max_new_tokens": 4096, "seed": 21}  # runs to its limit
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up: httpx closes the connection
+        httpx.post(f"{server.url}/v1/audio/speech", json=long_job, timeout=httpx.Timeout(60, read=2))
+
+    deadline = time.monotonic() + 120
+    while True:  # the only slot (CONCURRENCY=1) comes back once the cancelled generation has stopped
+        response = httpx.post(f"{server.url}/v1/audio/speech", json=JOB | {"seed": 22}, timeout=60)
+        if response.status_code != 503 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert response.status_code == 200, response.text
+    # Only a generation the engine stopped ends as abandoned: one left to run would have finished its clip.
+    assert re.search(r"speech-\w+: the client went away; its generation was cancelled", server.log)
+    assert "never retrieved" not in server.log and "ERROR" not in server.log

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import speak
+from tests.error_clauses import offending_fields
 from tests.hub_server import HubServer
 from tests.test_bootstrap import Rig, rig, wheelhouse  # noqa: F401 - the bootstrap harness, its fixtures
 from tests.worker_process import LocalWorker, worker_env
@@ -57,7 +58,7 @@ def test_the_hub_jobs_behave_as_listed(worker: LocalWorker) -> None:
     for name, result in outcomes.items():
         if name == "bad_input_fails_cleanly":
             assert result["status"] == "FAILED", result
-            assert "temperature" in result["error"] and "colour" in result["error"]
+            assert offending_fields(result["error"]) == {"temperature", "colour"}, result["error"]
             assert "Traceback" not in result["error"]
         else:
             assert result["status"] == "COMPLETED", (name, result)

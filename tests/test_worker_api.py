@@ -11,6 +11,7 @@ import pytest
 import soundfile as sf
 
 from tests.conftest import MODEL_REPO, TOKENIZER_REPO, speak
+from tests.error_clauses import offending_fields
 from tests.hub_server import HubServer
 from tests.worker_process import LocalWorker, worker_env
 
@@ -131,8 +132,7 @@ def test_bad_input_is_a_clear_error_and_the_worker_keeps_serving(
     result = worker.runsync(job_input)
     assert result["status"] == "FAILED", result
     assert isinstance(result["error"], str)
-    for field in fields:
-        assert field in result["error"], result["error"]
+    assert offending_fields(result["error"]) == set(fields), result["error"]
 
 
 def test_worker_serves_after_bad_inputs(worker: LocalWorker) -> None:

@@ -23,8 +23,9 @@ import pytest
 from higgs_worker.model_store import MARKER_NAME, RepoSpec, ensure_repo
 from higgs_worker.pipeline import Pipeline
 from higgs_worker.settings import Settings, load_settings
-from serverless_handler import run_job
+from serverless_handler import run_job, stream_job
 from tests.conftest import MODEL_REPO, TOKENIZER_REPO, TinyCheckpoint
+from tests.error_clauses import offending_fields
 from tests.fixtures_hub import tiny_filesystem
 from tests.hub_server import HubServer
 from tests.worker_process import LocalWorker, free_port, worker_env
@@ -125,7 +126,8 @@ def test_without_a_hub_an_empty_store_fails_clearly_recovers_when_it_returns_the
             worker.runsync(SHORT_JOB), MODEL_REPO, f"http://127.0.0.1:{port}", "HF_ENDPOINT"
         )
         assert "put a complete copy of the repo on the volume" in error
-        assert_failed_with(worker.runsync({"transcript": ""}), "transcript")  # still answering
+        blank = assert_failed_with(worker.runsync({"transcript": ""}))  # still answering
+        assert offending_fields(blank) == {"transcript"}, blank
 
         relay = PortRelay(port, int(hub.url.rsplit(":", 1)[1]))
         try:
@@ -213,7 +215,8 @@ def test_a_full_volume_is_a_clear_error_and_the_worker_keeps_answering(
             first = assert_failed_with(worker.runsync(SHORT_JOB), "the volume is full", "free space")
             assert MODEL_REPO in first or TOKENIZER_REPO in first
             assert_failed_with(worker.runsync(SHORT_JOB), "the volume is full")
-            assert_failed_with(worker.runsync({"transcript": "hi", "speed": 9}), "speed")
+            bad_speed = assert_failed_with(worker.runsync({"transcript": "hi", "speed": 9}))
+            assert offending_fields(bad_speed) == {"speed"}, bad_speed
 
 
 # -- S3 ----------------------------------------------------------------------------------------------------
@@ -266,3 +269,56 @@ def test_s3_down_and_a_clip_over_the_inline_limit_fails_naming_the_bucket(
     assert output["error"].startswith("upload to bucket 'audio-out' failed: "), output["error"]
     assert "inline result limit" in output["error"]
     assert "internal error" not in output["error"]
+
+
+def inline_audio_bytes(items: list[dict]) -> int:
+    """Base64 audio in a streaming job's aggregated result (what /run and /runsync return), wherever it is."""
+    return sum(
+        len(item.get("audio_base64", "")) + len(item.get("summary", {}).get("audio_base64", ""))
+        for item in items
+    )
+
+
+@pytest.mark.parametrize("return_base64", [False, True])
+def test_a_streamed_job_whose_upload_fails_reports_it_without_the_clip_again(
+    dead_s3: str, in_process_volume: Path, return_base64: bool
+) -> None:
+    """The chunks already carried the audio: the failed upload is reported, never answered with a second,
+    whole copy of the clip inline (which would double the aggregated result past RunPod's limit)."""
+    worker = in_process_worker(in_process_volume)
+    job = {"transcript": "Streamed, then stored.", "max_new_tokens": 40, "seed": 2, "s3_bucket": "audio-out"}
+
+    items = list(
+        stream_job(worker, {"id": "stream-s3-down", "input": job | {"return_base64": return_base64}})
+    )
+
+    assert "error" not in items[-1], items[-1]
+    summary = items[-1]["summary"]
+    assert summary["s3_error"].startswith("upload to bucket 'audio-out' failed: "), summary
+    assert "s3" not in summary and "audio_base64" not in summary
+    chunks_audio = [base64.b64decode(item["audio_base64"]) for item in items if "audio_base64" in item]
+    assert len(chunks_audio) == len(items) >= 2, "every chunk went inline, and only the chunks"
+    assert inline_audio_bytes(items) == sum(len(item["audio_base64"]) for item in items)
+
+
+def test_a_streamed_job_over_the_inline_limit_whose_upload_fails_stays_within_the_limit(
+    dead_s3: str, in_process_volume: Path
+) -> None:
+    """Past the budget the chunks leave the audio to S3; when S3 then fails, the job fails naming the bucket,
+    and what went inline never exceeds MAX_INLINE_BYTES."""
+    limit = 60000  # the first chunk (12 frames of WAV, ~31 kB of base64) fits, the clip does not
+    worker = in_process_worker(in_process_volume, MAX_INLINE_BYTES=str(limit))
+    job = {
+        "transcript": "A longer stream to store.",
+        "max_new_tokens": 80,
+        "seed": 2,
+        "s3_bucket": "audio-out",
+    }
+
+    items = list(stream_job(worker, {"id": "stream-s3-down-big", "input": job}))
+
+    assert any("audio_omitted" in item for item in items), "the budget ran out before the clip ended"
+    assert set(items[-1]) == {"error"}, items[-1]
+    assert items[-1]["error"].startswith("upload to bucket 'audio-out' failed: "), items[-1]["error"]
+    assert "cannot be returned inline either" in items[-1]["error"]
+    assert 0 < inline_audio_bytes(items) <= limit
