@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import queue
 import threading
 
 import torch
@@ -26,11 +25,10 @@ from boson_multimodal.scheduler import (
     SequenceHandle,
     SequenceInput,
     SequenceResult,
+    Submissions,
 )
 
 logger = logging.getLogger(__name__)
-
-_CLOSE = object()
 
 
 class _Cancelled(Exception):
@@ -42,30 +40,19 @@ class ReferenceRunner:
 
     def __init__(self, model) -> None:
         self._model = model
-        self._waiting: queue.SimpleQueue = queue.SimpleQueue()
-        self._closed = False
-        self._close_lock = threading.Lock()
+        self._submissions = Submissions()
         self._thread = threading.Thread(target=self._run, name="higgs-reference", daemon=True)
         self._thread.start()
 
     def submit(self, sequence: SequenceInput, cancel: threading.Event | None = None) -> SequenceHandle:
-        handle = SequenceHandle(cancel)
-        with self._close_lock:
-            if self._closed:
-                raise RuntimeError("the generation runner is closed")
-            self._waiting.put((sequence, handle))
-        return handle
+        return self._submissions.put(sequence, cancel)
 
     def close(self) -> None:
-        with self._close_lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._waiting.put(_CLOSE)
-        self._thread.join()
+        if self._submissions.close():
+            self._thread.join()
 
     def _run(self) -> None:
-        while (item := self._waiting.get()) is not _CLOSE:
+        while (item := self._submissions.get()) is not Submissions.CLOSE:
             sequence, handle = item
             if handle.cancelled:
                 handle.fail(GenerationCancelled("cancelled before it started"))

@@ -123,6 +123,51 @@ class SequenceHandle:
             self._condition.notify_all()
 
 
+class Submissions:
+    """The queue from the threads that submit sequences to the one thread that runs them: submitting after
+    ``close()`` is refused, and the thread can fail whatever is still queued if it has to stop."""
+
+    CLOSE = object()  # put on the queue by close(): the thread finishes what it holds and stops
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def put(self, sequence: SequenceInput, cancel: threading.Event | None) -> SequenceHandle:
+        handle = SequenceHandle(cancel)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the generation thread is closed")
+            self._queue.put((sequence, handle))
+        return handle
+
+    def get(self, *, block: bool = True):
+        """The next ``(sequence, handle)`` or ``CLOSE``; raises ``queue.Empty`` when not blocking."""
+        return self._queue.get(block=block)
+
+    def close(self) -> bool:
+        """Refuse new submissions and wake the thread; False when it was closed already."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._closed = True
+            self._queue.put(self.CLOSE)
+        return True
+
+    def fail_all(self, error: BaseException) -> None:
+        """Close, and fail every sequence still queued (the thread that would run them has stopped)."""
+        with self._lock:
+            self._closed = True
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not self.CLOSE:
+                item[1].fail(error)
+
+
 @dataclass(frozen=True)
 class SchedulerLimits:
     """How many sequences run at once and how long one may be (prompt plus generated rows), in tokens."""
@@ -160,9 +205,6 @@ class _Sequence:
         return self.rows[self.count - 1]
 
 
-_CLOSE = object()
-
-
 class Scheduler:
     """Runs every submitted sequence on one thread with continuous batching (see the module docstring)."""
 
@@ -177,11 +219,9 @@ class Scheduler:
         step = DecodeStep(model, self._cache)
         self._step = GraphedDecodeStep(step, self._cache, self.device) if cuda_graphs else step
         self.cuda_graphs = cuda_graphs
-        self._waiting: queue.SimpleQueue = queue.SimpleQueue()
+        self._submissions = Submissions()
         self._active: dict[int, _Sequence] = {}  # slot → sequence
         self._pending: list[tuple[SequenceInput, SequenceHandle]] = []  # taken from the queue, not admitted
-        self._closed = False
-        self._close_lock = threading.Lock()
         self.steps = 0  # decode steps run so far (for benchmarks and tests)
         self._thread = threading.Thread(target=self._run, name="higgs-scheduler", daemon=True)
         self._thread.start()
@@ -196,21 +236,12 @@ class Scheduler:
                 f"{self.limits.max_tokens} one sequence may hold; shorten the reference audio or lower "
                 "max_new_tokens"
             )
-        handle = SequenceHandle(cancel)
-        with self._close_lock:
-            if self._closed:
-                raise RuntimeError("the scheduler is closed")
-            self._waiting.put((sequence, handle))
-        return handle
+        return self._submissions.put(sequence, cancel)
 
     def close(self) -> None:
         """Finish every sequence already submitted, then stop the thread."""
-        with self._close_lock:
-            if self._closed:
-                return
-            self._closed = True
-            self._waiting.put(_CLOSE)
-        self._thread.join()
+        if self._submissions.close():
+            self._thread.join()
 
     # -- the scheduler thread -----------------------------------------------------------------------------
     def _run(self) -> None:
@@ -220,19 +251,11 @@ class Scheduler:
                 self._loop()
         except BaseException as error:  # never leave a caller waiting on a thread that is gone
             logger.exception("the scheduler thread stopped")
-            with self._close_lock:
-                self._closed = True
             for sequence in self._active.values():
                 sequence.handle.fail(error)
             for _, handle in self._pending:
                 handle.fail(error)
-            while True:
-                try:
-                    item = self._waiting.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not _CLOSE:
-                    item[1].fail(error)
+            self._submissions.fail_all(error)
 
     def _loop(self) -> None:
         closing = False
@@ -254,11 +277,11 @@ class Scheduler:
         closing = False
         while True:
             try:
-                item = self._waiting.get(block=block)
+                item = self._submissions.get(block=block)
             except queue.Empty:
                 return closing
             block = False
-            if item is _CLOSE:
+            if item is Submissions.CLOSE:
                 closing = True
             else:
                 pending.append(item)
