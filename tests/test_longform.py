@@ -20,6 +20,7 @@ from boson_multimodal.longform import crossfade_join, generate_long, split_text,
 from boson_multimodal.prompt import Voice, VoiceDescription
 from boson_multimodal.streaming import ChunkSchedule
 from boson_multimodal.transcript import SPEAKER_TAG
+from tests.engine_spy import record_submissions
 
 RATE = 24_000
 CROSSFADE = 480  # the default 20 ms at 24 kHz
@@ -261,14 +262,7 @@ def test_a_long_text_streams_piece_by_piece_and_joins_as_generate_long(engine: H
 def test_closing_a_long_stream_cancels_the_piece_being_generated(
     engine: HiggsAudioEngine, monkeypatch
 ) -> None:
-    handles = []
-    submit = engine.submit
-
-    def recording_submit(*args, **kwargs):
-        handles.append(submit(*args, **kwargs))
-        return handles[-1]
-
-    monkeypatch.setattr(engine, "submit", recording_submit)
+    handles = record_submissions(engine, monkeypatch)
     request = SpeechRequest("One long piece. " * 3, sampling=SamplingConfig(max_new_tokens=3000))
     stream = stream_long(engine, request, 20, schedule=ChunkSchedule(first_frames=2, lookahead_frames=0))
     assert not next(stream).final

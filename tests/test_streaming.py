@@ -15,6 +15,7 @@ from boson_multimodal.engine import (
     SpeechRequest,
 )
 from boson_multimodal.streaming import AudioChunk, ChunkSchedule, decoder_reach, stream_speech
+from tests.engine_spy import record_submissions
 
 HOP = 960
 
@@ -119,14 +120,7 @@ def test_a_clip_without_frames_is_one_empty_final_chunk(engine: HiggsAudioEngine
 def test_closing_the_stream_cancels_the_generation(
     engine: HiggsAudioEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    handles = []
-    submit = engine.submit
-
-    def recording_submit(*args, **kwargs):
-        handles.append(submit(*args, **kwargs))
-        return handles[-1]
-
-    monkeypatch.setattr(engine, "submit", recording_submit)
+    handles = record_submissions(engine, monkeypatch)
     schedule = ChunkSchedule(first_frames=2, lookahead_frames=0)
     stream = stream_speech(
         engine, SpeechRequest("Long.", sampling=SamplingConfig(max_new_tokens=3000)), schedule

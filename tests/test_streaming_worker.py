@@ -16,6 +16,7 @@ import soundfile as sf
 from boson_multimodal.engine import GenerationCancelled
 from higgs_worker.pipeline import Pipeline
 from higgs_worker.settings import load_settings
+from tests.engine_spy import record_submissions
 from tests.hub_server import HubServer
 from tests.runpod_queue import ProductionWorker, RunPodQueue
 from tests.test_worker_faults import complete_store
@@ -146,14 +147,7 @@ def test_cancelling_a_streaming_job_stops_its_generation(
     monkeypatch.setattr(serverless_handler, "_pipeline", pipeline)
     monkeypatch.setattr(serverless_handler, "_job_threads", None)
     engine, _ = pipeline.runtime.engine()
-    handles = []  # the stream's sequence in the scheduler
-    submit = engine.submit
-
-    def recording_submit(*args, **kwargs):
-        handles.append(submit(*args, **kwargs))
-        return handles[-1]
-
-    monkeypatch.setattr(engine, "submit", recording_submit)
+    handles = record_submissions(engine, monkeypatch)
     steps = settings.max_new_tokens_limit
 
     async def cancel_after_the_first_chunk() -> dict:
