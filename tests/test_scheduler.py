@@ -199,7 +199,8 @@ def test_a_prompt_that_fails_fails_alone(scheduler, monkeypatch: pytest.MonkeyPa
     with pytest.raises(Exception) as failure:
         handle.result()
     assert not isinstance(failure.value, GenerationCancelled)
-    assert good.result().rows.shape[0] == 30
+    good_rows = good.result().rows  # finished, not failed (the raw geometry may end it before its 30 steps)
+    assert 0 < good_rows.shape[0] <= 30
     assert rows_of(scheduler, PROMPTS["scene"]).shape[0] > 0
 
 
