@@ -193,6 +193,24 @@ def test_voice_library_round_trip(client: httpx.Client, narrator: str, spoken_re
     assert_openai_error(client.get("/v1/audio/voices/temp"), 404, "name")
 
 
+def test_dry_run_over_http_shows_the_reading_without_generating(
+    client: httpx.Client, server: HttpWorker
+) -> None:
+    text = "[SPEAKER0] It is 70°F [laugh] [SPEAKER1] Fine."
+    before = server.log.count("generated ")
+    speech = client.post("/v1/audio/speech", json={"model": "m", "input": text, "dry_run": True})
+    assert speech.status_code == 200 and speech.headers["content-type"].startswith("application/json")
+    plan = speech.json()
+    assert plan["dry_run"] is True
+    assert plan["transcript"] == "[SPEAKER0] It is 70 degrees Fahrenheit <SE>[Laughter]</SE> [SPEAKER1] Fine."
+    assert [s["voice"] for s in plan["speakers"]] == ["default", "default"]
+    generate = client.post("/generate", json={"input": {"transcript": text, "dry_run": True}})
+    assert generate.status_code == 200 and generate.json()["output"] == plan
+    bad = client.post("/v1/audio/speech", json={"model": "m", "input": text, "dry_run": True, "top_p": 7})
+    assert_openai_error(bad, 400, "top_p")
+    assert server.log.count("generated ") == before  # nothing was generated
+
+
 def test_generate_reports_failures_like_runsync(client: httpx.Client) -> None:
     response = client.post("/generate", json={"input": {"transcript": "hi", "top_p": 7}})
     assert response.status_code == 400
