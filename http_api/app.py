@@ -90,6 +90,13 @@ def create_app(pipeline: Pipeline, *, with_health: bool = True) -> FastAPI:
     voices = VoiceLibrary(settings)
     app = FastAPI(title="Higgs Audio V2 text-to-speech", docs_url=None, redoc_url=None)
 
+    def take_slot() -> Response | None:
+        """A generation slot for this request, or the answer that refuses it (not ready, or busy)."""
+        refusal = _not_ready(pipeline)
+        if refusal is not None:
+            return refusal
+        return None if slots.take() else _busy()
+
     async def in_thread(function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(threads, function, *args)
 
@@ -130,11 +137,9 @@ def create_app(pipeline: Pipeline, *, with_health: bool = True) -> FastAPI:
                 return JSONResponse(await in_thread(lambda: pipeline.dry_run(pipeline.validate(body))))
             except Exception as error:
                 return failure_response(error, "dry run")
-        refusal = _not_ready(pipeline)
+        refusal = take_slot()
         if refusal is not None:
             return refusal
-        if not slots.take():
-            return _busy()
         job_id = f"speech-{uuid.uuid4().hex[:12]}"
         handed_over = False  # once a response body owns the slot, it gives it back
         try:
@@ -173,11 +178,9 @@ def create_app(pipeline: Pipeline, *, with_health: bool = True) -> FastAPI:
         body = await _json_object(request)
         if isinstance(body, Response):
             return body
-        refusal = _not_ready(pipeline)
+        refusal = take_slot()
         if refusal is not None:
             return refusal
-        if not slots.take():
-            return _busy()
         job_id = f"generate-{uuid.uuid4().hex[:12]}"
         try:
             output = await in_thread(pipeline.run, job_id, body.get("input"))
