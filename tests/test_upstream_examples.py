@@ -9,13 +9,15 @@ from the vendored ``profile.yaml``.
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
+import torch
+import torchaudio
 import yaml
 
 from boson_multimodal.engine import HiggsAudioEngine, SamplingConfig, SpeechRequest
@@ -206,28 +208,17 @@ def _script_chunks(text: str, example: Example) -> list[str]:
 
 
 def make_voice(path: Path, rate: int, channels: int, seconds: float, text: str = SPOKEN) -> Path:
-    """espeak-ng speech (looped when short), made exactly ``seconds`` long in the given shape by sox."""
+    """espeak-ng speech, looped when short, made exactly ``seconds`` long in the given shape (16-bit WAV).
+
+    Resampled by torchaudio and written by soundfile, so no program beyond espeak-ng is needed.
+    """
     spoken = speak(text, path.with_suffix(".espeak.wav"))
-    subprocess.run(
-        [
-            "sox",
-            str(spoken),
-            "-b",
-            "16",
-            "-r",
-            str(rate),
-            "-c",
-            str(channels),
-            str(path),
-            "repeat",
-            "3",
-            "trim",
-            "0",
-            str(seconds),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    audio, source_rate = sf.read(spoken, dtype="float32", always_2d=True)
+    mono = torch.from_numpy(audio.mean(axis=1))
+    resampled = torchaudio.functional.resample(mono, source_rate, rate).numpy()
+    length = round(seconds * rate)
+    looped = np.tile(resampled, -(-length // len(resampled)))[:length]
+    sf.write(path, np.repeat(looped[:, None], channels, axis=1), rate, subtype="PCM_16")
     return path
 
 
