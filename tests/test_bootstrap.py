@@ -1,9 +1,10 @@
 """bootstrap.sh, run for real with bash against a temporary volume.
 
-The runtime requirement set is two tiny wheels built here and installed by the real installer (uv) from a
-local directory with no index, so each boot really creates a venv, installs, import-checks, renames and
-reuses. `uv` is reached through a PATH shim that records each call: that is how "the installer was not
-called" is observed. The handler is a stand-in that reports its interpreter, its arguments and the volume.
+The runtime lock is two tiny wheels built here, pinned with their sha256, and installed by the real installer
+(uv, --require-hashes) from a local directory with no index, so each boot really creates a venv, installs,
+import-checks, renames and reuses. `uv` is reached through a PATH shim that records each call: that is how
+"the installer was not called" is observed. The handler is a stand-in that reports its interpreter, its
+arguments and the volume.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -77,9 +79,22 @@ def build_wheel(
 def build_wheelhouse(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     build_wheel(directory, "tinydep-beta", "1.0", "VALUE = 'beta'\n")
+    build_wheel(directory, "tinydep-beta", "1.1", "VALUE = 'beta 1.1'\n")
     alpha = "import tinydep_beta\nVALUE = 'alpha'\n"
     build_wheel(directory, "tinydep-alpha", "1.0", alpha, requires=("tinydep-beta",))
     return directory
+
+
+def write_lock(path: Path, wheels: Path, *pins: str) -> None:
+    """A lock as scripts/lock.sh writes one: each `name==version` with the sha256 of its wheel (a made-up one
+    for a wheel the wheelhouse lacks)."""
+    lines = []
+    for pin in pins:
+        name, version = pin.split("==")
+        wheel = wheels / f"{name.replace('-', '_')}-{version}-py3-none-any.whl"
+        digest = hashlib.sha256(wheel.read_bytes()).hexdigest() if wheel.exists() else "0" * 64
+        lines.append(f"{pin} \\\n    --hash=sha256:{digest}\n")
+    path.write_text("# the test's lock\n" + "".join(lines))
 
 
 @dataclass(frozen=True)
@@ -97,7 +112,7 @@ class Boot:
 
 @dataclass
 class Rig:
-    """A temporary volume, runtime requirement set, stand-in handler and recording installer shim."""
+    """A temporary volume, a runtime set and its lock, a stand-in handler, a recording installer shim."""
 
     root: Path
     wheels: Path
@@ -106,7 +121,8 @@ class Rig:
     def __post_init__(self) -> None:
         self.volume = self.root / "volume"
         self.requirements = self.root / "runtime.txt"
-        self.requirements.write_text("# the test's runtime set\ntinydep-alpha==1.0\n")
+        self.lock = self.root / "runtime.lock"
+        self.pin(["tinydep-alpha==1.0"], "tinydep-alpha==1.0", "tinydep-beta==1.0")
         self.handler = self.root / "handler.py"
         self.handler.write_text(HANDLER_SOURCE)
         self.shim_dir = self.root / "shim"
@@ -114,6 +130,11 @@ class Rig:
         (self.shim_dir / "uv").write_text(UV_SHIM)
         (self.shim_dir / "uv").chmod(0o755)
         self.calls = self.root / "uv-calls.log"
+
+    def pin(self, requirements: list[str], *locked: str, wheels: Path | None = None) -> None:
+        """The runtime set's top-level requirements, and its lock of every package they need."""
+        self.requirements.write_text("# the test's runtime set\n" + "".join(f"{r}\n" for r in requirements))
+        write_lock(self.lock, wheels or self.wheels, *locked)
 
     def env(self, **overrides: str | None) -> dict[str, str]:
         env = {
@@ -130,6 +151,7 @@ class Rig:
             UV_CACHE_DIR=str(self.root / "uv-cache"),
             RUNPOD_VOLUME_PATH=str(self.volume),
             RUNTIME_REQUIREMENTS=str(self.requirements),
+            RUNTIME_LOCK=str(self.lock),
             HANDLER=str(self.handler),
             BOOTSTRAP_PYTHON=sys.executable,
         )
@@ -219,15 +241,38 @@ def test_second_boot_reuses_the_runtime_without_calling_the_installer(rig: Rig) 
     assert boot.handler is not None and boot.handler["prefix"] == str(env_dir)
 
 
-def test_changed_requirements_get_a_new_runtime(rig: Rig, wheelhouse: Path) -> None:
+def test_a_changed_lock_gets_a_new_runtime(rig: Rig) -> None:
     assert rig.boot().returncode == 0
-    rig.requirements.write_text("tinydep-alpha==1.0\ntinydep-beta==1.0\n")
+    rig.pin(["tinydep-alpha==1.0", "tinydep-beta==1.1"], "tinydep-alpha==1.0", "tinydep-beta==1.1")
 
     boot = rig.boot()
 
     assert boot.returncode == 0 and boot.installed, boot.log
     assert len(rig.runtime_envs()) == 2
     assert "import check: tinydep_alpha tinydep_beta" in boot.log
+    assert "pip install --require-hashes" in rig.install_calls()[-1]
+
+
+def test_the_same_lock_never_reinstalls_even_when_the_requirement_set_is_reworded(rig: Rig) -> None:
+    assert rig.boot().returncode == 0
+    rig.requirements.write_text("# reworded, same pins\ntinydep-alpha == 1.0\n")
+
+    boot = rig.boot()
+
+    assert boot.returncode == 0 and not boot.installed, boot.log
+    assert len(rig.runtime_envs()) == 1
+
+
+def test_a_wheel_whose_hash_is_not_the_locked_one_is_refused(rig: Rig) -> None:
+    alpha, beta = re.findall(r"sha256:(\w+)", rig.lock.read_text())
+    swapped = rig.lock.read_text().replace(alpha, "ALPHA").replace(beta, alpha).replace("ALPHA", beta)
+    rig.lock.write_text(swapped)  # real digests, each of the other wheel
+
+    boot = rig.boot()
+
+    assert boot.returncode != 0 and boot.handler is None, boot.log
+    assert "hash" in boot.log.lower() and f"check RUNTIME_LOCK={rig.lock}" in boot.log
+    assert list((rig.volume / "runtime").iterdir()) == []
 
 
 def test_two_concurrent_boots_install_once_and_both_start(rig: Rig) -> None:
@@ -309,14 +354,14 @@ def test_a_runtime_without_its_completion_marker_is_rebuilt(rig: Rig) -> None:
     assert (env_dir / ".bootstrap-complete").is_file()
 
 
-def test_bad_requirements_fail_with_the_installer_error_and_leave_nothing(rig: Rig) -> None:
-    rig.requirements.write_text("tinydep-gamma==9.9\n")
+def test_a_bad_lock_fails_with_the_installer_error_and_leaves_nothing(rig: Rig) -> None:
+    rig.pin(["tinydep-gamma==9.9"], "tinydep-gamma==9.9")
 
     boot = rig.boot()
 
     assert boot.returncode != 0
     assert "tinydep-gamma" in boot.log, "the installer's own error must be shown"
-    assert f"check RUNTIME_REQUIREMENTS={rig.requirements}" in boot.log
+    assert f"check RUNTIME_LOCK={rig.lock}" in boot.log
     assert boot.handler is None
     assert list((rig.volume / "runtime").iterdir()) == []
 
@@ -325,7 +370,7 @@ def test_a_package_that_installs_but_does_not_import_fails_the_import_check(rig:
     wheels = tmp_path / "broken-wheels"
     wheels.mkdir()
     build_wheel(wheels, "tinydep-broken", "1.0", "raise ImportError('needs a missing native library')\n")
-    rig.requirements.write_text("tinydep-broken==1.0\n")
+    rig.pin(["tinydep-broken==1.0"], "tinydep-broken==1.0", wheels=wheels)
 
     boot = rig.boot(UV_FIND_LINKS=str(wheels))
 
@@ -377,10 +422,10 @@ def test_without_a_volume_it_warns_and_uses_a_local_directory(tmp_path: Path, wh
 
 
 def test_local_mode_serves_the_local_api_on_the_given_port_and_passes_arguments(rig: Rig) -> None:
-    image_set = rig.root / "image.txt"
-    image_set.write_text("tinydep-beta==1.0\n")
+    image_set = rig.root / "image.lock"
+    write_lock(image_set, rig.wheels, "tinydep-beta==1.0")
 
-    boot = rig.boot("--local", "--port", "8123", "--rp_log_level", "INFO", IMAGE_REQUIREMENTS=str(image_set))
+    boot = rig.boot("--local", "--port", "8123", "--rp_log_level", "INFO", IMAGE_LOCK=str(image_set))
 
     assert boot.returncode == 0, boot.log
     assert boot.handler is not None
@@ -389,14 +434,14 @@ def test_local_mode_serves_the_local_api_on_the_given_port_and_passes_arguments(
     ]  # fmt: skip
     assert "mode: local" in boot.log
     install = rig.install_calls()[0]
-    assert str(rig.requirements) in install and str(image_set) in install, "local mode installs the image set"
+    assert str(rig.lock) in install and str(image_set) in install, "local mode installs the image's lock too"
 
 
 def test_local_mode_takes_the_port_from_the_environment(rig: Rig) -> None:
-    image_set = rig.root / "image.txt"
+    image_set = rig.root / "image.lock"
     image_set.write_text("")
 
-    boot = rig.boot("--local", PORT="9100", IMAGE_REQUIREMENTS=str(image_set))
+    boot = rig.boot("--local", PORT="9100", IMAGE_LOCK=str(image_set))
 
     assert boot.returncode == 0, boot.log
     assert boot.handler is not None and boot.handler["argv"][-1] == "9100"
@@ -463,10 +508,10 @@ def test_secrets_in_the_environment_never_reach_the_log(rig: Rig) -> None:
         "AWS_SECRET_ACCESS_KEY": "aws/SECRET+key",
         "RUNPOD_API_KEY": "rpa_X",
     }
-    rig.requirements.write_text("tinydep-gamma==9.9\n")  # the failure path prints the most
+    rig.pin(["tinydep-gamma==9.9"], "tinydep-gamma==9.9")  # the failure path prints the most
 
     failed = rig.boot(**secrets)
-    rig.requirements.write_text("tinydep-alpha==1.0\n")
+    rig.pin(["tinydep-alpha==1.0"], "tinydep-alpha==1.0", "tinydep-beta==1.0")
     started = rig.boot(**secrets)
 
     assert failed.returncode != 0 and started.returncode == 0

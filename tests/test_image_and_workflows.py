@@ -89,7 +89,7 @@ def test_dockerfile_is_thin_and_starts_through_bootstrap() -> None:
     labels = " ".join(args for kind, args in instructions if kind == "LABEL")
     assert "org.opencontainers.image.source=" in labels
     (install,) = [args for kind, args in instructions if kind == "RUN"]
-    assert "-r /app/requirements/image.txt" in install and "runtime.txt" not in install
+    assert "--require-hashes -r /app/requirements/image.lock" in install and "runtime" not in install
 
 
 def test_dockerfile_copies_the_code_and_nothing_the_build_context_lacks() -> None:
@@ -112,7 +112,9 @@ def test_dockerfile_copies_the_code_and_nothing_the_build_context_lacks() -> Non
 
 def test_the_image_pins_the_same_installer_as_its_requirement_set() -> None:
     (uv_arg,) = [args for kind, args in dockerfile_instructions() if kind == "ARG" and args.startswith("UV_")]
-    assert requirement_names(REPO / "requirements" / "image.txt")["uv"] == f"uv=={uv_arg.split('=', 1)[1]}"
+    pin = f"uv=={uv_arg.split('=', 1)[1]}"
+    assert requirement_names(REPO / "requirements" / "image.txt")["uv"] == pin
+    assert f"\n{pin} \\\n" in (REPO / "requirements" / "image.lock").read_text()
 
 
 def test_the_image_requirement_set_has_no_gpu_runtime_and_the_runtime_set_has_it() -> None:

@@ -1,4 +1,4 @@
-"""Voice prompts of every shape the upstream examples come in, made here with espeak-ng, torchaudio and soundfile.
+"""Voice prompts of every shape the upstream examples come in, made here by espeak-ng, torchaudio, soundfile.
 
 The upstream voice prompts are 16-bit WAV files at 22.05, 24, 44.1 and 48 kHz, mono and stereo, 6 to 28 s
 long. They are recordings of people, so they are not vendored; speech of the same shapes is made instead,
