@@ -64,8 +64,14 @@ log "ruff"
 ruff check .
 ruff format --check .
 
+# The type checker's verdict does not hide the tests': both run, and either failing fails the command.
 log "mypy"
-mypy
+typed=0
+mypy || typed=$?
 
 log "pytest"
-exec .venv/bin/python -m pytest -q "$@"
+tested=0
+.venv/bin/python -m pytest -q "$@" || tested=$?
+((typed == 0)) || echo "mypy found type errors (above)" >&2
+if ((tested)); then exit "$tested"; fi
+exit "$typed"

@@ -229,3 +229,10 @@ def test_the_readme_prerequisites_name_the_same_system_packages_and_the_test_com
     test_command = (REPO / "scripts" / "test.sh").read_text()
     assert "scripts/system-packages.txt" in test_command
     assert "--require-hashes -r requirements/test.lock" in test_command
+
+
+def test_the_test_command_runs_the_type_checker_it_installs() -> None:
+    test_command = (REPO / "scripts" / "test.sh").read_text()
+    assert re.search(r"^mypy \|\| typed=", test_command, re.M), "scripts/test.sh runs mypy"
+    assert "mypy" in requirement_pins("test") and "mypy" in lock("test")
+    assert "[tool.mypy]" in (REPO / "pyproject.toml").read_text()
