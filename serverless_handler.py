@@ -13,7 +13,7 @@ import logging
 import os
 import platform
 import traceback
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import Any
@@ -47,7 +47,7 @@ def run_job(pipeline: Pipeline, job: dict[str, Any]) -> dict[str, Any]:
         return failure(job, error)
 
 
-def stream_job(pipeline: Pipeline, job: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def stream_job(pipeline: Pipeline, job: dict[str, Any]) -> Generator[dict[str, Any], None, None]:
     """``Pipeline.stream`` with failures as a final ``{"error": ...}`` item (the SDK then fails the job)."""
     try:
         yield from pipeline.stream(_job_id(job), job.get("input"))

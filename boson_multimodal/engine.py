@@ -87,7 +87,7 @@ class HiggsAudioEngine:
         self._loaded = loaded
         self.options = options
         if options.backend == "transformers":
-            self._runner = ReferenceRunner(loaded.model)
+            self._runner: ReferenceRunner | Scheduler = ReferenceRunner(loaded.model)
         else:
             graphs = loaded.device.type == "cuda" if options.cuda_graphs is None else options.cuda_graphs
             if graphs and loaded.device.type != "cuda":

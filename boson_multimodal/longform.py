@@ -28,9 +28,9 @@ size fits one piece.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Generic, Literal, TypeVar
 
 import numpy as np
 
@@ -246,7 +246,7 @@ def stream_long(
     on_progress: ProgressCallback | None = None,
     schedule: ChunkSchedule | None = None,
     crossfade_s: float = DEFAULT_CROSSFADE_S,
-) -> Iterator[AudioChunk]:
+) -> Generator[AudioChunk, None, None]:
     """``generate_long`` as a stream: each piece's chunks leave while it is generated, the next piece starts
     when the previous one ends, and each seam gets the same crossfade, so the chunks concatenate to what
     ``generate_long`` returns. The first audio therefore comes after the first piece's first chunk, not after
@@ -308,7 +308,10 @@ def stream_long(
             on_progress(done, len(pieces))
 
 
-class PieceHistory:
+R = TypeVar("R", bound=PromptRequest)  # what PieceHistory hands back is what it was given
+
+
+class PieceHistory(Generic[R]):
     """What each piece is prompted with, given the pieces generated before it.
 
     Sentence pieces without reference audio: each speaker's first piece becomes its anchor (see the module
@@ -317,7 +320,7 @@ class PieceHistory:
     generated pieces as context. Dry runs use the same class with stand-in audio.
     """
 
-    def __init__(self, request: PromptRequest, chunking: Chunking) -> None:
+    def __init__(self, request: R, chunking: Chunking) -> None:
         self._request = request
         self._chunking = chunking
         self._voices = request.voices or default_voices(request.text)
@@ -325,7 +328,7 @@ class PieceHistory:
         self._anchors: dict[int | None, Voice] = {}
         self._context: list[Voice] = []
 
-    def request_for(self, piece: Piece) -> PromptRequest:
+    def request_for(self, piece: Piece) -> R:
         """The request for one piece. An anchored piece is a single-voice cloning prompt, so its speaker tag
         is dropped: the reference turn already says who speaks."""
         if self._anchored and piece.speaker in self._anchors:

@@ -139,11 +139,11 @@ def check_no_literal_secrets(body: Mapping[str, Any]) -> None:
 def validate(body: Mapping[str, Any], schema_name: str, spec: Mapping[str, Any]) -> None:
     try:
         import jsonschema
-        from referencing import Registry, Resource
+        from referencing import Registry
         from referencing.jsonschema import DRAFT202012
     except ImportError:
         raise DeployError("validation needs the jsonschema package: pip install jsonschema") from None
-    registry = Registry().with_resource("urn:runpod-v2", Resource(contents=spec, specification=DRAFT202012))
+    registry = Registry().with_resource("urn:runpod-v2", DRAFT202012.create_resource(spec))
     schema = {"$ref": f"urn:runpod-v2#/components/schemas/{schema_name}"}
     validator = jsonschema.Draft202012Validator(schema, registry=registry)
     errors = sorted(validator.iter_errors(body), key=lambda error: list(error.absolute_path))

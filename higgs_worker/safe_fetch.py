@@ -158,7 +158,7 @@ def _vetted_addresses(target: _Target, url: str, policy: FetchPolicy) -> list[tu
         raise FetchError(f"{public_url(url)}: the host name does not resolve") from None
     trusted = target.host.lower() in policy.allowed_hosts
     for *_, sockaddr in infos:
-        address = ipaddress.ip_address(sockaddr[0].split("%", 1)[0])
+        address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
         if address in METADATA_ADDRESSES or (not trusted and is_forbidden_address(address)):
             raise FetchError(
                 f"{public_url(url)} resolves to a private, loopback or otherwise non-public address, "

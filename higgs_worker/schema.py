@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic_core import ErrorDetails
 
 from higgs_worker.audio_encoding import FORMATS
 
@@ -240,7 +241,7 @@ UNION_FIELDS = {
 }
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: ErrorDetails) -> str:
     loc = [str(part) for part in error["loc"]]
     field = ".".join(loc) or "input"
     if loc and loc[0] in UNION_FIELDS and error["type"] != "value_error":

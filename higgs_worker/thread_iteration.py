@@ -12,7 +12,7 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Generator
 from concurrent.futures import Executor
-from typing import TypeVar
+from typing import TypeVar, cast
 
 T = TypeVar("T")
 
@@ -33,6 +33,6 @@ async def iterate_in_threads(items: Generator[T, None, None], executor: Executor
 
     try:
         while (item := await loop.run_in_executor(executor, advance)) is not done:
-            yield item  # type: ignore[misc]
+            yield cast(T, item)  # not `done`, so one of the items
     finally:
         await asyncio.shield(loop.run_in_executor(executor, close))

@@ -10,6 +10,7 @@ import asyncio
 import logging
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from higgs_worker.pipeline import Pipeline
 from http_api.app import create_app, health_app
@@ -18,7 +19,7 @@ from http_api.limits import BodyLimit
 logger = logging.getLogger("http_api")
 
 
-def _config(app: object, host: str, port: int) -> uvicorn.Config:
+def _config(app: ASGIApp, host: str, port: int) -> uvicorn.Config:
     # One process: the models live in it. uvicorn's own logging config is kept (access log off: request
     # bodies and paths of users' voices stay out of the log).
     return uvicorn.Config(app, host=host, port=port, access_log=False, log_level="info", lifespan="off")
