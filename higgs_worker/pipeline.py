@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -180,8 +180,9 @@ class Pipeline:
         engine = self.engine(prepared)
         speech_request = _speech_request(prepared.request, prepared.references)
         _check(cancel)
+        chunking = self.chunking(prepared.request)  # the check and the pieces from one computation
         with prepared.timings.phase("generate"):
-            if self.is_long(prepared.request):
+            if chunking is not None:
                 from boson_multimodal.longform import generate_long
 
                 def on_progress(done: int, total: int) -> None:
@@ -189,7 +190,7 @@ class Pipeline:
                     if progress is not None:
                         progress(done, total)
 
-                speech = generate_long(engine, speech_request, self.chunking(prepared.request), on_progress)
+                speech = generate_long(engine, speech_request, chunking, on_progress)
             else:
                 speech = _abandoned_if_cancelled(lambda: engine.generate(speech_request, cancel=cancel))
         if speech.num_frames == 0:
@@ -200,7 +201,7 @@ class Pipeline:
             speech = replace(speech, waveform=waveform)
         return speech
 
-    def chunks(self, prepared: PreparedJob) -> Iterator[AudioChunk]:
+    def chunks(self, prepared: PreparedJob) -> Generator[AudioChunk, None, None]:
         """The clip in chunks while it is generated; closing the iterator cancels the generation.
 
         A long transcript streams piece by piece (the next piece starts when the previous one ends). A changed
@@ -213,11 +214,12 @@ class Pipeline:
         engine = self.engine(prepared)
         request = prepared.request
         speech_request = _speech_request(request, prepared.references)
+        chunking = self.chunking(request)
         with prepared.timings.phase("first_chunk"):
             if request.speed != 1.0:
                 chunks = chunk_speech(self.generate(prepared), engine.frame_rate)
-            elif self.is_long(request):
-                chunks = stream_long(engine, speech_request, self.chunking(request))
+            elif chunking is not None:
+                chunks = stream_long(engine, speech_request, chunking)
             else:
                 chunks = stream_speech(engine, speech_request)
         try:  # closing this generator closes the engine's stream, which stops the generation

@@ -15,7 +15,7 @@ import json
 import logging
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Annotated, Any, TypeVar
 
@@ -52,7 +52,8 @@ class ClosingStreamingResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.body_iterator.aclose()  # type: ignore[union-attr]
+            if isinstance(self.body_iterator, AsyncGenerator):  # ours always are; starlette types it wider
+                await self.body_iterator.aclose()
 
 
 def _busy() -> JSONResponse:
@@ -186,7 +187,7 @@ def create_app(pipeline: Pipeline, *, with_health: bool = True) -> FastAPI:
             output = await in_thread(pipeline.run, job_id, body.get("input"))
         except Exception as error:
             failed = failure_response(error, job_id)
-            message = json.loads(failed.body)["error"]["message"]
+            message = json.loads(bytes(failed.body))["error"]["message"]
             return JSONResponse(
                 {"id": job_id, "status": "FAILED", "error": message}, status_code=failed.status_code
             )
@@ -269,7 +270,7 @@ def _mimetype(fmt: str) -> str:
     return FORMATS[fmt].mimetype
 
 
-def _encoded_stream(pipeline: Pipeline, prepared: PreparedJob) -> Iterator[bytes]:
+def _encoded_stream(pipeline: Pipeline, prepared: PreparedJob) -> Generator[bytes, None, None]:
     """The clip's bytes in the requested format while it is generated (runs on job threads).
 
     A finished stream is also put in the result cache (as one file, encoded once), like a one-shot clip.
