@@ -212,6 +212,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send_json(self._model_info(api["repo"], rev, "blobs" in parse_qs(url.query)))
         if api:
             return self._send_tree_page(rev, int(parse_qs(url.query).get("cursor", ["0"])[0]))
+        assert resolve is not None  # `match` is one of the two, and it is not `api`
         hub_file = rev.files.get(resolve["path"])
         if hub_file is None:
             return self._error(404, "EntryNotFound", f"{resolve['path']} does not exist", rev.commit)

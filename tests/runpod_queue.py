@@ -173,7 +173,7 @@ class RunPodQueue:
     def _take(self, limit: int, wait_s: float) -> list[_Job]:
         with self._changed:
             self._changed.wait_for(lambda: self._pending, timeout=wait_s)
-            taken = []
+            taken: list[_Job] = []
             while self._pending and len(taken) < limit:
                 taken.append(self._jobs[self._pending.popleft()])
             return taken
