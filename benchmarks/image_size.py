@@ -1,13 +1,13 @@
 """Measure the Python layer of the thin image without Docker.
 
-Installs the image requirement set into an empty directory exactly as Dockerfile.runpod.ultra does (same
-Python minor, same platform, bytecode compiled) and sums the bytes that would land in the layer.
+Installs the image's lock into an empty directory exactly as Dockerfile.runpod.ultra does (hashes checked,
+same Python minor, same platform, bytecode compiled) and sums the bytes that would land in the layer.
 
 Why not build the image: there is no Docker engine on the development machine, and the base image
 (python:3.11-slim-bookworm) is a fixed cost we do not control. The part we choose is this layer, so it is the
 part that has a budget. Exit status 1 when the layer is over budget, so CI can run this as a check.
 
-    python benchmarks/image_size.py [--budget-mb 250] [--requirements requirements/image.txt]
+    python benchmarks/image_size.py [--budget-mb 250] [--lock requirements/image.lock]
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def largest_entries(root: Path, count: int) -> list[tuple[int, str]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget-mb", type=float, default=250.0)
-    parser.add_argument("--requirements", type=Path, default=REPO / "requirements" / "image.txt")
+    parser.add_argument("--lock", type=Path, default=REPO / "requirements" / "image.lock")
     args = parser.parse_args()
     if sys.version_info[:2] != IMAGE_PYTHON:
         wanted = ".".join(map(str, IMAGE_PYTHON))
@@ -55,11 +55,11 @@ def main() -> int:
         command = [
             uv, "pip", "install", "--quiet", "--no-cache", "--compile-bytecode",
             "--python", sys.executable, "--python-platform", IMAGE_PLATFORM,
-            "--target", str(target), "-r", str(args.requirements),
+            "--target", str(target), "--require-hashes", "-r", str(args.lock),
         ]  # fmt: skip
         subprocess.run(command, check=True)
         size_mb = tree_bytes(target) / 1e6
-        print(f"requirement set: {args.requirements.relative_to(REPO)} ({IMAGE_PLATFORM}, bytecode compiled)")
+        print(f"lock: {args.lock.resolve().relative_to(REPO)} ({IMAGE_PLATFORM}, bytecode compiled)")
         print("largest entries:")
         for size, name in largest_entries(target, 8):
             print(f"  {size / 1e6:8.1f} MB  {name}")
