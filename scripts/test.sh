@@ -38,13 +38,17 @@ while read -r package programs; do
   done
 done < <(sed -E 's/#.*//; /^[[:space:]]*$/d' scripts/system-packages.txt)
 if ((${#missing[@]})); then
+  as_root=() # root already (CI here), or passwordless sudo (GitHub's runners)
   if [[ $(id -u) -ne 0 ]]; then
-    echo "missing system packages: ${missing[*]} (install them with apt-get, or run as root)" >&2
-    exit 1
+    if ! command -v sudo >/dev/null || ! sudo -n true 2>/dev/null; then
+      echo "missing system packages: ${missing[*]} (install them with apt-get, or run as root)" >&2
+      exit 1
+    fi
+    as_root=(sudo -n)
   fi
   log "installing system packages: ${missing[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  "${as_root[@]}" apt-get update -qq
+  "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 PYTHON=${PYTHON:-python3}

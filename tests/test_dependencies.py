@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
+import os
 import re
+import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -236,3 +239,42 @@ def test_the_test_command_runs_the_type_checker_it_installs() -> None:
     assert re.search(r"^mypy \|\| typed=", test_command, re.M), "scripts/test.sh runs mypy"
     assert "mypy" in requirement_pins("test") and "mypy" in lock("test")
     assert "[tool.mypy]" in (REPO / "pyproject.toml").read_text()
+
+
+def test_the_test_command_installs_the_listed_package_whose_program_is_missing(tmp_path: Path) -> None:
+    """scripts/test.sh on a machine with curl but no espeak-ng: apt-get is asked for espeak-ng only."""
+    checkout = tmp_path / "checkout"
+    (checkout / "scripts").mkdir(parents=True)
+    for name in ("test.sh", "system-packages.txt"):
+        (checkout / "scripts" / name).write_text((REPO / "scripts" / name).read_text())
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for program in ("bash", "sed", "awk", "date", "id", "dirname", "env", "curl", "cat"):
+        found = shutil.which(program)
+        assert found, f"{program} is part of the base system"
+        (bin_dir / program).symlink_to(found)
+    calls = tmp_path / "apt-calls"
+    shims = {
+        "df": "echo 'Filesystem 1024-blocks Used Available'; echo '/dev/x 1 0 99999999 0% /'",
+        "apt-get": f'echo "$*" >>{calls}',
+        "python3": "exit 7",  # where the venv would be created: the part under test is over
+    }
+    for name, body in shims.items():
+        (bin_dir / name).unlink(missing_ok=True)
+        (bin_dir / name).write_text(f"#!{shutil.which('bash')}\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    as_root = os.geteuid() == 0
+    result = subprocess.run(
+        [str(bin_dir / "bash"), "scripts/test.sh"],
+        cwd=checkout,
+        env={"PATH": str(bin_dir), "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if not as_root:  # no sudo on this PATH: the command says what to install and stops
+        assert result.returncode == 1 and "missing system packages: espeak-ng (" in result.stderr
+        return
+    assert result.returncode == 7, result.stderr
+    assert "installing system packages: espeak-ng" in result.stdout
+    assert calls.read_text().splitlines() == ["update -qq", "install -y -qq espeak-ng"]
