@@ -510,9 +510,9 @@ def test_secrets_in_the_environment_never_reach_the_log(rig: Rig) -> None:
     }
     rig.pin(["tinydep-gamma==9.9"], "tinydep-gamma==9.9")  # the failure path prints the most
 
-    failed = rig.boot(**secrets)
+    failed = finish(rig.start(**secrets))
     rig.pin(["tinydep-alpha==1.0"], "tinydep-alpha==1.0", "tinydep-beta==1.0")
-    started = rig.boot(**secrets)
+    started = finish(rig.start(**secrets))
 
     assert failed.returncode != 0 and started.returncode == 0
     for value in secrets.values():

@@ -21,7 +21,7 @@ from typing import Any
 
 import jsonschema
 import pytest
-from referencing import Registry, Resource
+from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
 from higgs_worker.settings import load_settings
@@ -37,7 +37,7 @@ POOLS_24GB_PLUS = {"ADA_24", "AMPERE_24", "AMPERE_48", "ADA_48_PRO", "AMPERE_80"
 
 
 def schema_validator(name: str) -> jsonschema.Draft202012Validator:
-    registry = Registry().with_resource("urn:spec", Resource(contents=SPEC, specification=DRAFT202012))
+    registry = Registry().with_resource("urn:spec", DRAFT202012.create_resource(SPEC))
     return jsonschema.Draft202012Validator(
         {"$ref": f"urn:spec#/components/schemas/{name}"}, registry=registry
     )
