@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from transformers.models.higgs_audio_v2 import modeling_higgs_audio_v2 as higgs
@@ -134,7 +135,7 @@ class GraphedDecodeStep:
         self._rows = torch.zeros(cache.slots, step._shape[0], dtype=torch.long, device=device)
         self._positions = torch.zeros(cache.slots, dtype=torch.long, device=device)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._pool = None
+        self._pool: Any = None  # the graphs' shared memory pool, set by the first capture
         self.batch_buckets = [b for b in GRAPH_BATCH_BUCKETS if b < cache.slots] + [cache.slots]
 
     def __call__(self, rows: torch.Tensor, positions: torch.Tensor, span: int, masked: bool) -> torch.Tensor:

@@ -103,6 +103,7 @@ class SequenceHandle:
                 raise TimeoutError("the sequence did not finish in time")
             if self._error is not None:
                 raise self._error
+            assert self._result is not None  # the wait ends on a result or an error
             return self._result
 
     # -- the scheduler's side -----------------------------------------------------------------------------

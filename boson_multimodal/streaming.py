@@ -16,7 +16,7 @@ decodes the frames in chunks. Two facts shape the decoding:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,7 +95,9 @@ def decoder_reach(codec: torch.nn.Module) -> int:
     away.
     """
     reach, samples_per_frame = 0.0, 1
-    for module in codec.acoustic_decoder.modules():
+    decoder = codec.acoustic_decoder
+    assert isinstance(decoder, torch.nn.Module)
+    for module in decoder.modules():
         if isinstance(module, torch.nn.ConvTranspose1d):
             stride = module.stride[0]
             reach += math.ceil(module.kernel_size[0] / stride) / samples_per_frame
@@ -133,7 +135,7 @@ class _ChunkDecoder:
 
 def stream_speech(
     engine: HiggsAudioEngine, request: SpeechRequest, schedule: ChunkSchedule | None = None
-) -> Iterator[AudioChunk]:
+) -> Generator[AudioChunk, None, None]:
     """Yield the clip's audio in chunks while it is generated; the last chunk has ``final=True``.
 
     Closing the iterator early cancels the generation at its next step (which frees its slot), and an
@@ -150,7 +152,11 @@ def stream_speech(
         while codes is None:
             version, rows, result = handle.wait_newer(version)
             codes = engine.to_codes(result.rows) if result is not None else None
-            frames = engine.to_codes(rows).frames if codes is None else codes.frames
+            if codes is None:
+                assert rows is not None  # a sequence still running always has rows to publish
+                frames = engine.to_codes(rows).frames
+            else:
+                frames = codes.frames
             # While generating, a chunk waits for `lookahead` frames after it; at the end the last is final.
             ready = frames.shape[0] - (lookahead if codes is None else 1)
             while emitted + size <= ready:
@@ -164,7 +170,7 @@ def stream_speech(
 
 def chunk_speech(
     speech: Speech, frame_rate: int, max_frames: int = ChunkSchedule.max_frames
-) -> Iterator[AudioChunk]:
+) -> Generator[AudioChunk, None, None]:
     """A finished clip as stream chunks, each at most ``max_frames`` long (a clip whose tempo was changed,
     which needs the whole clip first). The frame count follows the waveform."""
     hop = speech.sample_rate // frame_rate
