@@ -129,6 +129,9 @@ def validate_s3_key(key: str) -> str:
         raise ValueError("s3_key must not start or end with '/'")
     if ".." in key:
         raise ValueError("s3_key must not contain '..'")
+    if "." in key.split("/"):
+        # URLs normalise a "." segment away (RFC 3986), so S3 servers refuse such a key rather than store it.
+        raise ValueError("s3_key must not have a path segment that is just '.'")
     if "//" in key:
         raise ValueError("s3_key must not contain an empty path segment ('//')")
     return key
