@@ -16,14 +16,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from higgs_worker.errors import DemoRefused
 from higgs_worker.model_store import LOCAL_BUILD, RepoSpec, publish_local, read_marker, read_store
 from higgs_worker.settings import Settings, load_settings
 
 logger = logging.getLogger("demo_model")
-
-
-class DemoRefused(SystemExit):
-    """The volume already holds something the demo must not overwrite."""
 
 
 def publish_demo(settings: Settings) -> None:

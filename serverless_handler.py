@@ -18,7 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import Any
 
-from higgs_worker.pipeline import USER_ERRORS, Pipeline, Progress
+from higgs_worker.errors import WorkerError
+from higgs_worker.pipeline import Pipeline, Progress
 from higgs_worker.redaction import install_log_redaction, redact
 from higgs_worker.settings import load_settings
 from higgs_worker.thread_iteration import iterate_in_threads
@@ -32,7 +33,7 @@ def _job_id(job: dict[str, Any]) -> str:
 
 def failure(job: dict[str, Any], error: Exception) -> dict[str, str]:
     """A job's error string: the reason for errors the client can act on, the type for anything else."""
-    if isinstance(error, USER_ERRORS):
+    if isinstance(error, WorkerError):
         logger.warning("job %s failed: %s", job.get("id"), error)
         return {"error": redact(str(error))}
     logger.error("job %s crashed: %s", job.get("id"), redact(traceback.format_exc()))

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
+from higgs_worker.errors import AudioDecodeError
+
 MIN_SAMPLE_RATE = 8_000
 MAX_SAMPLE_RATE = 48_000
 MIN_SPEED = 0.25
@@ -26,10 +28,6 @@ MAX_SPEED = 4.0
 
 _MPEG_RATES = (8_000, 11_025, 12_000, 16_000, 22_050, 24_000, 32_000, 44_100, 48_000)
 _OPUS_RATES = (8_000, 12_000, 16_000, 24_000, 48_000)
-
-
-class AudioDecodeError(ValueError):
-    """Bytes that were supposed to be audio could not be decoded; the message says why, for the user."""
 
 
 @dataclass(frozen=True)

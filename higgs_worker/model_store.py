@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from higgs_worker.atomic_file import write_atomic
+from higgs_worker.errors import ModelStoreError
 from higgs_worker.volume_lock import VolumeLock
 
 # huggingface_hub is imported where the hub is asked, never at import: it costs about half a second of every
@@ -60,10 +61,6 @@ class StoredRepo:
     path: Path  # the directory to load from
     source: Source
     seconds: float  # time spent in ensure_repo
-
-
-class ModelStoreError(RuntimeError):
-    """The repo could not be made available; the message is meant for the user and never holds the token."""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import base64
 import logging
 import threading
 from collections.abc import Callable, Generator, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -22,15 +22,15 @@ import numpy as np
 from boson_multimodal.errors import SpeechRequestError
 from boson_multimodal.transcript import normalize_transcript
 from higgs_worker.audio_encoding import EncodedAudio, change_tempo, encode_audio
-from higgs_worker.delivery import DeliveryError, DeliveryPolicy, InlineBudget, S3Target, deliver
+from higgs_worker.delivery import DeliveryPolicy, InlineBudget, S3Target, deliver
 from higgs_worker.dry_run import dry_run
-from higgs_worker.model_store import ModelStoreError
-from higgs_worker.references import ReferenceAudioError, ResolvedVoice, resolve_reference
+from higgs_worker.errors import JobAbandoned, JobError, SpeechNotPossible
+from higgs_worker.references import ResolvedVoice, resolve_reference
 from higgs_worker.rendering import chunking_for, prompt_request
-from higgs_worker.request_plan import RequestPlanError, cache_identity, s3_target_for
+from higgs_worker.request_plan import cache_identity, s3_target_for
 from higgs_worker.result_cache import ResultCache, cache_key
-from higgs_worker.runtime import Models, Runtime, RuntimeConfigError
-from higgs_worker.schema import RequestError, RequestLimits, TTSRequest, parse_request
+from higgs_worker.runtime import Models, Runtime
+from higgs_worker.schema import RequestLimits, TTSRequest, parse_request
 from higgs_worker.settings import Settings
 from higgs_worker.timings import Timings
 
@@ -44,27 +44,6 @@ logger = logging.getLogger("higgs_worker.pipeline")
 Progress = Callable[[int, int], None]  # (pieces done, pieces in all) of a long-form job
 
 NO_AUDIO = "the model ended the clip before producing any audio; try again with another seed or temperature"
-
-
-class JobError(Exception):
-    """A job that cannot complete; the message goes to the client as the job's error."""
-
-
-class JobAbandoned(Exception):
-    """The client went away; the generation was stopped and nobody is waiting for an answer."""
-
-
-# Errors the client can act on: their message is the answer. Anything else is an internal error.
-USER_ERRORS = (
-    RequestError,
-    ReferenceAudioError,
-    RequestPlanError,
-    ModelStoreError,
-    DeliveryError,
-    JobError,
-    SpeechRequestError,
-    RuntimeConfigError,
-)
 
 
 @dataclass
@@ -181,7 +160,7 @@ class Pipeline:
         speech_request = _speech_request(prepared.request, prepared.references)
         _check(cancel)
         chunking = self.chunking(prepared.request)  # the check and the pieces from one computation
-        with prepared.timings.phase("generate"):
+        with prepared.timings.phase("generate"), _engine_refusals():
             if chunking is not None:
                 from boson_multimodal.longform import generate_long
 
@@ -223,14 +202,14 @@ class Pipeline:
             else:
                 chunks = stream_speech(engine, speech_request)
         try:  # closing this generator closes the engine's stream, which stops the generation
-            with prepared.timings.phase("first_chunk"):
+            with prepared.timings.phase("first_chunk"), _engine_refusals():
                 first = next(chunks)
             if first.final and first.end_frame == 0:
                 raise JobError(NO_AUDIO)
             yield first
             if first.final:
                 return
-            with prepared.timings.phase("generate"):  # the rest of the clip, after the first chunk
+            with prepared.timings.phase("generate"), _engine_refusals():  # the rest, after the first chunk
                 for chunk in chunks:
                     if chunk.final and chunk.end_frame == 0:
                         raise JobError(NO_AUDIO)
@@ -366,6 +345,15 @@ def describe_audio(audio: EncodedAudio) -> dict[str, Any]:
 def _check(cancel: threading.Event | None) -> None:
     if cancel is not None and cancel.is_set():
         raise JobAbandoned("the client went away")
+
+
+@contextmanager
+def _engine_refusals() -> Iterator[None]:
+    """The engine's refusals (``boson_multimodal.errors``, which knows nothing of doors) as the worker's."""
+    try:
+        yield
+    except SpeechRequestError as error:
+        raise SpeechNotPossible(str(error)) from error
 
 
 def _abandoned_if_cancelled(generate: Callable[[], Speech]) -> Speech:

@@ -27,8 +27,16 @@ import numpy as np
 import yaml
 
 from higgs_worker.atomic_file import write_atomic
-from higgs_worker.audio_encoding import AudioDecodeError, decode_audio
-from higgs_worker.safe_fetch import FetchError, FetchPolicy, fetch, public_url
+from higgs_worker.audio_encoding import decode_audio
+from higgs_worker.errors import (
+    AudioDecodeError,
+    FetchError,
+    InvalidVoiceValue,
+    ReferenceAudioError,
+    UnknownVoiceError,
+    WorkerError,
+)
+from higgs_worker.safe_fetch import FetchPolicy, fetch, public_url
 from higgs_worker.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -83,14 +91,6 @@ LISTED_PRESETS = 20
 MIN_REFERENCE_SECONDS = 0.5
 
 
-class ReferenceAudioError(ValueError):
-    """A reference value the worker cannot use; the message starts with the job field's name."""
-
-
-class UnknownVoiceError(ReferenceAudioError):
-    """No preset or saved voice has that name (the HTTP door answers 404)."""
-
-
 @dataclass(frozen=True)
 class ReferenceAudio:
     waveform: np.ndarray  # float32 mono, at the file's own rate
@@ -121,7 +121,7 @@ def resolve_reference(
     well). For a preset voice the preset's own transcript is used unless the job gives one.
     """
     if not isinstance(value, str) or not value:
-        raise ReferenceAudioError(f"{field}: must be {ALLOWED_FORMS}")
+        raise InvalidVoiceValue(f"{field}: must be {ALLOWED_FORMS}")
     if value in OPENAI_VOICES:
         return _from_openai_name(value, ref_text, field, settings)
     if value.startswith(PROFILE_PREFIX):
@@ -134,7 +134,7 @@ def resolve_reference(
         return _from_url(value, ref_text, field, settings)
     if PRESET_NAME.fullmatch(value):
         return _from_preset(value, ref_text, field, settings)
-    raise ReferenceAudioError(
+    raise InvalidVoiceValue(
         f"{field}: {_shown(value)} is not allowed (a preset voice name has only letters, digits, '_' and "
         f"'-', at most 64 characters); use {ALLOWED_FORMS}"
     )
@@ -173,7 +173,7 @@ def _decoded(
 def _data_uri_bytes(value: str, field: str, settings: Settings) -> bytes:
     header = DATA_URI.match(value)
     if header is None:
-        raise ReferenceAudioError(
+        raise InvalidVoiceValue(
             f"{field}: a data URI must look like 'data:audio/<type>;base64,<payload>' "
             "(or 'data:application/octet-stream;base64,<payload>')"
         )
@@ -186,7 +186,7 @@ def _data_uri_bytes(value: str, field: str, settings: Settings) -> bytes:
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        raise ReferenceAudioError(
+        raise InvalidVoiceValue(
             f"{field}: the data URI's payload is not valid base64 (standard alphabet, padded, no whitespace)"
         ) from None
 
@@ -212,7 +212,7 @@ def _from_preset(name: str, text: str | None, field: str, settings: Settings) ->
     txt_path = (voices / f"{name}.txt").resolve()
     # The name pattern already forbids leaving the directory; checking the resolved paths is belt and braces.
     if wav_path.parent != voices or txt_path.parent != voices:
-        raise ReferenceAudioError(f"{field}: preset voice {name!r} is not a plain name")
+        raise InvalidVoiceValue(f"{field}: preset voice {name!r} is not a plain name")
     description = f"preset voice {name!r}"
     if not wav_path.is_file():
         _download_preset(name, voices, field, settings)
@@ -226,7 +226,7 @@ def _from_openai_name(name: str, text: str | None, field: str, settings: Setting
     voice = OPENAI_VOICES[name]
     try:
         resolved = resolve_reference(voice.target, text, field=field, settings=settings)
-    except ReferenceAudioError as error:
+    except WorkerError as error:  # not fetched, not found, not audio: its description stands in
         logger.warning("OpenAI voice %r: %s; using its description instead", name, error)
         return DescribedVoice(voice.fallback, f"OpenAI voice {name!r}, described", kind="description")
     return replace(resolved, description=f"OpenAI voice {name!r}: {resolved.description}")
@@ -234,13 +234,13 @@ def _from_openai_name(name: str, text: str | None, field: str, settings: Setting
 
 def _from_profile(name: str, field: str, settings: Settings) -> DescribedVoice:
     if not PRESET_NAME.fullmatch(name):
-        raise ReferenceAudioError(
+        raise InvalidVoiceValue(
             f"{field}: profile name {_shown(name)} is not allowed (letters, digits, '_' and '-', at most 64)"
         )
     profiles = _profiles(field, settings)
     if name not in profiles:
         known = ", ".join(sorted(profiles)[:LISTED_PRESETS])
-        raise ReferenceAudioError(f"{field}: unknown profile {name!r}; profiles: {known}")
+        raise UnknownVoiceError(f"{field}: unknown profile {name!r}; profiles: {known}")
     return DescribedVoice(profiles[name], f"profile {name!r}")
 
 

@@ -14,13 +14,10 @@ from typing import Any
 import numpy as np
 
 from higgs_worker.delivery import S3Target, default_s3_key, validate_bucket_name, validate_s3_key
+from higgs_worker.errors import RequestPlanError
 from higgs_worker.references import DescribedVoice, ResolvedVoice
 from higgs_worker.schema import TTSRequest
 from higgs_worker.settings import Settings
-
-
-class RequestPlanError(ValueError):
-    """The request is valid JSON but cannot be carried out as asked; the message names the field."""
 
 
 def s3_target_for(request: TTSRequest, job_id: str, settings: Settings) -> S3Target | None:

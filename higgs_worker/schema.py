@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from pydantic_core import ErrorDetails
 
 from higgs_worker.audio_encoding import FORMATS
+from higgs_worker.errors import RequestError
 
 OutputFormat = Literal["wav", "flac", "mp3", "ogg", "opus", "pcm"]
 ChunkMethod = Literal["sentence", "speaker", "word", "none"]
@@ -51,10 +52,6 @@ ALIASES = {
 class RequestLimits:
     max_transcript_chars: int
     max_new_tokens: int
-
-
-class RequestError(ValueError):
-    """The job input is invalid; the message names every offending field and what is allowed."""
 
 
 class TTSRequest(BaseModel):

@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from higgs_worker.delivery import MAX_PRESIGN_EXPIRY_S, OUTPUT_OVERHEAD_BYTES, validate_bucket_name
+from higgs_worker.errors import SettingsError
 
 DEFAULT_MODEL_REPO = "bosonai/higgs-audio-v2-generation-3B-base"
 DEFAULT_TOKENIZER_REPO = "bosonai/higgs-audio-v2-tokenizer"
@@ -27,10 +28,6 @@ DEFAULT_TOKENIZER_REVISION = "main"
 DEFAULT_VOICES_BASE_URL = "https://raw.githubusercontent.com/boson-ai/higgs-audio/main/examples/voice_prompts"
 RUNPOD_VOLUME = Path("/runpod-volume")
 ENDPOINT_TYPES = ("QUEUE", "LOAD_BALANCER")  # RunPod's own names for the two kinds of serverless endpoint
-
-
-class SettingsError(ValueError):
-    """An environment variable holds a value the worker cannot use."""
 
 
 @dataclass(frozen=True)

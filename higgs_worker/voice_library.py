@@ -22,35 +22,19 @@ from pathlib import Path
 import soundfile as sf
 
 from higgs_worker.atomic_file import write_atomic
-from higgs_worker.audio_encoding import AudioDecodeError, decode_audio
+from higgs_worker.audio_encoding import decode_audio
+from higgs_worker.errors import (
+    AudioDecodeError,
+    InvalidVoice,
+    InvalidVoiceAudio,
+    VoiceExists,
+    VoiceNotFound,
+    VoiceTooLarge,
+)
 from higgs_worker.references import MIN_REFERENCE_SECONDS, PRESET_NAME
 from higgs_worker.schema import MAX_REF_TEXT_CHARS
 from higgs_worker.settings import Settings
 from higgs_worker.volume_lock import VolumeLock
-
-
-class VoiceLibraryError(ValueError):
-    """A voice cannot be saved, found or removed; the message names the field and what is allowed."""
-
-    def __init__(self, message: str, *, field: str) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-class InvalidVoice(VoiceLibraryError):
-    """The name, the audio or the transcript is not acceptable."""
-
-
-class VoiceTooLarge(VoiceLibraryError):
-    """The uploaded file is larger than a reference may be."""
-
-
-class VoiceExists(VoiceLibraryError):
-    """A voice of that name is already saved (and replacing it was not asked for)."""
-
-
-class VoiceNotFound(VoiceLibraryError):
-    """No voice of that name on this volume."""
 
 
 @dataclass(frozen=True)
@@ -78,8 +62,7 @@ class VoiceLibrary:
     def check_name(self, name: str) -> str:
         if not PRESET_NAME.fullmatch(name):
             raise InvalidVoice(
-                "name: must be 1-64 letters, digits, '_' and '-', starting with a letter or digit",
-                field="name",
+                "name: must be 1-64 letters, digits, '_' and '-', starting with a letter or digit"
             )
         return name
 
@@ -88,13 +71,12 @@ class VoiceLibrary:
         self.check_name(name)
         if len(data) > self.settings.max_reference_bytes:
             raise VoiceTooLarge(
-                f"file: {len(data)} bytes is over the limit of {self.settings.max_reference_bytes} bytes",
-                field="file",
+                f"file: {len(data)} bytes is over the limit of {self.settings.max_reference_bytes} bytes"
             )
         if ref_text is not None:
             ref_text = ref_text.strip() or None
         if ref_text is not None and len(ref_text) > MAX_REF_TEXT_CHARS:
-            raise InvalidVoice(f"ref_text: at most {MAX_REF_TEXT_CHARS} characters", field="ref_text")
+            raise InvalidVoice(f"ref_text: at most {MAX_REF_TEXT_CHARS} characters")
         wav, sample_rate, seconds = self._checked_audio(data)
         voice = SavedVoice(name, "upload", round(seconds, 3), sample_rate, ref_text, int(time.time()))
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -102,8 +84,7 @@ class VoiceLibrary:
         with self._lock(name):
             if wav_path.exists() and not replace:
                 raise VoiceExists(
-                    f"name: a voice named {name!r} already exists; delete it first or set replace=true",
-                    field="name",
+                    f"name: a voice named {name!r} already exists; delete it first or set replace=true"
                 )
             metadata = {k: v for k, v in asdict(voice).items() if k not in ("name", "ref_text")}
             _publish(meta_path, json.dumps(metadata).encode())
@@ -118,18 +99,15 @@ class VoiceLibrary:
         try:
             waveform, sample_rate = decode_audio(data)
         except AudioDecodeError as error:
-            raise InvalidVoice(f"file: {error}", field="file") from None
+            raise InvalidVoiceAudio(f"file: {error}") from None
         seconds = waveform.size / sample_rate
         if seconds < MIN_REFERENCE_SECONDS:
-            raise InvalidVoice(
-                f"file: the audio is {seconds:.3f} s long; a voice needs {MIN_REFERENCE_SECONDS:g} s or more",
-                field="file",
+            raise InvalidVoiceAudio(
+                f"file: the audio is {seconds:.3f} s long; a voice needs {MIN_REFERENCE_SECONDS:g} s or more"
             )
         if seconds > self.settings.max_reference_seconds:
             limit = self.settings.max_reference_seconds
-            raise InvalidVoice(
-                f"file: the audio is {seconds:.1f} s long; the limit is {limit:g} s", field="file"
-            )
+            raise InvalidVoiceAudio(f"file: the audio is {seconds:.1f} s long; the limit is {limit:g} s")
         buffer = io.BytesIO()
         sf.write(buffer, waveform, sample_rate, format="WAV", subtype="PCM_16")
         return buffer.getvalue(), sample_rate, seconds
@@ -138,7 +116,7 @@ class VoiceLibrary:
         self.check_name(name)
         wav_path, txt_path, meta_path = self._paths(name)
         if not wav_path.is_file():
-            raise VoiceNotFound(f"name: no voice named {name!r} on this worker", field="name")
+            raise VoiceNotFound(f"name: no voice named {name!r} on this worker")
         ref_text = txt_path.read_text(encoding="utf-8").strip() or None if txt_path.is_file() else None
         if not meta_path.is_file():
             return SavedVoice(name, "preset", None, None, ref_text, None)
@@ -164,7 +142,7 @@ class VoiceLibrary:
         wav_path, txt_path, meta_path = self._paths(name)
         with self._lock(name):
             if not wav_path.is_file():
-                raise VoiceNotFound(f"name: no voice named {name!r} on this worker", field="name")
+                raise VoiceNotFound(f"name: no voice named {name!r} on this worker")
             wav_path.unlink()  # first: the voice is gone for every reader at once
             txt_path.unlink(missing_ok=True)
             meta_path.unlink(missing_ok=True)

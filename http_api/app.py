@@ -25,7 +25,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
-from higgs_worker.pipeline import Clip, JobAbandoned, Pipeline, PreparedJob
+from higgs_worker.errors import JobAbandoned
+from higgs_worker.pipeline import Clip, Pipeline, PreparedJob
 from higgs_worker.runtime import Readiness
 from higgs_worker.stream_encoding import STREAMABLE, StreamEncoder
 from higgs_worker.thread_iteration import iterate_in_threads

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from demo_model import DemoRefused, publish_demo
+from demo_model import publish_demo
+from higgs_worker.errors import DemoRefused
 from higgs_worker.model_store import LOCAL_BUILD, RepoSpec, ensure_repo, read_marker, read_store
 from higgs_worker.settings import Settings, load_settings
 from tests.fixtures_hub import make_repo

@@ -176,7 +176,7 @@ def test_voice_library_round_trip(client: httpx.Client, narrator: str, spoken_re
     bad_name = client.post("/v1/audio/voices", data={"name": "../x"}, files=files)
     assert_openai_error(bad_name, 400, "name")
     not_audio = client.post("/v1/audio/voices", data={"name": "noise"}, files={"file": ("a.wav", b"abc")})
-    assert_openai_error(not_audio, 400, "file")
+    assert_openai_error(not_audio, 422, "file")
     # a saved voice is usable by name in a queue job's input too (POST /generate)
     output = client.post(
         "/generate",

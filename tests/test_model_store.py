@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from higgs_worker.model_store import MARKER_NAME, ModelStoreError, RepoSpec, StoredRepo, ensure_repo
+from higgs_worker.errors import ModelStoreError
+from higgs_worker.model_store import MARKER_NAME, RepoSpec, StoredRepo, ensure_repo
 from higgs_worker.volume_lock import VolumeLock
 from tests.fixtures_hub import (  # noqa: F401 (fixtures)
     TINY_REPO_ID,

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from higgs_worker.errors import RequestPlanError
 from higgs_worker.references import ReferenceAudio
-from higgs_worker.request_plan import RequestPlanError, cache_identity, s3_target_for
+from higgs_worker.request_plan import cache_identity, s3_target_for
 from higgs_worker.schema import RequestLimits, parse_request
 from higgs_worker.settings import load_settings
 

@@ -7,7 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from higgs_worker.safe_fetch import FetchError, FetchPolicy, fetch, is_forbidden_address, public_url
+from higgs_worker.errors import FetchError
+from higgs_worker.safe_fetch import FetchPolicy, fetch, is_forbidden_address, public_url
 from tests.loopback_http import (
     LoopbackServer,
     TlsFiles,
