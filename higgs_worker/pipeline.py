@@ -87,8 +87,9 @@ class Pipeline:
         )
 
     # -- validate, plan, references, cache key ------------------------------------------------------------
-    def validate(self, raw_input: Any) -> TTSRequest:
-        return parse_request(raw_input, self.limits)
+    def validate(self, raw_input: Any, *, openai_names: bool = False) -> TTSRequest:
+        """The checked request; ``openai_names`` for OpenAI's route (errors say ``input``, ``voice``…)."""
+        return parse_request(raw_input, self.limits, openai_names=openai_names)
 
     def dry_run(self, request: TTSRequest) -> dict[str, Any]:
         """How the request would be read — transcript, voices, pieces, prompt — without models or a GPU."""

@@ -268,13 +268,20 @@ def _describe_unknown(names: list[str]) -> str:
     return f"{shown}{more}: {noun}; allowed fields are {', '.join(ALLOWED_FIELDS)}"
 
 
-def parse_request(raw: Any, limits: RequestLimits) -> TTSRequest:
-    """Validate a job's ``input``; raises RequestError naming every offending field."""
+def parse_request(raw: Any, limits: RequestLimits, *, openai_names: bool = False) -> TTSRequest:
+    """Validate a job's ``input``; raises RequestError naming every offending field.
+
+    ``openai_names``: the body came through OpenAI's route, so a field the client did not send at all is
+    named as OpenAI names it (a missing ``input``, not ``transcript``). A field sent under either name is
+    always named as it was sent.
+    """
     if not isinstance(raw, dict):
         raise RequestError(
             f"input: must be a JSON object with at least a transcript, got {type(raw).__name__}"
         )
     data, problems, sent_as = _apply_aliases(raw)
+    if openai_names:
+        sent_as = {field: alias for alias, field in ALIASES.items() if field not in raw} | sent_as
     try:
         request = TTSRequest.model_validate(data)
     except ValidationError as error:

@@ -136,7 +136,8 @@ def create_app(pipeline: Pipeline, *, with_health: bool = True) -> FastAPI:
             body["response_format"] = OPENAI_DEFAULT_FORMAT
         if body.get("dry_run") is True:  # no models, no slot: how the request would be read, as JSON
             try:
-                return JSONResponse(await in_thread(lambda: pipeline.dry_run(pipeline.validate(body))))
+                request_ = pipeline.validate(body, openai_names=True)
+                return JSONResponse(await in_thread(lambda: pipeline.dry_run(request_)))
             except Exception as error:
                 return failure_response(error, "dry run")
         refusal = take_slot()
@@ -145,9 +146,9 @@ def create_app(pipeline: Pipeline, *, with_health: bool = True) -> FastAPI:
         job_id = f"speech-{uuid.uuid4().hex[:12]}"
         handed_over = False  # once a response body owns the slot, it gives it back
         try:
-            prepared = await in_thread(lambda: pipeline.prepare(job_id, pipeline.validate(body)))
+            request_ = pipeline.validate(body, openai_names=True)
+            prepared = await in_thread(lambda: pipeline.prepare(job_id, request_))
             clip = pipeline.cached(prepared)
-            request_ = prepared.request
             if clip is None and request_.output_format in STREAMABLE and request_.sample_rate is None:
                 pieces = iterate_in_threads(_encoded_stream(pipeline, prepared), threads)
                 first = await anext(pieces, b"")  # a failure before any audio still gets its own status

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import soundfile as sf
-from openai import OpenAI
+from openai import BadRequestError, OpenAI
 
 from tests.hub_server import HubServer
 from tests.worker_process import HttpWorker, worker_env
@@ -148,6 +148,30 @@ def test_errors_have_openai_shape_and_name_the_field(client: httpx.Client) -> No
     )
     assert_openai_error(client.post("/v1/audio/speech", content=b"{nope"), 400, None)
     assert client.get("/v1/nothing").status_code == 404
+
+
+def test_errors_name_the_fields_as_an_openai_client_knows_them(
+    client: httpx.Client, server: HttpWorker
+) -> None:
+    """On OpenAI's route a field is named as OpenAI names it, sent or not: never by this worker's own name."""
+    without_input = {k: v for k, v in JOB.items() if k != "input"}
+    message = assert_openai_error(client.post("/v1/audio/speech", json=without_input), 400, "input")
+    assert message == "input: required"
+    assert_openai_error(client.post("/v1/audio/speech", json=JOB | {"input": "   "}), 400, "input")
+    assert_openai_error(client.post("/v1/audio/speech", json=JOB | {"voice": "../x"}), 400, "voice")
+    assert_openai_error(client.post("/v1/audio/speech", json=JOB | {"voice": 7}), 400, "voice")
+    long_scene = JOB | {"instructions": "x" * 2001}
+    assert_openai_error(client.post("/v1/audio/speech", json=long_scene), 400, "instructions")
+    # this worker's own names still work on that route, and are then named as sent
+    ours = {k: v for k, v in JOB.items() if k != "input"} | {"transcript": "Hi.", "output_format": "flac8"}
+    assert_openai_error(client.post("/v1/audio/speech", json=ours), 400, "output_format")
+    # the official client sees the same: its error carries OpenAI's field name
+    openai = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(BadRequestError) as raised:
+        openai.audio.speech.create(
+            model="tts-1", voice="../x", input="Hi.", extra_body={"max_new_tokens": 20}
+        )
+    assert raised.value.status_code == 400 and raised.value.body["param"] == "voice"  # type: ignore[index]
 
 
 def test_a_body_over_the_limit_is_refused_before_it_is_read(client: httpx.Client) -> None:
