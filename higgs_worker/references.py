@@ -97,7 +97,7 @@ class ReferenceAudio:
     sample_rate: int
     text: str | None  # transcript of the reference audio, when known
     description: str  # where it came from, safe to log and to show the user
-    kind: Literal["reference", "preset"] = "reference"
+    kind: Literal["reference", "preset", "saved"] = "reference"
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ def resolve_reference(
     if scheme in {"http", "https"}:
         return _from_url(value, ref_text, field, settings)
     if PRESET_NAME.fullmatch(value):
-        return _from_preset(value, ref_text, field, settings)
+        return _from_name(value, ref_text, field, settings)
     raise InvalidVoiceValue(
         f"{field}: {_shown(value)} is not allowed (a preset voice name has only letters, digits, '_' and "
         f"'-', at most 64 characters); use {ALLOWED_FORMS}"
@@ -206,6 +206,37 @@ def _from_url(url: str, text: str | None, field: str, settings: Settings) -> Ref
     return _decoded(data, text, public_url(url), field, settings)
 
 
+def _from_name(name: str, text: str | None, field: str, settings: Settings) -> ReferenceAudio:
+    """A voice by name: a saved voice (the library's own folder) first, else a preset.
+
+    Saved voices cannot shadow what this worker already knows by that name: the library refuses OpenAI's
+    names, the presets OpenAI's names stand for, and presets on the volume. A name that is neither says so.
+    """
+    saved = _from_saved(name, text, field, settings)
+    if saved is not None:
+        return saved
+    try:
+        return _from_preset(name, text, field, settings)
+    except UnknownVoiceError:
+        raise UnknownVoiceError(
+            f"{field}: no saved voice or preset voice named {name!r}{_available(settings)}"
+        ) from None
+    except ReferenceAudioError as error:
+        reason = str(error).removeprefix(f"{field}: ")
+        raise ReferenceAudioError(f"{field}: no saved voice named {name!r}, and {reason}") from None
+
+
+def _from_saved(name: str, text: str | None, field: str, settings: Settings) -> ReferenceAudio | None:
+    folder = settings.saved_voices_dir
+    try:
+        audio = (folder / f"{name}.wav").read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if text is None:
+        text = _stored_text(folder / f"{name}.txt")
+    return replace(_decoded(audio, text, f"saved voice {name!r}", field, settings), kind="saved")
+
+
 def _from_preset(name: str, text: str | None, field: str, settings: Settings) -> ReferenceAudio:
     voices = settings.voices_dir.resolve()
     wav_path = (voices / f"{name}.wav").resolve()
@@ -216,16 +247,31 @@ def _from_preset(name: str, text: str | None, field: str, settings: Settings) ->
     description = f"preset voice {name!r}"
     if not wav_path.is_file():
         _download_preset(name, voices, field, settings)
-    if text is None and txt_path.is_file():
-        text = txt_path.read_text(encoding="utf-8").strip() or None
+    if text is None:
+        text = _stored_text(txt_path)
     return replace(_decoded(wav_path.read_bytes(), text, description, field, settings), kind="preset")
 
 
+def _stored_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8").strip() or None
+    except FileNotFoundError:
+        return None
+
+
 def _from_openai_name(name: str, text: str | None, field: str, settings: Settings) -> ResolvedVoice:
-    """One of OpenAI's voice names: its preset or profile, else its own description (never an error)."""
+    """One of OpenAI's voice names: its preset or profile, else its own description (never an error).
+
+    Its preset is always the preset, never a saved voice that happens to share the name.
+    """
     voice = OPENAI_VOICES[name]
     try:
-        resolved = resolve_reference(voice.target, text, field=field, settings=settings)
+        if voice.target.startswith(PROFILE_PREFIX):
+            resolved: ResolvedVoice = _from_profile(
+                voice.target.removeprefix(PROFILE_PREFIX), field, settings
+            )
+        else:
+            resolved = _from_preset(voice.target, text, field, settings)
     except WorkerError as error:  # not fetched, not found, not audio: its description stands in
         logger.warning("OpenAI voice %r: %s; using its description instead", name, error)
         return DescribedVoice(voice.fallback, f"OpenAI voice {name!r}, described", kind="description")
@@ -298,7 +344,7 @@ def _download_preset(name: str, voices: Path, field: str, settings: Settings) ->
         audio = fetch(f"{base}/{name}.wav", policy)
     except FetchError as error:
         if error.status == 404:
-            raise UnknownVoiceError(f"{field}: unknown preset voice {name!r}{_available(voices)}") from None
+            raise UnknownVoiceError(f"{field}: unknown preset voice {name!r}") from None
         raise ReferenceAudioError(f"{field}: preset voice {name!r} could not be fetched: {error}") from None
     try:
         decode_audio(audio)
@@ -324,10 +370,12 @@ def _publish(path: Path, data: bytes) -> None:
     write_atomic(path, data, temp_prefix=f".{path.name}.")  # hidden: never listed as a preset
 
 
-def _available(voices: Path) -> str:
-    wavs = voices.glob("*.wav") if voices.is_dir() else []
-    names = sorted(path.stem for path in wavs if PRESET_NAME.fullmatch(path.stem))
-    if not names:
-        return ""
-    shown = ", ".join(names[:LISTED_PRESETS]) + (", ..." if len(names) > LISTED_PRESETS else "")
-    return f"; presets on this worker: {shown}"
+def _available(settings: Settings) -> str:
+    """The voices this worker has, for an error about a name it has not: saved ones, then presets."""
+    parts = []
+    for what, folder in (("saved voices", settings.saved_voices_dir), ("presets", settings.voices_dir)):
+        names = sorted(p.stem for p in folder.glob("*.wav") if PRESET_NAME.fullmatch(p.stem))
+        if names:
+            shown = ", ".join(names[:LISTED_PRESETS]) + (", ..." if len(names) > LISTED_PRESETS else "")
+            parts.append(f"{what} on this worker: {shown}")
+    return "".join(f"; {part}" for part in parts)

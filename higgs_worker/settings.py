@@ -77,6 +77,11 @@ class Settings:
     def lock_dir(self) -> Path:
         return self.volume_path / ".locks"
 
+    @property
+    def saved_voices_dir(self) -> Path:
+        """Voices saved through the library: a folder of their own, so no preset file is ever theirs."""
+        return self.voices_dir / "saved"
+
 
 def _str(env: Mapping[str, str], name: str, default: str) -> str:
     value = env.get(name, "").strip()

@@ -1,9 +1,11 @@
 """Saved voices on the volume: upload a reference once, then name it in any request.
 
-Why beside the presets: a saved voice is stored exactly like a preset voice (``<name>.wav`` and, when there
-is a transcript, ``<name>.txt`` in ``VOICES_DIR``), so every door that already resolves preset names (queue
-jobs' ``ref_audio``, OpenAI's ``voice``) finds saved voices with no change. A ``<name>.json`` beside them
-marks the voice as uploaded and records its facts; downloaded presets have none.
+Saved voices live in a folder of their own (``VOICES_DIR/saved``: ``<name>.wav``, ``<name>.txt`` when there is
+a transcript, ``<name>.json`` with the upload's facts), apart from the presets fetched into ``VOICES_DIR``, so
+deleting one never touches a preset. Every door resolves a plain voice name to a saved voice first, then to a
+preset (:mod:`higgs_worker.references`); so that a saved voice never silently stands in for something else,
+the library refuses (409) the names OpenAI's voices use, the presets those stand for, and the presets already
+on the volume.
 
 The upload is decoded and checked with the same limits as a reference in a job, then stored as 16-bit WAV at
 its own rate (one format to read back, whatever was uploaded). Files are published atomically, the audio
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,16 +34,18 @@ from higgs_worker.errors import (
     VoiceNotFound,
     VoiceTooLarge,
 )
-from higgs_worker.references import MIN_REFERENCE_SECONDS, PRESET_NAME
+from higgs_worker.references import MIN_REFERENCE_SECONDS, OPENAI_VOICES, PRESET_NAME
 from higgs_worker.schema import MAX_REF_TEXT_CHARS
 from higgs_worker.settings import Settings
 from higgs_worker.volume_lock import VolumeLock
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class SavedVoice:
     name: str
-    source: str  # "upload" (saved through the library) or "preset" (downloaded on first use)
+    source: str  # "upload": saved through the library
     duration_s: float | None
     sample_rate: int | None
     ref_text: str | None
@@ -53,7 +58,7 @@ class SavedVoice:
 class VoiceLibrary:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.directory = settings.voices_dir
+        self.directory = settings.saved_voices_dir
 
     def _paths(self, name: str) -> tuple[Path, Path, Path]:
         base = self.directory / name
@@ -66,9 +71,21 @@ class VoiceLibrary:
             )
         return name
 
+    def _check_free(self, name: str) -> None:
+        """A saved voice may not take a name that already means another voice on this worker."""
+        if name in OPENAI_VOICES:
+            raise VoiceExists(f"name: {name!r} is one of OpenAI's voice names; choose another name")
+        if name in {voice.target for voice in OPENAI_VOICES.values()}:
+            raise VoiceExists(
+                f"name: {name!r} is the preset voice behind an OpenAI voice; choose another name"
+            )
+        if (self.settings.voices_dir / f"{name}.wav").is_file():
+            raise VoiceExists(f"name: {name!r} is a preset voice on this worker; choose another name")
+
     def save(self, name: str, data: bytes, ref_text: str | None, *, replace: bool = False) -> SavedVoice:
         """Check and store a voice; VoiceExists when ``name`` is taken and ``replace`` is False."""
         self.check_name(name)
+        self._check_free(name)
         if len(data) > self.settings.max_reference_bytes:
             raise VoiceTooLarge(
                 f"file: {len(data)} bytes is over the limit of {self.settings.max_reference_bytes} bytes"
@@ -115,17 +132,19 @@ class VoiceLibrary:
     def get(self, name: str) -> SavedVoice:
         self.check_name(name)
         wav_path, txt_path, meta_path = self._paths(name)
-        if not wav_path.is_file():
-            raise VoiceNotFound(f"name: no voice named {name!r} on this worker")
+        try:
+            metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            metadata = None
+        if metadata is None or not wav_path.is_file():
+            raise VoiceNotFound(f"name: no saved voice named {name!r} on this worker")
         ref_text = txt_path.read_text(encoding="utf-8").strip() or None if txt_path.is_file() else None
-        if not meta_path.is_file():
-            return SavedVoice(name, "preset", None, None, ref_text, None)
-        metadata = json.loads(meta_path.read_text(encoding="utf-8"))
         return SavedVoice(
             name, "upload", metadata["duration_s"], metadata["sample_rate"], ref_text, metadata["created_at"]
         )
 
     def list(self) -> list[SavedVoice]:
+        """The saved voices (presets are not the library's: they come and go with the voices server)."""
         if not self.directory.is_dir():
             return []
         names = sorted(p.stem for p in self.directory.glob("*.wav") if PRESET_NAME.fullmatch(p.stem))
@@ -142,10 +161,26 @@ class VoiceLibrary:
         wav_path, txt_path, meta_path = self._paths(name)
         with self._lock(name):
             if not wav_path.is_file():
-                raise VoiceNotFound(f"name: no voice named {name!r} on this worker")
+                raise VoiceNotFound(f"name: no saved voice named {name!r} on this worker")
             wav_path.unlink()  # first: the voice is gone for every reader at once
             txt_path.unlink(missing_ok=True)
             meta_path.unlink(missing_ok=True)
+
+    def adopt_earlier_uploads(self) -> None:
+        """Move voices that earlier versions saved beside the presets (marked by ``<name>.json``) into the
+        library's folder, so an upgrade loses none. Each file moves atomically, the audio last, under the
+        voice's lock; a worker meanwhile finds the voice in one folder or the other."""
+        for meta in sorted(self.settings.voices_dir.glob("*.json")):
+            name = meta.stem
+            if not PRESET_NAME.fullmatch(name) or not meta.with_suffix(".wav").is_file():
+                continue
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with self._lock(name):
+                for suffix in (".json", ".txt", ".wav"):
+                    old = meta.with_suffix(suffix)
+                    if old.is_file():
+                        old.replace(self.directory / old.name)
+            logger.info("moved the saved voice %r into %s", name, self.directory)
 
     def _lock(self, name: str) -> VolumeLock:
         return VolumeLock(

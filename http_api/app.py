@@ -90,6 +90,7 @@ def create_app(pipeline: Pipeline, *, with_health: bool = True) -> FastAPI:
     # Threads for generations (one per slot) plus room for the short blocking steps around them.
     threads = ThreadPoolExecutor(settings.concurrency + 4, thread_name_prefix="http-job")
     voices = VoiceLibrary(settings)
+    voices.adopt_earlier_uploads()
     app = FastAPI(title="Higgs Audio V2 text-to-speech", docs_url=None, redoc_url=None)
 
     def take_slot() -> Response | None:

@@ -136,11 +136,11 @@ def test_presets_placed_on_the_volume_by_the_operator_need_no_network(
 
 
 def test_unknown_preset_is_named_and_local_presets_are_listed(settings: Settings) -> None:
-    assert refused("nope", settings, status=404) == "ref_audio: unknown preset voice 'nope'"
+    assert refused("nope", settings, status=404) == "ref_audio: no saved voice or preset voice named 'nope'"
     resolve("en_woman", settings)
     assert (
         refused("nope", settings, status=404)
-        == "ref_audio: unknown preset voice 'nope'; presets on this worker: en_woman"
+        == "ref_audio: no saved voice or preset voice named 'nope'; presets on this worker: en_woman"
     )
 
 
@@ -411,5 +411,7 @@ def test_other_values_are_refused_with_the_allowed_forms(settings: Settings, val
 
 
 def test_the_field_name_given_by_the_caller_leads_the_message(settings: Settings) -> None:
-    with pytest.raises(UnknownVoiceError, match=r"^speakers\[1\]\.ref_audio: unknown preset voice 'nope'$"):
+    with pytest.raises(
+        UnknownVoiceError, match=r"^speakers\[1\]\.ref_audio: no saved voice or preset voice named 'nope'$"
+    ):
         resolve_reference("nope", None, field="speakers[1].ref_audio", settings=settings)
