@@ -1,10 +1,11 @@
-"""The job pipeline: validate → plan → references → cache → generate → encode → deliver, for one job.
+"""The job pipeline: validate → plan → cache → generate → encode → deliver, for one job.
 
-Both doors (``serverless_handler.py`` for RunPod's queue, ``http_api`` for load-balancer endpoints) only
-translate their protocol into calls here and back; nothing here knows which door a job came through. The
-stages are public so a door can stop where its protocol needs to: the queue and ``POST /generate`` take the
-JSON output of :meth:`Pipeline.run` / :meth:`Pipeline.stream`, while ``/v1/audio/speech`` takes the audio of
-:meth:`Pipeline.clip` or the chunks of :meth:`Pipeline.chunks` and encodes them as they come.
+Both doors (:mod:`queue_api` for RunPod's queue, :mod:`http_api` for load-balancer endpoints) only translate
+their protocol into calls here and back; nothing here knows which door a job came through. A job is planned
+once (:mod:`higgs_worker.request_plan`): every stage after reads the plan. The queue and ``POST /generate``
+take the JSON output of :meth:`Pipeline.run` / :meth:`Pipeline.stream`; ``/v1/audio/speech`` takes the clip
+of :meth:`Pipeline.clip` or the encoded pieces of :meth:`Pipeline.stream_audio`, the one stream both doors
+send.
 """
 
 from __future__ import annotations
@@ -20,23 +21,21 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from boson_multimodal.errors import SpeechRequestError
-from boson_multimodal.transcript import normalize_transcript
 from higgs_worker.audio_encoding import EncodedAudio, change_tempo, encode_audio
-from higgs_worker.delivery import DeliveryPolicy, InlineBudget, S3Target, deliver
+from higgs_worker.delivery import DeliveryPolicy, InlineBudget, deliver
 from higgs_worker.dry_run import dry_run
 from higgs_worker.errors import JobAbandoned, JobError, SpeechNotPossible
 from higgs_worker.references import ResolvedVoice, resolve_reference
-from higgs_worker.rendering import chunking_for, prompt_request
-from higgs_worker.request_plan import cache_identity, s3_target_for
+from higgs_worker.request_plan import Plan, StreamKind, plan_job
 from higgs_worker.result_cache import ResultCache, cache_key
 from higgs_worker.runtime import Models, Runtime
 from higgs_worker.schema import RequestLimits, TTSRequest, parse_request
 from higgs_worker.settings import Settings
+from higgs_worker.stream_encoding import StreamEncoder
 from higgs_worker.timings import Timings
 
 if TYPE_CHECKING:  # torch is imported only when a job needs the engine
     from boson_multimodal.engine import HiggsAudioEngine, Speech, SpeechRequest
-    from boson_multimodal.longform import Chunking
     from boson_multimodal.streaming import AudioChunk
 
 logger = logging.getLogger("higgs_worker.pipeline")
@@ -51,13 +50,15 @@ class PreparedJob:
     """One job after everything that comes before generation."""
 
     job_id: str
-    request: TTSRequest
-    target: S3Target | None
-    references: list[ResolvedVoice]
+    plan: Plan
     models: Models
     timings: Timings
     cache_key: str | None  # set for deterministic requests when the result cache is on
     budget: InlineBudget  # what the job's result may still carry inline, shared by every delivery path
+
+    @property
+    def request(self) -> TTSRequest:
+        return self.plan.request
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,16 @@ class Clip:
         return {"num_frames": self.num_frames, "truncated": self.truncated}
 
 
+@dataclass(frozen=True)
+class StreamPiece:
+    """One piece of a stream, encoded as the plan says (see :class:`higgs_worker.request_plan.StreamPlan`)."""
+
+    chunk: AudioChunk
+    data: bytes  # "files": this chunk as a playable file; "bytes": the next bytes of the one file
+    audio: EncodedAudio | None  # "files": this chunk's file (None for an empty chunk); "bytes": None
+    clip: Clip | None  # on the final piece: the whole clip, encoded once when S3 or the cache needs it
+
+
 class Pipeline:
     """One per process; every method may be called from any number of job threads at once."""
 
@@ -86,39 +97,37 @@ class Pipeline:
             else None
         )
 
-    # -- validate, plan, references, cache key ------------------------------------------------------------
+    # -- validate, plan, prepare ------------------------------------------------------------------------
     def validate(self, raw_input: Any, *, openai_names: bool = False) -> TTSRequest:
         """The checked request; ``openai_names`` for OpenAI's route (errors say ``input``, ``voice``…)."""
         return parse_request(raw_input, self.limits, openai_names=openai_names)
 
+    def plan(self, job_id: str, request: TTSRequest, stream: StreamKind | None = None) -> Plan:
+        """Everything decided before the models: voices, prompt, pieces, streaming, S3 target, identity."""
+        return plan_job(request, self._references(request), job_id, self.settings, stream)
+
     def dry_run(self, request: TTSRequest) -> dict[str, Any]:
         """How the request would be read — transcript, voices, pieces, prompt — without models or a GPU."""
-        return dry_run(request, self._references(request), self.settings)
+        return dry_run(self.plan("dry-run", request), self.settings)
 
-    def prepare(self, job_id: str, request: TTSRequest, timings: Timings | None = None) -> PreparedJob:
-        """Everything before generation: delivery target, references, models on the volume, cache key."""
+    def prepare(
+        self,
+        job_id: str,
+        request: TTSRequest,
+        stream: StreamKind | None = None,
+        timings: Timings | None = None,
+    ) -> PreparedJob:
+        """The plan, the models on the volume, the cache key: everything before generation."""
         timings = timings or Timings()
-        target = s3_target_for(request, job_id, self.settings)
         with timings.phase("reference"):
-            references = self._references(request)
+            plan = self.plan(job_id, request, stream)
         with timings.phase("download"):
             models, _ = self.runtime.models()
         key = None
-        if self.cache is not None:
-            long_pieces = self.is_long(request) and self.settings.longform_chunk_chars
-            identity = cache_identity(request, references, long_pieces)
-            key = cache_key(identity, models.revisions()) if identity is not None else None
+        if self.cache is not None and plan.identity is not None:
+            key = cache_key(plan.identity, models.revisions())
         budget = InlineBudget(self.settings.max_inline_bytes)
-        return PreparedJob(job_id, request, target, references, models, timings, key, budget)
-
-    def chunking(self, request: TTSRequest) -> Chunking | None:
-        """How the transcript is cut into pieces, or None for one generation (see higgs_worker.rendering)."""
-        text = normalize_transcript(request.transcript)
-        return chunking_for(request, text, self.settings.longform_chunk_chars)
-
-    def is_long(self, request: TTSRequest) -> bool:
-        """Long transcripts are generated piece by piece, then joined."""
-        return self.chunking(request) is not None
+        return PreparedJob(job_id, plan, models, timings, key, budget)
 
     def _references(self, request: TTSRequest) -> list[ResolvedVoice]:
         many, name = len(request.references) > 1, request.sent_name("ref_audio")
@@ -158,11 +167,10 @@ class Pipeline:
         a long transcript (then :class:`JobAbandoned` is raised).
         """
         engine = self.engine(prepared)
-        speech_request = _speech_request(prepared.request, prepared.references)
+        plan = prepared.plan
         _check(cancel)
-        chunking = self.chunking(prepared.request)  # the check and the pieces from one computation
         with prepared.timings.phase("generate"), _engine_refusals():
-            if chunking is not None:
+            if plan.chunking is not None:
                 from boson_multimodal.longform import generate_long
 
                 def on_progress(done: int, total: int) -> None:
@@ -170,38 +178,39 @@ class Pipeline:
                     if progress is not None:
                         progress(done, total)
 
-                speech = generate_long(engine, speech_request, chunking, on_progress)
+                speech = generate_long(engine, _speech_request(plan), plan.chunking, on_progress)
             else:
-                speech = _abandoned_if_cancelled(lambda: engine.generate(speech_request, cancel=cancel))
+                speech = _abandoned_if_cancelled(
+                    lambda: engine.generate(_speech_request(plan), cancel=cancel)
+                )
         if speech.num_frames == 0:
             raise JobError(NO_AUDIO)
-        if prepared.request.speed != 1.0:
+        if plan.request.speed != 1.0:
             with prepared.timings.phase("encode"):
-                waveform = change_tempo(speech.waveform, speech.sample_rate, prepared.request.speed)
+                waveform = change_tempo(speech.waveform, speech.sample_rate, plan.request.speed)
             speech = replace(speech, waveform=waveform)
         return speech
 
-    def chunks(self, prepared: PreparedJob) -> Generator[AudioChunk, None, None]:
+    def _chunks(self, prepared: PreparedJob) -> Generator[AudioChunk, None, None]:
         """The clip in chunks while it is generated; closing the iterator cancels the generation.
 
-        A long transcript streams piece by piece (the next piece starts when the previous one ends). A changed
-        speed needs the whole clip first: it is generated whole, then sent in chunks, so its first audio
-        arrives only when the clip is done. An empty clip raises JobError.
+        A long transcript streams piece by piece (the next piece starts when the previous one ends). A plan
+        that is not live (a changed speed) generates the whole clip first, then sends it in chunks. An empty
+        clip raises JobError.
         """
         from boson_multimodal.longform import stream_long
         from boson_multimodal.streaming import chunk_speech, stream_speech
 
         engine = self.engine(prepared)
-        request = prepared.request
-        speech_request = _speech_request(request, prepared.references)
-        chunking = self.chunking(request)
-        with prepared.timings.phase("first_chunk"):
-            if request.speed != 1.0:
+        plan = prepared.plan
+        assert plan.stream is not None, "only a plan that streams is streamed"
+        with prepared.timings.phase("first_chunk"), _engine_refusals():
+            if not plan.stream.live:
                 chunks = chunk_speech(self.generate(prepared), engine.frame_rate)
-            elif chunking is not None:
-                chunks = stream_long(engine, speech_request, chunking)
+            elif plan.chunking is not None:
+                chunks = stream_long(engine, _speech_request(plan), plan.chunking)
             else:
-                chunks = stream_speech(engine, speech_request)
+                chunks = stream_speech(engine, _speech_request(plan))
         try:  # closing this generator closes the engine's stream, which stops the generation
             with prepared.timings.phase("first_chunk"), _engine_refusals():
                 first = next(chunks)
@@ -217,6 +226,44 @@ class Pipeline:
                     yield chunk
         finally:
             chunks.close()
+
+    def stream_audio(self, prepared: PreparedJob) -> Generator[StreamPiece, None, None]:
+        """The one stream both doors send: each chunk encoded as the plan says, while it is generated.
+
+        The final piece carries the whole clip, encoded once, when the plan has an S3 target or the result
+        cache is on (and it is then cached, like a one-shot clip). Closing the iterator stops the generation.
+        """
+        plan = prepared.plan
+        assert plan.stream is not None, "only a plan that streams is streamed"
+        encoder: StreamEncoder | None = None
+        waveforms: list[np.ndarray] = []
+        chunks = self._chunks(prepared)
+        try:
+            for chunk in chunks:
+                waveforms.append(chunk.waveform)
+                audio = None
+                with prepared.timings.phase("encode"):
+                    if plan.stream.kind == "files":
+                        if chunk.waveform.size:
+                            audio = self.encode(prepared, chunk.waveform, chunk.sample_rate)
+                        data = audio.data if audio is not None else b""
+                    else:
+                        encoder = encoder or StreamEncoder(plan.request.output_format, chunk.sample_rate)
+                        data = encoder.encode(chunk.waveform) + (encoder.finish() if chunk.final else b"")
+                clip = None
+                if chunk.final and (plan.target is not None or prepared.cache_key is not None):
+                    clip = self._whole_stream(prepared, waveforms, chunk)
+                yield StreamPiece(chunk, data, audio, clip)
+        finally:
+            chunks.close()
+
+    def _whole_stream(self, prepared: PreparedJob, waveforms: list[np.ndarray], final: AudioChunk) -> Clip:
+        """The whole clip of a finished stream, encoded once (for S3 and the cache)."""
+        with prepared.timings.phase("encode"):
+            audio = self.encode(prepared, np.concatenate(waveforms), final.sample_rate)
+        clip = Clip(audio, final.end_frame, not final.finished, cache_hit=False)
+        self.remember(prepared, clip)
+        return clip
 
     # -- encode -----------------------------------------------------------------------------------------
     def encode(self, prepared: PreparedJob, waveform: np.ndarray, sample_rate: int) -> EncodedAudio:
@@ -239,21 +286,13 @@ class Pipeline:
         self.remember(prepared, clip)
         return clip
 
-    def streamed_clip(self, prepared: PreparedJob, pieces: list[np.ndarray], final: AudioChunk) -> Clip:
-        """The whole clip of a finished stream, encoded once (for S3 and the cache)."""
-        with prepared.timings.phase("encode"):
-            audio = self.encode(prepared, np.concatenate(pieces), final.sample_rate)
-        clip = Clip(audio, final.end_frame, not final.finished, cache_hit=False)
-        self.remember(prepared, clip)
-        return clip
-
     # -- deliver ----------------------------------------------------------------------------------------
     def output(self, prepared: PreparedJob, clip: Clip, *, delivered_inline: bool = False) -> dict[str, Any]:
         """The job's JSON output: where the audio is (S3 and/or inline), what it is, how it was made.
 
         ``delivered_inline``: the client already has the audio (a stream's chunks): nothing goes inline again.
         """
-        target = prepared.target
+        target = prepared.plan.target
         policy = DeliveryPolicy(
             max_inline_bytes=self.settings.max_inline_bytes,
             presign_expiry_s=self.settings.s3_presign_expiry_s,
@@ -284,7 +323,8 @@ class Pipeline:
 
     def stream(self, job_id: str, raw_input: Any) -> Iterator[dict[str, Any]]:
         """A job's output as chunks while they are generated, each a playable file; the final one carries
-        the summary (and the S3 location of the whole clip when there is a target).
+        the summary (and the S3 location of the whole clip when there is a target). A cached result is one
+        final chunk.
 
         Every chunk draws on the job's inline budget: ``/run`` and ``/runsync`` return all chunks in one
         result, which RunPod drops when it is too large. Past the budget, the whole clip goes to S3 if there
@@ -294,38 +334,43 @@ class Pipeline:
         if request.dry_run:  # before the models: a dry run never downloads, loads or generates
             yield self.dry_run(request)
             return
-        prepared = self.prepare(job_id, request)
-        pieces: list[np.ndarray] = []
+        prepared = self.prepare(job_id, request, stream="files")
+        hit = self.cached(prepared)
+        if hit is not None:
+            output = self.output(prepared, hit)
+            facts = {
+                key: output.pop(key)
+                for key in ("num_frames", "truncated", "cache_hit", "timings_ms", "model")
+            }
+            yield {"index": 0, "final": True, "start_s": 0.0, **output, "summary": facts}
+            return
         all_inline = True
-        for chunk in self.chunks(prepared):
-            pieces.append(chunk.waveform)
-            item, inline = self._stream_item(prepared, chunk)
+        for piece in self.stream_audio(prepared):
+            item, inline = self._stream_item(prepared, piece)
             all_inline = all_inline and inline
+            chunk = piece.chunk
             if not chunk.final:
                 yield item
                 continue
             summary: dict[str, Any] = {"num_frames": chunk.end_frame, "truncated": not chunk.finished}
-            if prepared.target is not None or prepared.cache_key is not None:
-                clip = self.streamed_clip(prepared, pieces, chunk)
-                if prepared.target is not None:
-                    summary |= self.output(prepared, clip, delivered_inline=all_inline)
+            if prepared.plan.target is not None and piece.clip is not None:
+                summary |= self.output(prepared, piece.clip, delivered_inline=all_inline)
             yield item | {"summary": summary | self.summary(prepared)}
 
-    def _stream_item(self, prepared: PreparedJob, chunk: AudioChunk) -> tuple[dict[str, Any], bool]:
+    def _stream_item(self, prepared: PreparedJob, piece: StreamPiece) -> tuple[dict[str, Any], bool]:
         """One stream chunk as a playable file; False when its audio could not go inline."""
+        chunk = piece.chunk
         item: dict[str, Any] = {
             "index": chunk.index,
             "final": chunk.final,
             "start_s": round(chunk.start_s, 3),
         }
-        if not chunk.waveform.size:
+        if piece.audio is None:
             return item, True
-        with prepared.timings.phase("encode"):
-            audio = self.encode(prepared, chunk.waveform, chunk.sample_rate)
-        encoded = base64.b64encode(audio.data).decode()
+        encoded = base64.b64encode(piece.audio.data).decode()
         if prepared.budget.spend(len(encoded)):
-            return item | {"audio_base64": encoded, **describe_audio(audio)}, True
-        if prepared.target is not None:
+            return item | {"audio_base64": encoded, **describe_audio(piece.audio)}, True
+        if prepared.plan.target is not None:
             return item | {"audio_omitted": "over the inline result limit: the whole clip goes to S3"}, False
         raise JobError(
             f"the streamed audio passed the {self.settings.max_inline_bytes / 1e6:.1f} MB result limit at "
@@ -367,11 +412,12 @@ def _abandoned_if_cancelled(generate: Callable[[], Speech]) -> Speech:
         raise JobAbandoned("the client went away") from error
 
 
-def _speech_request(request: TTSRequest, references: list[ResolvedVoice]) -> SpeechRequest:
+def _speech_request(plan: Plan) -> SpeechRequest:
     from boson_multimodal.engine import SamplingConfig, SpeechRequest
 
+    request = plan.request
     return SpeechRequest(
-        **vars(prompt_request(request, references)),
+        **vars(plan.prompt),
         sampling=SamplingConfig(
             temperature=request.temperature,
             top_p=request.top_p,

@@ -28,7 +28,6 @@ from starlette.types import Receive, Scope, Send
 from higgs_worker.errors import JobAbandoned
 from higgs_worker.pipeline import Clip, Pipeline, PreparedJob
 from higgs_worker.runtime import Readiness
-from higgs_worker.stream_encoding import STREAMABLE, StreamEncoder
 from higgs_worker.thread_iteration import iterate_in_threads
 from higgs_worker.voice_library import VoiceLibrary
 from http_api.errors import error_response, failure_response
@@ -148,9 +147,9 @@ def create_app(pipeline: Pipeline, *, with_health: bool = True) -> FastAPI:
         handed_over = False  # once a response body owns the slot, it gives it back
         try:
             request_ = pipeline.validate(body, openai_names=True)
-            prepared = await in_thread(lambda: pipeline.prepare(job_id, request_))
+            prepared = await in_thread(lambda: pipeline.prepare(job_id, request_, stream="bytes"))
             clip = pipeline.cached(prepared)
-            if clip is None and request_.output_format in STREAMABLE and request_.sample_rate is None:
+            if clip is None and prepared.plan.stream is not None:
                 pieces = iterate_in_threads(_encoded_stream(pipeline, prepared), threads)
                 first = await anext(pieces, b"")  # a failure before any audio still gets its own status
                 handed_over = True
@@ -274,26 +273,14 @@ def _mimetype(fmt: str) -> str:
 
 
 def _encoded_stream(pipeline: Pipeline, prepared: PreparedJob) -> Generator[bytes, None, None]:
-    """The clip's bytes in the requested format while it is generated (runs on job threads).
-
-    A finished stream is also put in the result cache (as one file, encoded once), like a one-shot clip.
-    """
-    chunks = pipeline.chunks(prepared)
-    encoder: StreamEncoder | None = None
-    pieces = []
+    """The clip's bytes while it is generated (runs on job threads); closing it stops the generation."""
+    pieces = pipeline.stream_audio(prepared)
     try:
-        for chunk in chunks:
-            encoder = encoder or StreamEncoder(prepared.request.output_format, chunk.sample_rate)
-            pieces.append(chunk.waveform)
-            data = encoder.encode(chunk.waveform)
-            if chunk.final:
-                data += encoder.finish()
-                if prepared.cache_key is not None:
-                    pipeline.streamed_clip(prepared, pieces, chunk)
-            if data:
-                yield data
+        for piece in pieces:
+            if piece.data:
+                yield piece.data
     finally:
-        chunks.close()
+        pieces.close()
 
 
 async def _sent(

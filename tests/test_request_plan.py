@@ -56,3 +56,13 @@ def test_s3_target_from_the_job_or_the_default_bucket() -> None:
         s3_target_for(request(s3_key="a/b.wav"), "job-1", settings)
     with pytest.raises(RequestPlanError, match="s3_bucket"):
         s3_target_for(request(s3_bucket="Not_A_Bucket"), "job-1", settings)
+
+
+def test_the_prompt_version_is_part_of_the_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Results made before a change to what the model reads are not served for the same request after it."""
+    from higgs_worker import request_plan
+
+    before = cache_identity(request(seed=1), [])
+    monkeypatch.setattr(request_plan, "PROMPT_VERSION", request_plan.PROMPT_VERSION + 1)
+    after = cache_identity(request(seed=1), [])
+    assert before is not None and after is not None and before != after

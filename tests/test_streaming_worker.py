@@ -95,6 +95,23 @@ def test_streaming_applies_speed_to_the_whole_clip_and_reports_bad_input(
     assert result["output"][0]["error"].startswith("top_p:")
 
 
+def test_a_repeated_seeded_stream_is_answered_from_the_cache_as_one_final_chunk(
+    streaming_worker: LocalWorker,
+) -> None:
+    job = {"transcript": "Cached stream.", "max_new_tokens": 40, "seed": 21}
+    first = streaming_worker.runsync(job)["output"]
+    streamed = check_chunks(first)
+    assert len(first) >= 2 and "cache_hit" not in first[-1]["summary"]
+    [again] = streaming_worker.runsync(job)["output"]
+    assert again["final"] is True and again["index"] == 0 and again["summary"]["cache_hit"] is True
+    assert again["summary"]["num_frames"] == first[-1]["summary"]["num_frames"]
+    audio, rate = decode(again)  # one playable file: the whole clip
+    assert rate == again["sample_rate"] == 24000 and again["duration_s"] == pytest.approx(
+        len(audio) / rate, abs=1e-3
+    )
+    np.testing.assert_array_equal(audio, streamed)
+
+
 def test_long_text_in_streaming_mode_arrives_whole(streaming_worker: LocalWorker) -> None:
     result = streaming_worker.runsync({"transcript": LONG_TEXT, "max_new_tokens": 20, "seed": 2})
     assert result["status"] == "COMPLETED", result
