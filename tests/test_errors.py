@@ -12,12 +12,9 @@ import pytest
 from higgs_worker import errors
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = [
-    ROOT / "serverless_handler.py",
-    ROOT / "demo_model.py",
-    *sorted((ROOT / "higgs_worker").rglob("*.py")),
-]
-SHIPPED += sorted((ROOT / "http_api").rglob("*.py"))
+FOLDERS = ("higgs_worker", "http_api", "queue_api")
+SHIPPED = [ROOT / "serverless_handler.py", ROOT / "demo_model.py"]
+SHIPPED += [path for folder in FOLDERS for path in sorted((ROOT / folder).rglob("*.py"))]
 DEFINED_HERE = {name for name, value in vars(errors).items() if inspect.isclass(value)}
 BUILTIN = {name for name, value in vars(builtins).items() if isinstance(value, type)}
 

@@ -31,7 +31,7 @@ from higgs_worker.pipeline import Pipeline
 from higgs_worker.references import PRESET_NAME
 from higgs_worker.schema import ALIASES, ALLOWED_FIELDS, MAX_REF_TEXT_CHARS, MAX_SCENE_CHARS
 from higgs_worker.settings import load_settings
-from serverless_handler import run_job
+from queue_api.worker import run_job
 from tests.hub_server import HubServer
 from tests.test_worker_faults import complete_store
 from tests.worker_process import LocalWorker, free_port, worker_env

@@ -100,7 +100,7 @@ def test_dockerfile_copies_the_code_and_nothing_the_build_context_lacks() -> Non
             sources += [word.rstrip("/") for word in words[:-1]]
     assert set(sources) == {
         "requirements", "serverless_handler.py", "demo_model.py", "bootstrap.sh",
-        "higgs_worker", "http_api", "boson_multimodal",
+        "higgs_worker", "http_api", "queue_api", "boson_multimodal",
     }  # fmt: skip
     patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()]
     patterns = [p for p in patterns if p and not p.startswith("#")]
@@ -162,7 +162,8 @@ def test_image_workflow_triggers_and_permissions() -> None:
     assert push["branches"] == ["main"]
     for path in (
         "Dockerfile.runpod.ultra", "bootstrap.sh", "serverless_handler.py", "higgs_worker/**",
-        "http_api/**", "boson_multimodal/**", "requirements/**", ".github/workflows/image.yml",
+        "http_api/**", "queue_api/**", "boson_multimodal/**", "requirements/**",
+        ".github/workflows/image.yml",
     ):  # fmt: skip
         assert path in push["paths"]
     inputs = flow["on"]["workflow_dispatch"]["inputs"]

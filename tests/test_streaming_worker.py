@@ -156,19 +156,18 @@ def test_cancelling_a_streaming_job_stops_its_generation(
     hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """RunPod cancels a job by cancelling the handler's task: the generation must stop, not run to the end."""
-    import serverless_handler
+    from queue_api.worker import QueueDoor
 
     settings = load_settings({"RUNPOD_VOLUME_PATH": str(tmp_path / "volume"), "STREAMING": "true"})
     complete_store(settings, hub.url)
     pipeline = Pipeline(settings)
-    monkeypatch.setattr(serverless_handler, "_pipeline", pipeline)
-    monkeypatch.setattr(serverless_handler, "_job_threads", None)
+    door = QueueDoor(pipeline)
     engine, _ = pipeline.runtime.engine()
     handles = record_submissions(engine, monkeypatch)
     steps = settings.max_new_tokens_limit
 
     async def cancel_after_the_first_chunk() -> dict:
-        chunks = serverless_handler.stream_handler(
+        chunks = door.stream_handler(
             {"id": "cancel-me", "input": {"transcript": "A long one.", "max_new_tokens": steps}}
         )
         first = await anext(chunks)
@@ -190,12 +189,11 @@ def test_cancelling_while_a_chunk_is_being_produced_closes_the_stream(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A generator cannot be closed while it runs on a job thread: the close must wait for the chunk."""
-    import serverless_handler
+    from queue_api.worker import QueueDoor
 
     settings = load_settings({"RUNPOD_VOLUME_PATH": str(tmp_path / "volume"), "CONCURRENCY": "2"})
     pipeline = Pipeline(settings)
-    monkeypatch.setattr(serverless_handler, "_pipeline", pipeline)
-    monkeypatch.setattr(serverless_handler, "_job_threads", None)
+    door = QueueDoor(pipeline)
     producing, release, closed = threading.Event(), threading.Event(), []
 
     def slow_stream(job_id: str, _raw_input: object) -> Iterator[dict]:
@@ -210,7 +208,7 @@ def test_cancelling_while_a_chunk_is_being_produced_closes_the_stream(
     monkeypatch.setattr(pipeline, "stream", slow_stream)
 
     async def cancel_mid_chunk() -> None:
-        chunks = serverless_handler.stream_handler({"id": "mid-chunk", "input": {}})
+        chunks = door.stream_handler({"id": "mid-chunk", "input": {}})
         assert await anext(chunks) == {"index": 0}
         pending = asyncio.ensure_future(anext(chunks))
         await asyncio.get_running_loop().run_in_executor(None, producing.wait, 10)

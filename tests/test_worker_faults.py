@@ -23,7 +23,7 @@ import pytest
 from higgs_worker.model_store import MARKER_NAME, RepoSpec, ensure_repo
 from higgs_worker.pipeline import Pipeline
 from higgs_worker.settings import Settings, load_settings
-from serverless_handler import run_job, stream_job
+from queue_api.worker import run_job, stream_job
 from tests.conftest import MODEL_REPO, TOKENIZER_REPO, TinyCheckpoint
 from tests.error_clauses import offending_fields
 from tests.fixtures_hub import tiny_filesystem
