@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from demo_model import publish_demo
-from higgs_worker.errors import DemoRefused
+from higgs_worker.errors import DemoRefused, ModelStoreError
 from higgs_worker.model_store import LOCAL_BUILD, RepoSpec, ensure_repo, read_marker, read_store
 from higgs_worker.settings import Settings, load_settings
 from tests.fixtures_hub import make_repo
@@ -56,6 +56,27 @@ def test_without_the_demo_flag_the_hub_replaces_the_demo(tmp_path: Path) -> None
         "TINY_RANDOM_MODEL.json" in demo_files
         and not (settings.model_path / "TINY_RANDOM_MODEL.json").exists()
     )
+
+
+@pytest.mark.parametrize("hub_has_the_repo", [False, True], ids=["hub down", "download cut short"])
+def test_the_demo_stays_whole_until_the_hubs_model_is_complete(
+    tmp_path: Path, hub_has_the_repo: bool
+) -> None:
+    """A boot without --demo must not leave an empty store when the hub cannot replace the demo."""
+    settings = settings_for(tmp_path / "volume")
+    publish_demo(settings)
+    spec = model_spec(settings)
+    before = {p.name: p.read_bytes() for p in settings.model_path.iterdir() if p.is_file()}
+    real = make_repo(tmp_path / "real-files")
+    with HubServer({MODEL_REPO: real}) as hub:
+        endpoint = hub.url if hub_has_the_repo else "http://127.0.0.1:9"
+        if hub_has_the_repo:  # the hub lists a file it then cannot serve: the download ends incomplete
+            (real / "model.safetensors").unlink()
+        with pytest.raises(ModelStoreError):
+            ensure_repo(spec, lock_dir=settings.lock_dir, runpod_cache_hub_dir=None, endpoint=endpoint)
+    after = {p.name: p.read_bytes() for p in settings.model_path.iterdir() if p.is_file()}
+    assert after == before
+    assert read_store(spec, accept_local=True) is not None  # a --demo boot still serves it
 
 
 def test_demo_never_overwrites_real_model_files(tmp_path: Path) -> None:
