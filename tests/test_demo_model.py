@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from demo_model import publish_demo
+from demo_model import DEMO_VOICE_TEXT, publish_demo, publish_demo_voices
 from higgs_worker.errors import DemoRefused, ModelStoreError
 from higgs_worker.model_store import LOCAL_BUILD, RepoSpec, ensure_repo, read_marker, read_store
+from higgs_worker.references import ReferenceAudio, resolve_reference
 from higgs_worker.settings import Settings, load_settings
 from tests.fixtures_hub import make_repo
 from tests.hub_server import HubServer
@@ -95,3 +97,18 @@ def test_demo_never_overwrites_real_model_files(tmp_path: Path) -> None:
     with pytest.raises(DemoRefused):
         publish_demo(partial)
     assert (partial.model_path / "model-00001-of-00002.safetensors").read_bytes() == b"half a download"
+
+
+def test_the_demo_voices_work_with_no_network_and_never_replace_a_voice(tmp_path: Path) -> None:
+    settings = load_settings(
+        {"RUNPOD_VOLUME_PATH": str(tmp_path / "volume"), "VOICES_BASE_URL": "http://127.0.0.1:9/voices"}
+    )
+    settings.voices_dir.mkdir(parents=True)
+    (settings.voices_dir / "demo_man.wav").write_bytes(b"the operator's own file")
+    publish_demo_voices(settings)
+    voice = resolve_reference("demo_woman", None, field="voice", settings=settings)
+    assert isinstance(voice, ReferenceAudio) and voice.kind == "preset" and voice.text == DEMO_VOICE_TEXT
+    assert voice.sample_rate == 24_000 and 2.5 < voice.waveform.size / voice.sample_rate < 3.5
+    spectrum = np.abs(np.fft.rfft(voice.waveform))
+    assert 150 < np.argmax(spectrum) * voice.sample_rate / voice.waveform.size < 2500  # voiced, not noise
+    assert (settings.voices_dir / "demo_man.wav").read_bytes() == b"the operator's own file"
