@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from higgs_worker.atomic_file import write_atomic
+from higgs_worker.atomic_file import publish
 from higgs_worker.errors import DemoRefused
 from higgs_worker.model_store import LOCAL_BUILD, RepoSpec, publish_local, read_marker, read_store
 from higgs_worker.settings import Settings, load_settings
@@ -104,8 +104,8 @@ def publish_demo_voices(settings: Settings) -> None:
             continue
         buffer = io.BytesIO()
         sf.write(buffer, demo_voice(pitch, formants), DEMO_VOICE_RATE, format="WAV", subtype="PCM_16")
-        write_atomic(settings.voices_dir / f"{name}.txt", DEMO_VOICE_TEXT.encode(), temp_prefix=f".{name}.")
-        write_atomic(audio, buffer.getvalue(), temp_prefix=f".{name}.")  # last: the voice exists once it does
+        publish(settings.voices_dir / f"{name}.txt", DEMO_VOICE_TEXT.encode())
+        publish(audio, buffer.getvalue())  # last: the voice exists once its audio does
         logger.info("made the demo voice %r in %s", name, settings.voices_dir)
 
 

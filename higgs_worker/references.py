@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import yaml
 
-from higgs_worker.atomic_file import write_atomic
+from higgs_worker.atomic_file import publish
 from higgs_worker.audio_encoding import decode_audio
 from higgs_worker.errors import (
     AudioDecodeError,
@@ -302,7 +302,7 @@ def _profiles(field: str, settings: Settings) -> dict[str, str]:
         raise ReferenceAudioError(f"{field}: voice profiles could not be fetched: {error}") from None
     profiles = _parsed_profiles(data, field, f"{public_url(base)}/{PROFILES_FILE}")
     settings.voices_dir.mkdir(parents=True, exist_ok=True)
-    _publish(path, data)
+    publish(path, data)
     return profiles
 
 
@@ -362,12 +362,8 @@ def _download_preset(name: str, voices: Path, field: str, settings: Settings) ->
         transcript = None
     voices.mkdir(parents=True, exist_ok=True)
     if transcript is not None:
-        _publish(voices / f"{name}.txt", transcript)
-    _publish(voices / f"{name}.wav", audio)
-
-
-def _publish(path: Path, data: bytes) -> None:
-    write_atomic(path, data, temp_prefix=f".{path.name}.")  # hidden: never listed as a preset
+        publish(voices / f"{name}.txt", transcript)
+    publish(voices / f"{name}.wav", audio)
 
 
 def _available(settings: Settings) -> str:

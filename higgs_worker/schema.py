@@ -19,20 +19,27 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 
-from higgs_worker.audio_encoding import FORMATS
+from higgs_worker.audio_encoding import FORMATS, MAX_SPEED, MIN_SPEED
 from higgs_worker.errors import RequestError
+from higgs_worker.references import PROFILE_PREFIX
 
-OutputFormat = Literal["wav", "flac", "mp3", "ogg", "opus", "pcm"]
 ChunkMethod = Literal["sentence", "speaker", "word", "none"]
 MAX_DESCRIPTION_CHARS = 2000
 DEFAULT_CHUNK_MAX_WORDS = 200  # the upstream script's defaults
 DEFAULT_CHUNK_MAX_TURNS = 1
 DEFAULT_CHUNK_BUFFER = 2  # the upstream README's long-form example; the script's own default is unbounded
 MAX_CHUNK_BUFFER = 8
-PROFILE_PREFIX = "profile:"
 MAX_SCENE_CHARS = 2000
 MAX_REF_TEXT_CHARS = 2000
 MAX_SPEAKERS = 8
@@ -66,9 +73,9 @@ class TTSRequest(BaseModel):
     top_k: int | None = Field(default=50, ge=1, le=1024)
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
     max_new_tokens: int = Field(default=1024, ge=16)
-    output_format: OutputFormat = "wav"
+    output_format: str = "wav"  # one of FORMATS (higgs_worker.audio_encoding), checked below
     sample_rate: int | None = None
-    speed: float = Field(default=1.0, ge=0.25, le=4.0)
+    speed: float = Field(default=1.0, ge=MIN_SPEED, le=MAX_SPEED)
     s3_bucket: str | None = Field(default=None, min_length=3, max_length=63)
     s3_key: str | None = Field(default=None, min_length=1, max_length=1024)
     return_base64: bool = False
@@ -81,6 +88,13 @@ class TTSRequest(BaseModel):
     generation_chunk_buffer_size: int | None = Field(default=None, ge=0, le=MAX_CHUNK_BUFFER)
     dry_run: bool = False
     _sent_as: dict[str, str] = PrivateAttr(default_factory=dict)  # field → the alias the client used
+
+    @field_validator("output_format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        if value not in FORMATS:
+            raise ValueError(f"output_format: must be one of {', '.join(FORMATS)}")
+        return value
 
     @model_validator(mode="after")
     def _check_cross_field(self) -> TTSRequest:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import soundfile as sf
 
-from higgs_worker.atomic_file import write_atomic
+from higgs_worker.atomic_file import publish
 from higgs_worker.audio_encoding import decode_audio
 from higgs_worker.errors import (
     AudioDecodeError,
@@ -104,12 +104,12 @@ class VoiceLibrary:
                     f"name: a voice named {name!r} already exists; delete it first or set replace=true"
                 )
             metadata = {k: v for k, v in asdict(voice).items() if k not in ("name", "ref_text")}
-            _publish(meta_path, json.dumps(metadata).encode())
+            publish(meta_path, json.dumps(metadata).encode())
             if ref_text is None:
                 txt_path.unlink(missing_ok=True)
             else:
-                _publish(txt_path, ref_text.encode())
-            _publish(wav_path, wav)  # last: a voice exists once its audio does
+                publish(txt_path, ref_text.encode())
+            publish(wav_path, wav)  # last: a voice exists once its audio does
         return voice
 
     def _checked_audio(self, data: bytes) -> tuple[bytes, int, float]:
@@ -188,7 +188,3 @@ class VoiceLibrary:
             stale_after_s=self.settings.download_lock_stale_s,
             purpose=f"voice {name}",
         )
-
-
-def _publish(path: Path, data: bytes) -> None:
-    write_atomic(path, data, temp_prefix=f".{path.name}.")  # hidden: never listed as a voice
