@@ -4,7 +4,7 @@ Why not ``model.forward`` with a transformers cache: the scheduler's sequences h
 come and go at every step, which transformers' caches (one length per batch, left padding) do not express,
 and a step with fixed shapes is what CUDA graphs need. So, like gpt-fast and nano-vllm, the KV cache is
 preallocated — ``slots × max_tokens`` positions per layer, one slot per sequence — and the step is written
-out here against the loaded model's modules (its weights, norms, rotary embedding and attention function):
+out here against the loaded model's modules (its weights, norms and rotary embedding):
 
     rows (n, K) ─ audio embedding ─▶ per layer: audio norm → attention over the slot's cache → audio MLP
                                       ─▶ final norm ─▶ audio head ─▶ logits (n, K, V)
@@ -14,6 +14,13 @@ every position takes the audio branch of the dual FFN (``audio_token_mask`` is N
 written here. The prompt (text and reference audio mixed) is prefilled by transformers' own forward and its
 keys and values are copied into the slot (``load_prefill``).
 
+Attention is ``torch.nn.functional.scaled_dot_product_attention`` called here, with a boolean mask and
+``enable_gqa=True``, whatever ``config._attn_implementation`` names. Why not transformers' attention function:
+its eager one *adds* the mask to the scores (a boolean mask then lets stale cache positions in),
+flash-attention reads masks differently, and its sdpa one copies the grouped-query K/V heads with
+``repeat_kv`` on some versions (5.17) and not on others (5.23) — the same code, different memory traffic.
+Calling SDPA directly is right on every version and reads each K/V head once.
+
 Row b of a step is slot b: a step runs over slots ``[0, n)``, free slots in that range compute a throwaway
 row at position 0 of their own (unused) cache, and nothing is gathered or copied per step.
 """
@@ -21,10 +28,10 @@ row at position 0 of their own (unused) cache, and nothing is gathered or copied
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers.models.higgs_audio_v2 import modeling_higgs_audio_v2 as higgs
 
 logger = logging.getLogger(__name__)
@@ -69,9 +76,6 @@ class DecodeStep:
         self._model = model
         self._cache = cache
         config = model.config
-        self._attention: Callable = higgs.ALL_ATTENTION_FUNCTIONS.get_interface(
-            config._attn_implementation, higgs.eager_attention_forward
-        )
         self._shape = (config.num_codebooks, config.codebook_size)
 
     @torch.inference_mode()
@@ -102,16 +106,15 @@ class DecodeStep:
             keys, values = self._cache.keys[index], self._cache.values[index]
             keys[slots, :, positions] = key[:, :, 0]
             values[slots, :, positions] = value[:, :, 0]
-            out, _ = self._attention(
-                attention,
+            out = F.scaled_dot_product_attention(
                 query,
                 keys[:n, :, :span],
                 values[:n, :, :span],
-                mask,
-                dropout=0.0,
-                scaling=attention.scaling,
-            )
-            hidden = residual + attention.o_proj(out.reshape(n, 1, -1))
+                attn_mask=mask,
+                scale=attention.scaling,
+                enable_gqa=True,
+            )  # (n, heads, 1, head_dim)
+            hidden = residual + attention.o_proj(out.transpose(1, 2).reshape(n, 1, -1))
             hidden = hidden + layer.audio_mlp(layer.audio_post_attention_layernorm(hidden))
         hidden = backbone.norm(hidden)
         logits = self._model.audio_lm_head(hidden[:, 0])

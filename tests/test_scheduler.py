@@ -8,6 +8,7 @@ to ``max_new_tokens``) and a wider, deeper one with raw random logits, whose cli
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from boson_multimodal.decode_step import DecodeStep, SlotCache
 from boson_multimodal.engine import EngineOptions, HiggsAudioEngine, SpeechRequest
 from boson_multimodal.loading import LoadedModel, load_model
 from boson_multimodal.prompt import Voice
@@ -223,3 +225,32 @@ def test_a_dying_scheduler_thread_fails_every_waiting_caller(loaded: LoadedModel
             handle.result(timeout=60)
     with pytest.raises(RuntimeError, match="closed"):
         engine.submit(PROMPTS["scene"])
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_masked_cache_positions_never_leak_into_a_row(loaded: LoadedModel, attention: str) -> None:
+    """Row 0 sits at position 3 beside a row at position 10: whatever lies in its own cache past position 3
+    (stale keys of an earlier sequence, padding) must not change its logits, whichever attention the model
+    was loaded with (transformers' eager attention *adds* a mask, so a boolean one would let them in)."""
+    model = copy.deepcopy(loaded.model)
+    model.set_attn_implementation(attention)
+    assert model.config._attn_implementation == attention
+    cache = SlotCache(model.config, slots=2, max_tokens=64, device=torch.device("cpu"), dtype=torch.float32)
+    step = DecodeStep(model, cache)
+    generator = torch.Generator().manual_seed(0)
+    for layer in range(model.config.num_hidden_layers):  # a plausible history for both slots
+        for tensor in (cache.keys[layer], cache.values[layer]):
+            tensor.copy_(torch.randn(tensor.shape, generator=generator))
+    rows = torch.randint(0, 1024, (2, model.config.num_codebooks), generator=generator)
+    positions = torch.tensor([3, 10])
+    outputs = []
+    for _ in range(2):
+        for layer in range(model.config.num_hidden_layers):  # new stale entries past row 0's position
+            for tensor in (cache.keys[layer], cache.values[layer]):
+                tensor[0, :, 4:].copy_(100 * torch.randn(tensor[0, :, 4:].shape, generator=generator))
+        outputs.append(step(rows, positions, span=11, masked=True))
+    torch.testing.assert_close(outputs[0][0], outputs[1][0], rtol=0, atol=1e-5)
+    alone = step(rows[:1], positions[:1], span=4, masked=False)  # row 0 alone over exactly its own history
+    torch.testing.assert_close(outputs[0][0], alone[0], rtol=1e-5, atol=1e-5)
+    unmasked = step(rows[:1], positions[:1], span=11, masked=False)  # what a leak looks like
+    assert not torch.allclose(unmasked[0], outputs[1][0], atol=1e-2)
