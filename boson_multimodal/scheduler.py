@@ -7,8 +7,8 @@ scheduler thread loops:
 
     admit   waiting sequences while a slot is free: prefill the prompt (transformers' forward), copy its
             keys and values into the slot, choose the first row from the prefill's logits;
-    step    one decode forward for all active slots, then each sequence's own logits processing
-            (``sampling.next_rows``); publish the new rows to each handle;
+    step    one decode forward for all active slots, then every sequence's own logits processing, batched
+            over the slots (``sampling.SlotSampler``); publish the new rows to each handle;
     retire  sequences that ended (all-EOS row, ``max_new_tokens``) or were cancelled: their slot is free
             for the next admission at once.
 
@@ -32,7 +32,7 @@ from transformers import DynamicCache
 
 from boson_multimodal.decode_step import DecodeStep, GraphedDecodeStep, SlotCache
 from boson_multimodal.errors import SequenceTooLong
-from boson_multimodal.sampling import SamplingConfig, SequenceSampler, StreamTokens, next_rows
+from boson_multimodal.sampling import SamplingConfig, SlotSampler, StreamTokens
 
 logger = logging.getLogger(__name__)
 
@@ -184,23 +184,27 @@ class SchedulerLimits:
 
 
 class _Sequence:
-    """A sequence in a slot: its sampler, its row buffer and its handle."""
+    """A sequence in a slot: its row buffer and its handle (its sampling state lives in the SlotSampler)."""
 
-    def __init__(self, position: int, sampler: SequenceSampler, handle: SequenceHandle, width: int) -> None:
+    def __init__(
+        self, position: int, max_new_tokens: int, handle: SequenceHandle, tokens: StreamTokens
+    ) -> None:
         self.position = position  # where the next row's keys and values go
-        self.sampler = sampler
         self.handle = handle
-        self.rows = torch.empty(sampler.config.max_new_tokens, width, dtype=torch.long)
+        self.rows = torch.empty(max_new_tokens, tokens.num_codebooks, dtype=torch.long)
         self.count = 0
+        self.finished = False  # the last row was all stream EOS
+        self._stream_eos = tokens.stream_eos
 
     def append(self, row: torch.Tensor) -> None:
         self.rows[self.count] = row
         self.count += 1
+        self.finished = bool((row == self._stream_eos).all())
         self.handle.publish(self.rows[: self.count])
 
     @property
     def done(self) -> bool:
-        return self.sampler.finished or self.count >= self.sampler.config.max_new_tokens
+        return self.finished or self.count >= self.rows.shape[0]
 
     def last_row(self) -> torch.Tensor:
         return self.rows[self.count - 1]
@@ -217,6 +221,7 @@ class Scheduler:
         self._tokens = StreamTokens.from_config(model.config)
         _check_memory(model.config, limits, self.device, dtype)
         self._cache = SlotCache(model.config, limits.slots, limits.max_tokens, self.device, dtype)
+        self._sampler = SlotSampler(limits.slots, self._tokens, self.device)
         step = DecodeStep(model, self._cache)
         self._step = GraphedDecodeStep(step, self._cache, self.device) if cuda_graphs else step
         self.cuda_graphs = cuda_graphs
@@ -303,16 +308,15 @@ class Scheduler:
             )
             length = self._cache.load_prefill(slot, cache)
             audio = sequence.audio_input_ids
-            sampler = SequenceSampler.start(
+            self._sampler.admit(
+                slot,
                 sequence.sampling,
-                self._tokens,
                 prompt_ids=sequence.input_ids[0].cpu(),
                 prompt_audio_rows=audio[0].cpu() if audio is not None else None,
-                device=self.device,
             )
             logits = output.logits[:, -1].float().view(1, *self._step_shape())
-            active = _Sequence(length, sampler, handle, self._tokens.num_codebooks)
-            active.append(next_rows(logits, [sampler], self._tokens)[0])
+            active = _Sequence(length, sequence.sampling.max_new_tokens, handle, self._tokens)
+            active.append(self._sampler.next_rows(logits, slot, [slot])[0])
         except Exception as error:  # a bad prompt fails its own sequence, not the scheduler
             logger.exception("prefill failed")
             handle.fail(error)
@@ -335,17 +339,17 @@ class Scheduler:
         order = sorted(self._active)
         try:
             logits = self._step(rows.to(self.device), positions.to(self.device), span, masked=not uniform)
-            chosen = next_rows(logits[order], [self._active[s].sampler for s in order], self._tokens)
+            chosen = self._sampler.next_rows(logits, 0, order)
         except Exception as error:
             logger.exception("a decode step failed; failing the %d sequences in it", len(order))
             for slot in order:
                 self._active.pop(slot).handle.fail(error)
             return
         self.steps += 1
-        for index, slot in enumerate(order):
+        for slot in order:
             sequence = self._active[slot]
             sequence.position += 1
-            sequence.append(chosen[index])
+            sequence.append(chosen[slot])
 
     def _retire(self) -> None:
         for slot in [s for s, seq in self._active.items() if seq.done or seq.handle.cancelled]:
@@ -355,7 +359,7 @@ class Scheduler:
                 sequence.handle.fail(GenerationCancelled("cancelled"))
             else:
                 rows = sequence.rows[: sequence.count].clone()
-                sequence.handle.finish(SequenceResult(rows=rows, finished=sequence.sampler.finished))
+                sequence.handle.finish(SequenceResult(rows=rows, finished=sequence.finished))
 
 
 # Memory kept free beside the KV cache for prefill activations, the codec and CUDA graphs' pools.
