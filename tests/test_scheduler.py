@@ -254,3 +254,39 @@ def test_masked_cache_positions_never_leak_into_a_row(loaded: LoadedModel, atten
     torch.testing.assert_close(outputs[0][0], alone[0], rtol=1e-5, atol=1e-5)
     unmasked = step(rows[:1], positions[:1], span=11, masked=False)  # what a leak looks like
     assert not torch.allclose(unmasked[0], outputs[1][0], atol=1e-2)
+
+
+@pytest.fixture(scope="module")
+def demo_scheduler(tmp_path_factory: pytest.TempPathFactory):
+    """The demo geometry, whose clips always run to max_new_tokens: a running sequence stays running."""
+    root: Path = tmp_path_factory.mktemp("demo-only")
+    build_tiny_checkpoint(root / "model", root / "codec", GEOMETRIES["demo"])
+    engine = HiggsAudioEngine(load_model(root / "model", root / "codec", device="cpu"))
+    yield engine
+    engine.close()
+
+
+def test_admissions_beside_a_running_sequence_prefill_one_per_step(demo_scheduler, monkeypatch) -> None:
+    """Three prompts arriving together while a sequence runs join at three different steps, so the running
+    one never waits for more than one prefill between two of its rows."""
+    runner = demo_scheduler._runner
+    admitted_at: list[tuple[int, int]] = []  # (step, sequences running) at each admission
+    admit = runner._admit
+
+    def recording_admit(*args) -> None:
+        admitted_at.append((runner.steps, len(runner._active)))
+        admit(*args)
+
+    monkeypatch.setattr(runner, "_admit", recording_admit)
+    long = replace(PROMPTS["smart voice"], sampling=replace(GREEDY, max_new_tokens=200))
+    running = demo_scheduler.submit(long)
+    running.wait_newer(0)
+    prompts = [PROMPTS["scene"], PROMPTS["cloned voice"], PROMPTS["smart voice"]]
+    short = [replace(p, sampling=replace(GREEDY, max_new_tokens=20)) for p in prompts]
+    inputs = [demo_scheduler._sequence_input(request) for request in short]
+    handles = [runner.submit(sequence) for sequence in inputs]  # encoded first: they arrive together
+    for handle in handles:
+        handle.result()
+    assert running.result().rows.shape[0] == 200  # it ran all along
+    late = admitted_at[1:]
+    assert len(late) == 3 and len({step for step, _ in late}) == 3 and all(n > 0 for _, n in late), late
