@@ -132,7 +132,9 @@ def test_reference_audio_is_encoded_on_the_callers_thread_without_autograd(engin
     hook = engine.codec.acoustic_encoder.register_forward_hook(record)
     try:
         voice = Voice(sine(0.8, 24000), 24000, "A hum.")
-        engine.submit(SpeechRequest("Like me.", voices=(voice,), sampling=SamplingConfig(max_new_tokens=10)))
+        engine.submit(
+            SpeechRequest("Like me.", voices=(voice,), sampling=SamplingConfig(max_new_tokens=10))
+        ).result()
     finally:
         hook.remove()
     assert seen == [(threading.current_thread().name, True, False)]
