@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torchaudio
 
-from boson_multimodal.codes import decode_frames, generated_stream, revert_delay
+from boson_multimodal.codes import FrameStream, decode_frames
 from boson_multimodal.loading import LoadedModel, load_model
 from boson_multimodal.prompt import PromptRequest, Voice, build_prompt
 from boson_multimodal.reference import ReferenceRunner
@@ -177,6 +177,16 @@ class HiggsAudioEngine:
     def to_codes(self, rows: torch.Tensor) -> SpeechCodes:
         """A sequence's rows (delay pattern applied, opening BOS row first), finished or still growing, as
         its complete frames."""
+        stream = self.frame_stream()
+        stream.update(rows)
+        return SpeechCodes(stream.frames, stream.finished)
+
+    def frame_stream(self) -> FrameStream:
+        """An empty ``FrameStream`` for this model: streaming feeds it a sequence's rows as they grow."""
         config = self._loaded.model.config
-        stream = generated_stream(rows, config.audio_stream_bos_id, config.audio_stream_eos_id)
-        return SpeechCodes(revert_delay(stream.rows, self.codec.config.codebook_size), stream.finished)
+        return FrameStream(
+            config.audio_stream_bos_id,
+            config.audio_stream_eos_id,
+            self.codec.config.codebook_size,
+            config.num_codebooks,
+        )

@@ -77,13 +77,15 @@ class SequenceHandle:
     """The consumer's side of one sequence: its growing rows, its result, and a way to cancel it.
 
     Rows are published after every step as a view of the sequence's buffer (rows already written never
-    change), so a streaming consumer can wait for newer rows without copying.
+    change), so a streaming consumer can wait for newer rows without copying. A consumer that waits for a
+    number of rows (``wait_rows``) is woken once they are there, not at every step.
     """
 
     def __init__(self, cancel: threading.Event | None = None) -> None:
         self._condition = threading.Condition()
         self._rows: torch.Tensor | None = None
         self._version = 0
+        self._wanted = 0  # rows the consumer waits for: publishing fewer wakes no one
         self._result: SequenceResult | None = None
         self._error: BaseException | None = None
         self.cancel_event = cancel or threading.Event()
@@ -106,6 +108,24 @@ class SequenceHandle:
                 raise self._error
             return self._version, self._rows, self._result
 
+    def wait_rows(self, count: int) -> tuple[torch.Tensor | None, SequenceResult | None]:
+        """Block until at least ``count`` rows or the end; raise the sequence's error. For one consumer."""
+
+        def ready() -> bool:
+            return (
+                (self._rows is not None and self._rows.shape[0] >= count)
+                or self._result is not None
+                or self._error is not None
+            )
+
+        with self._condition:
+            self._wanted = count
+            self._condition.wait_for(ready)
+            self._wanted = 0
+            if self._error is not None:
+                raise self._error
+            return self._rows, self._result
+
     def result(self, timeout: float | None = None) -> SequenceResult:
         with self._condition:
             if not self._condition.wait_for(
@@ -122,7 +142,8 @@ class SequenceHandle:
         with self._condition:
             self._rows = rows
             self._version += 1
-            self._condition.notify_all()
+            if rows.shape[0] >= self._wanted:
+                self._condition.notify_all()
 
     def finish(self, result: SequenceResult) -> None:
         with self._condition:
