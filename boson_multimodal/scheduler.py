@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from boson_multimodal.decode_step import DecodeStep, GraphedDecodeStep, SlotCache
+from boson_multimodal.decode_step import Capture, CudaCapture, DecodeStep, GraphedDecodeStep, SlotCache
 from boson_multimodal.errors import SequenceTooLong
 from boson_multimodal.sampling import SamplingConfig, SlotSampler, StreamTokens
 
@@ -245,7 +245,11 @@ class _Sequence:
 class Scheduler:
     """Runs every submitted sequence on one thread with continuous batching (see the module docstring)."""
 
-    def __init__(self, model, limits: SchedulerLimits, *, cuda_graphs: bool = False) -> None:
+    def __init__(
+        self, model, limits: SchedulerLimits, *, cuda_graphs: bool = False, capture: Capture | None = None
+    ) -> None:
+        """``cuda_graphs``: replay the decode step from graphs captured before this returns (``capture``
+        records them; by default a CUDA graph on the scheduler's own stream)."""
         self._model = model
         self.limits = limits
         self.device = next(model.parameters()).device
@@ -254,15 +258,25 @@ class Scheduler:
         _check_memory(model.config, limits, self.device, dtype)
         self._cache = SlotCache(model.config, limits.slots, limits.max_tokens, self.device, dtype)
         self._sampler = SlotSampler(limits.slots, self._tokens, self.device)
+        # Its own stream: replays and prefills do not queue behind the codec's work on the default stream.
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         step = DecodeStep(model, self._cache)
-        self._step = GraphedDecodeStep(step, self._cache, self.device) if cuda_graphs else step
+        self._graphed: GraphedDecodeStep | None = None
+        if cuda_graphs:
+            if capture is None and self._stream is None:
+                raise ValueError("CUDA graphs need the model on a CUDA device")
+            capture = capture or CudaCapture(self._stream)  # type: ignore[arg-type]
+            self._graphed = GraphedDecodeStep(step, self._cache, self.device, capture)
+        self._step = self._graphed or step
         self.cuda_graphs = cuda_graphs
+        self._ready = threading.Event()  # set once the thread has captured its graphs and serves
         self._submissions = Submissions()
         self._active: dict[int, _Sequence] = {}  # slot → sequence
         self._pending: list[tuple[SequenceInput, SequenceHandle]] = []  # taken from the queue, not admitted
         self.steps = 0  # decode steps run so far (for benchmarks and tests)
         self._thread = threading.Thread(target=self._run, name="higgs-scheduler", daemon=True)
         self._thread.start()
+        self._ready.wait()
 
     def submit(self, sequence: SequenceInput, cancel: threading.Event | None = None) -> SequenceHandle:
         """Queue one sequence; it joins the running batch at the next step with a free slot."""
@@ -283,9 +297,20 @@ class Scheduler:
 
     # -- the scheduler thread -----------------------------------------------------------------------------
     def _run(self) -> None:
-        device = torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
+        cuda = self._stream is not None
+        device = torch.cuda.device(self.device) if cuda else nullcontext()
+        stream = torch.cuda.stream(self._stream) if cuda else nullcontext()
         try:
-            with device, torch.inference_mode():  # every tensor the thread makes is an inference tensor
+            with (
+                device,
+                stream,
+                torch.inference_mode(),
+            ):  # every tensor the thread makes is an inference tensor
+                try:
+                    if self._graphed is not None:
+                        self._graphed.prepare()
+                finally:
+                    self._ready.set()
                 self._loop()
         except BaseException as error:  # never leave a caller waiting on a thread that is gone
             logger.exception("the scheduler thread stopped")

@@ -22,7 +22,7 @@ from boson_multimodal.engine import EngineOptions, HiggsAudioEngine, SpeechReque
 from boson_multimodal.loading import LoadedModel, load_model
 from boson_multimodal.prompt import Voice
 from boson_multimodal.sampling import SamplingConfig
-from boson_multimodal.scheduler import GenerationCancelled, SchedulerLimits, SequenceTooLong
+from boson_multimodal.scheduler import GenerationCancelled, Scheduler, SchedulerLimits, SequenceTooLong
 from boson_multimodal.tiny_model import TinyModelSpec, build_tiny_checkpoint
 
 GEOMETRIES = {
@@ -290,3 +290,81 @@ def test_admissions_beside_a_running_sequence_prefill_one_per_step(demo_schedule
     assert running.result().rows.shape[0] == 200  # it ran all along
     late = admitted_at[1:]
     assert len(late) == 3 and len({step for step, _ in late}) == 3 and all(n > 0 for _, n in late), late
+
+
+def rerun_capture(run):
+    """What a CUDA graph does, without CUDA: a replay runs the recorded step again on the static inputs as
+    they are then, into the output buffer the recording returned."""
+    output = run()
+
+    def replay() -> torch.Tensor:
+        output.copy_(run())
+        return output
+
+    return replay
+
+
+def graphed_rows(loaded: LoadedModel, scheduler, capture, requests) -> tuple[list[torch.Tensor], Scheduler]:
+    runner = Scheduler(
+        loaded.model, SchedulerLimits(slots=4, max_tokens=1024), cuda_graphs=True, capture=capture
+    )
+    try:
+        handles = [runner.submit(scheduler._sequence_input(request)) for request in requests]
+        return [handle.result(timeout=120).rows for handle in handles], runner
+    finally:
+        runner.close()
+
+
+GRAPHED = [
+    replace(PROMPTS["cloned voice"], sampling=replace(GREEDY, max_new_tokens=30)),
+    replace(PROMPTS["smart voice"], sampling=replace(GREEDY, max_new_tokens=40)),
+    replace(PROMPTS["scene"], sampling=SamplingConfig(seed=5, max_new_tokens=35)),
+]
+
+
+def test_graphs_are_captured_at_start_up_and_replayed_with_the_eager_steps_tokens(loaded, scheduler) -> None:
+    expected = [rows_of(scheduler, request) for request in GRAPHED]
+    captured: list[int] = []
+
+    def counting(run):
+        captured.append(1)
+        return rerun_capture(run)
+
+    runner = Scheduler(
+        loaded.model, SchedulerLimits(slots=4, max_tokens=1024), cuda_graphs=True, capture=counting
+    )
+    runner.close()
+    assert len(captured) == 3 * 2  # batch buckets 1, 2, 4 × spans 512, 1024, all before serving
+    got, runner = graphed_rows(loaded, scheduler, rerun_capture, GRAPHED)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert runner._graphed is not None and runner._graphed.enabled and runner._graphed.replays > 0
+
+
+def test_a_capture_that_fails_falls_back_to_eager_for_its_bucket(loaded, scheduler, caplog) -> None:
+    expected = [rows_of(scheduler, request) for request in GRAPHED]
+
+    def failing_for_batch_2(run):
+        if run().shape[0] == 2:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return rerun_capture(run)
+
+    with caplog.at_level("WARNING", logger="boson_multimodal.decode_step"):
+        got, runner = graphed_rows(loaded, scheduler, failing_for_batch_2, GRAPHED)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert runner._graphed is not None and runner._graphed.eager_buckets == {(2, 512), (2, 1024)}
+    assert "capturing the decode step for batch 2 over 512 positions failed" in caplog.text
+    assert runner._graphed.enabled and runner._graphed.replays > 0  # the other buckets still replay
+
+
+def test_graphs_that_disagree_with_the_eager_step_are_switched_off(loaded, scheduler, caplog) -> None:
+    expected = [rows_of(scheduler, request) for request in GRAPHED]
+
+    def wrong(run):
+        replay = rerun_capture(run)
+        return lambda: replay().flip(-1)  # the codes come out in the wrong places
+
+    with caplog.at_level("ERROR", logger="boson_multimodal.decode_step"):
+        got, runner = graphed_rows(loaded, scheduler, wrong, GRAPHED)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert runner._graphed is not None and not runner._graphed.enabled and runner._graphed.replays == 0
+    assert "CUDA graphs switched off" in caplog.text
