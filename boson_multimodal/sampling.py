@@ -200,10 +200,13 @@ class SlotSampler:
         self._top_k[slot] = top_k
         self._nucleus[slot] = nucleus
 
-    def next_rows(self, logits: torch.Tensor, first: int, active: Sequence[int]) -> torch.Tensor:
-        """The next row ``(m, K)``, on the CPU, of slots ``[first, first + m)`` from their raw float32 logits
-        ``(m, K, V)``; advances their state. Slots in that range not in ``active`` (free ones, computing
-        padding) get a row too, which means nothing, and draw nothing from any generator."""
+    def next_rows(
+        self, logits: torch.Tensor, first: int, active: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next row ``(m, K)`` of slots ``[first, first + m)`` from their raw float32 logits
+        ``(m, K, V)``, on the device (the next step's input) and on the CPU (for the handles); advances their
+        state. Slots in that range not in ``active`` (free ones, computing padding) get a row too, which
+        means nothing, and draw nothing from any generator."""
         m = logits.shape[0]
         span = slice(first, first + m)
         candidates, redraw = self._choose(logits, span, active)
@@ -213,7 +216,7 @@ class SlotSampler:
         if ras and bool(host[:, self.tokens.num_codebooks :].any()):
             self._redraw(logits, candidates, rows, host[:, self.tokens.num_codebooks :].bool(), first, active)
         self._commit(candidates, span)
-        return rows
+        return candidates, rows
 
     def _choose(self, logits: torch.Tensor, span: slice, active: Sequence[int]) -> tuple[torch.Tensor, ...]:
         """Candidate rows and which of their codes RAS must redraw, for the slots in ``span``."""

@@ -238,9 +238,6 @@ class _Sequence:
     def done(self) -> bool:
         return self.finished or self.count >= self.rows.shape[0]
 
-    def last_row(self) -> torch.Tensor:
-        return self.rows[self.count - 1]
-
 
 class Scheduler:
     """Runs every submitted sequence on one thread with continuous batching (see the module docstring)."""
@@ -258,6 +255,13 @@ class Scheduler:
         _check_memory(model.config, limits, self.device, dtype)
         self._cache = SlotCache(model.config, limits.slots, limits.max_tokens, self.device, dtype)
         self._sampler = SlotSampler(limits.slots, self._tokens, self.device)
+        # The next step's inputs stay on the device: each slot's last row and where its next keys and values
+        # go (advanced by ``_running``: 1 for a slot with a sequence, 0 for a free one, which stays at 0).
+        self._rows = torch.zeros(
+            limits.slots, self._tokens.num_codebooks, dtype=torch.long, device=self.device
+        )
+        self._positions = torch.zeros(limits.slots, dtype=torch.long, device=self.device)
+        self._running = torch.zeros(limits.slots, dtype=torch.long, device=self.device)
         # Its own stream: replays and prefills do not queue behind the codec's work on the default stream.
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         step = DecodeStep(model, self._cache)
@@ -376,7 +380,11 @@ class Scheduler:
             )
             logits = output.logits[:, -1].float().view(1, *self._step_shape())
             active = _Sequence(length, sequence.sampling.max_new_tokens, handle, self._tokens)
-            active.append(self._sampler.next_rows(logits, slot, [slot])[0])
+            on_device, on_host = self._sampler.next_rows(logits, slot, [slot])
+            active.append(on_host[0])
+            self._rows[slot] = on_device[0]
+            self._positions[slot] = length
+            self._running[slot] = 1
         except Exception as error:  # a bad prompt fails its own sequence, not the scheduler
             logger.exception("prefill failed")
             handle.fail(error)
@@ -389,21 +397,19 @@ class Scheduler:
     def _advance(self) -> None:
         """One decode step over slots ``[0, highest active + 1)``; free slots in between compute padding."""
         width = max(self._active) + 1
-        rows = torch.zeros(width, self._tokens.num_codebooks, dtype=torch.long)
-        positions = torch.zeros(width, dtype=torch.long)
-        for slot, sequence in self._active.items():
-            rows[slot] = sequence.last_row()
-            positions[slot] = sequence.position
-        span = int(positions.max()) + 1
-        uniform = len(self._active) == width and bool((positions == span - 1).all())
+        positions = [sequence.position for sequence in self._active.values()]
+        span = max(positions) + 1
+        uniform = len(self._active) == width and min(positions) == span - 1
         order = sorted(self._active)
         try:
-            logits = self._step(rows.to(self.device), positions.to(self.device), span, masked=not uniform)
-            chosen = self._sampler.next_rows(logits, 0, order)
+            logits = self._step(self._rows[:width], self._positions[:width], span, masked=not uniform)
+            on_device, chosen = self._sampler.next_rows(logits, 0, order)
+            self._rows[:width] = on_device
+            self._positions[:width] += self._running[:width]
         except Exception as error:
             logger.exception("a decode step failed; failing the %d sequences in it", len(order))
             for slot in order:
-                self._active.pop(slot).handle.fail(error)
+                self._free(slot).handle.fail(error)
             return
         self.steps += 1
         for slot in order:
@@ -411,9 +417,15 @@ class Scheduler:
             sequence.position += 1
             sequence.append(chosen[slot])
 
+    def _free(self, slot: int) -> _Sequence:
+        """Take the sequence out of its slot; the slot computes padding at position 0 until it is taken."""
+        self._running[slot] = 0
+        self._positions[slot] = 0
+        return self._active.pop(slot)
+
     def _retire(self) -> None:
         for slot in [s for s, seq in self._active.items() if seq.done or seq.handle.cancelled]:
-            sequence = self._active.pop(slot)
+            sequence = self._free(slot)
             if sequence.handle.cancelled and not sequence.done:
                 logger.info("sequence cancelled after %d rows; slot %d is free", sequence.count, slot)
                 sequence.handle.fail(GenerationCancelled("cancelled"))

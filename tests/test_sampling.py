@@ -36,7 +36,7 @@ def test_the_exponential_race_consumes_and_picks_what_multinomial_does(rows: int
 def run(sampler: SlotSampler, logits: list[torch.Tensor], slots: list[int]) -> list[torch.Tensor]:
     """Steps over slots [0, max + 1); returns each step's rows of every slot."""
     width = max(slots) + 1
-    return [sampler.next_rows(step[:width], 0, slots) for step in logits]
+    return [sampler.next_rows(step[:width], 0, slots)[1] for step in logits]
 
 
 def test_a_seeded_slot_draws_the_same_beside_others_and_in_another_slot() -> None:
