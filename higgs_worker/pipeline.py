@@ -25,6 +25,7 @@ from higgs_worker.audio_encoding import EncodedAudio, change_tempo, encode_audio
 from higgs_worker.delivery import DeliveryError, DeliveryPolicy, InlineBudget, S3Target, deliver
 from higgs_worker.dry_run import dry_run
 from higgs_worker.model_store import ModelStoreError
+from higgs_worker.quality.finishing import finish, finished_chunks, finishing_for
 from higgs_worker.references import ReferenceAudioError, ResolvedVoice, resolve_reference
 from higgs_worker.rendering import chunking_for, prompt_request
 from higgs_worker.request_plan import RequestPlanError, cache_identity, s3_target_for
@@ -199,6 +200,10 @@ class Pipeline:
             with prepared.timings.phase("encode"):
                 waveform = change_tempo(speech.waveform, speech.sample_rate, prepared.request.speed)
             speech = replace(speech, waveform=waveform)
+        finishing = finishing_for(prepared.request)
+        if finishing.active:  # after the tempo change: the clip as it will sound
+            with prepared.timings.phase("finish"):
+                speech = replace(speech, waveform=finish(speech.waveform, speech.sample_rate, finishing))
         return speech
 
     def chunks(self, prepared: PreparedJob) -> Generator[AudioChunk, None, None]:
@@ -216,12 +221,15 @@ class Pipeline:
         speech_request = _speech_request(request, prepared.references)
         chunking = self.chunking(request)
         with prepared.timings.phase("first_chunk"):
-            if request.speed != 1.0:
+            if request.speed != 1.0:  # generate() finished it
                 chunks = chunk_speech(self.generate(prepared), engine.frame_rate)
-            elif chunking is not None:
-                chunks = stream_long(engine, speech_request, chunking)
             else:
-                chunks = stream_speech(engine, speech_request)
+                generated = (
+                    stream_long(engine, speech_request, chunking)
+                    if chunking is not None
+                    else stream_speech(engine, speech_request)
+                )
+                chunks = finished_chunks(generated, finishing_for(request))
         try:  # closing this generator closes the engine's stream, which stops the generation
             with prepared.timings.phase("first_chunk"):
                 first = next(chunks)

@@ -80,6 +80,7 @@ def cache_identity(
         "ref_audio_in_system_message": request.ref_audio_in_system_message,
         "chunking": [request.chunk_method, request.chunk_max_words, request.chunk_max_turns],
         "chunk_buffer": request.chunk_buffer,
+        "finishing": [request.loudness_lufs, request.trim_silence],
     }
     if not greedy:
         identity |= {"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k}

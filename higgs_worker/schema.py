@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from pydantic_core import ErrorDetails
 
 from higgs_worker.audio_encoding import FORMATS
+from higgs_worker.quality.finishing import MAX_LOUDNESS_LUFS, MIN_LOUDNESS_LUFS
 
 OutputFormat = Literal["wav", "flac", "mp3", "ogg", "opus", "pcm"]
 ChunkMethod = Literal["sentence", "speaker", "word", "none"]
@@ -83,6 +84,9 @@ class TTSRequest(BaseModel):
     chunk_max_num_turns: int | None = Field(default=None, ge=1, le=64)
     generation_chunk_buffer_size: int | None = Field(default=None, ge=0, le=MAX_CHUNK_BUFFER)
     dry_run: bool = False
+    # -- finishing, word timestamps and verification (higgs_worker/quality) --
+    loudness_lufs: float | None = Field(default=None, ge=MIN_LOUDNESS_LUFS, le=MAX_LOUDNESS_LUFS)
+    trim_silence: bool = False
     _sent_as: dict[str, str] = PrivateAttr(default_factory=dict)  # field → the alias the client used
 
     @model_validator(mode="after")
