@@ -14,7 +14,7 @@ import logging
 import threading
 from collections.abc import Callable, Generator, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,6 +26,7 @@ from higgs_worker.delivery import DeliveryError, DeliveryPolicy, InlineBudget, S
 from higgs_worker.dry_run import dry_run
 from higgs_worker.model_store import ModelStoreError
 from higgs_worker.quality.finishing import finish, finished_chunks, finishing_for
+from higgs_worker.quality.service import OUTPUT_KEYS, NotVerified, Quality
 from higgs_worker.references import ReferenceAudioError, ResolvedVoice, resolve_reference
 from higgs_worker.rendering import chunking_for, prompt_request
 from higgs_worker.request_plan import RequestPlanError, cache_identity, s3_target_for
@@ -65,6 +66,7 @@ USER_ERRORS = (
     JobError,
     SpeechRequestError,
     RuntimeConfigError,
+    NotVerified,
 )
 
 
@@ -80,6 +82,7 @@ class PreparedJob:
     timings: Timings
     cache_key: str | None  # set for deterministic requests when the result cache is on
     budget: InlineBudget  # what the job's result may still carry inline, shared by every delivery path
+    quality: dict[str, Any] = field(default_factory=dict)  # what generation found out (verification)
 
 
 @dataclass(frozen=True)
@@ -90,9 +93,10 @@ class Clip:
     num_frames: int
     truncated: bool  # the clip hit max_new_tokens instead of ending by itself
     cache_hit: bool
+    quality: dict[str, Any] = field(default_factory=dict)  # words, captions, verification (when asked)
 
     def facts(self) -> dict[str, Any]:
-        return {"num_frames": self.num_frames, "truncated": self.truncated}
+        return {"num_frames": self.num_frames, "truncated": self.truncated, **self.quality}
 
 
 class Pipeline:
@@ -107,6 +111,7 @@ class Pipeline:
             if settings.result_cache
             else None
         )
+        self.quality = Quality(settings)
 
     # -- validate, plan, references, cache key ------------------------------------------------------------
     def validate(self, raw_input: Any) -> TTSRequest:
@@ -158,7 +163,9 @@ class Pipeline:
         if hit is None:
             return None
         audio = EncodedAudio.from_metadata(hit.audio, hit.metadata)
-        return Clip(audio, int(hit.metadata["num_frames"]), bool(hit.metadata["truncated"]), cache_hit=True)
+        quality = {key: hit.metadata[key] for key in OUTPUT_KEYS if key in hit.metadata}
+        frames, truncated = int(hit.metadata["num_frames"]), bool(hit.metadata["truncated"])
+        return Clip(audio, frames, truncated, cache_hit=True, quality=quality)
 
     def remember(self, prepared: PreparedJob, clip: Clip) -> None:
         if prepared.cache_key is not None and self.cache is not None and not clip.cache_hit:
@@ -182,6 +189,7 @@ class Pipeline:
         speech_request = _speech_request(prepared.request, prepared.references)
         _check(cancel)
         chunking = self.chunking(prepared.request)  # the check and the pieces from one computation
+        verifier = self.quality.verifier(prepared.request, prepared.timings)
         with prepared.timings.phase("generate"):
             if chunking is not None:
                 from boson_multimodal.longform import generate_long
@@ -191,9 +199,18 @@ class Pipeline:
                     if progress is not None:
                         progress(done, total)
 
-                speech = generate_long(engine, speech_request, chunking, on_progress)
+                piece = verifier.generate(engine.generate) if verifier is not None else None
+                speech = generate_long(engine, speech_request, chunking, on_progress, generate_piece=piece)
             else:
-                speech = _abandoned_if_cancelled(lambda: engine.generate(speech_request, cancel=cancel))
+
+                def whole(request: SpeechRequest) -> Speech:
+                    return engine.generate(request, cancel=cancel)
+
+                one = verifier.generate(whole) if verifier is not None else whole
+                speech = _abandoned_if_cancelled(lambda: one(speech_request))
+        if verifier is not None:  # checked on the clip as generated; speed and finishing keep its words
+            prepared.quality["verification"] = verifier.report()
+            self.quality.check_required(prepared.request, prepared.quality["verification"])
         if speech.num_frames == 0:
             raise JobError(NO_AUDIO)
         if prepared.request.speed != 1.0:
@@ -221,7 +238,7 @@ class Pipeline:
         speech_request = _speech_request(request, prepared.references)
         chunking = self.chunking(request)
         with prepared.timings.phase("first_chunk"):
-            if request.speed != 1.0:  # generate() finished it
+            if request.speed != 1.0 or request.verify:  # the whole clip first; generate() finished it
                 chunks = chunk_speech(self.generate(prepared), engine.frame_rate)
             else:
                 generated = (
@@ -261,17 +278,23 @@ class Pipeline:
         if hit is not None:
             return hit
         speech = self.generate(prepared, progress, cancel)
+        annotations = self.quality.annotate(
+            prepared.request, speech.waveform, speech.sample_rate, prepared.timings
+        )
+        quality = prepared.quality | annotations
         with prepared.timings.phase("encode"):
             audio = self.encode(prepared, speech.waveform, speech.sample_rate)
-        clip = Clip(audio, speech.num_frames, not speech.finished, cache_hit=False)
+        clip = Clip(audio, speech.num_frames, not speech.finished, cache_hit=False, quality=quality)
         self.remember(prepared, clip)
         return clip
 
-    def streamed_clip(self, prepared: PreparedJob, pieces: list[np.ndarray], final: AudioChunk) -> Clip:
+    def streamed_clip(
+        self, prepared: PreparedJob, pieces: list[np.ndarray], final: AudioChunk, quality: dict[str, Any]
+    ) -> Clip:
         """The whole clip of a finished stream, encoded once (for S3 and the cache)."""
         with prepared.timings.phase("encode"):
             audio = self.encode(prepared, np.concatenate(pieces), final.sample_rate)
-        clip = Clip(audio, final.end_frame, not final.finished, cache_hit=False)
+        clip = Clip(audio, final.end_frame, not final.finished, cache_hit=False, quality=quality)
         self.remember(prepared, clip)
         return clip
 
@@ -333,11 +356,18 @@ class Pipeline:
                 yield item
                 continue
             summary: dict[str, Any] = {"num_frames": chunk.end_frame, "truncated": not chunk.finished}
+            summary |= self.streamed_quality(prepared, pieces, chunk)
             if prepared.target is not None or prepared.cache_key is not None:
-                clip = self.streamed_clip(prepared, pieces, chunk)
+                clip = self.streamed_clip(prepared, pieces, chunk, summary)
                 if prepared.target is not None:
                     summary |= self.output(prepared, clip, delivered_inline=all_inline)
             yield item | {"summary": summary | self.summary(prepared)}
+
+    def streamed_quality(self, prepared: PreparedJob, pieces: list[np.ndarray], final: AudioChunk) -> dict:
+        """Words and captions of a finished stream: aligned once the whole clip is there (see the README)."""
+        waveform = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+        annotations = self.quality.annotate(prepared.request, waveform, final.sample_rate, prepared.timings)
+        return prepared.quality | annotations
 
     def _stream_item(self, prepared: PreparedJob, chunk: AudioChunk) -> tuple[dict[str, Any], bool]:
         """One stream chunk as a playable file; False when its audio could not go inline."""

@@ -81,6 +81,8 @@ def cache_identity(
         "chunking": [request.chunk_method, request.chunk_max_words, request.chunk_max_turns],
         "chunk_buffer": request.chunk_buffer,
         "finishing": [request.loudness_lufs, request.trim_silence],
+        "annotations": [request.timestamps, request.captions],
+        "verification": [request.verify, request.max_wer, request.max_attempts, request.require_verified],
     }
     if not greedy:
         identity |= {"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k}

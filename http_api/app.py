@@ -286,7 +286,8 @@ def _encoded_stream(pipeline: Pipeline, prepared: PreparedJob) -> Generator[byte
             if chunk.final:
                 data += encoder.finish()
                 if prepared.cache_key is not None:
-                    pipeline.streamed_clip(prepared, pieces, chunk)
+                    quality = pipeline.streamed_quality(prepared, pieces, chunk)
+                    pipeline.streamed_clip(prepared, pieces, chunk, quality)
             if data:
                 yield data
     finally:
