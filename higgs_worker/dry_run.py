@@ -28,6 +28,7 @@ from boson_multimodal.prompt import (
     in_system_message,
 )
 from boson_multimodal.transcript import speakers_in
+from higgs_worker.quality.plan import quality_plan
 from higgs_worker.references import DescribedVoice, ResolvedVoice
 from higgs_worker.rendering import chunking_for, prompt_request
 from higgs_worker.schema import TTSRequest
@@ -54,6 +55,7 @@ def dry_run(request: TTSRequest, voices: list[ResolvedVoice], settings: Settings
         "pieces": rendered,
         "prompt": rendered[0]["prompt"] if rendered else "",
         "chat_template": template_source,
+        "quality": quality_plan(request, settings, len(pieces)),
     }
 
 
