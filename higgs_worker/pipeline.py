@@ -25,6 +25,7 @@ from higgs_worker.audio_encoding import EncodedAudio, change_tempo, encode_audio
 from higgs_worker.delivery import DeliveryError, DeliveryPolicy, InlineBudget, S3Target, deliver
 from higgs_worker.dry_run import dry_run
 from higgs_worker.model_store import ModelStoreError
+from higgs_worker.quality.captions import upload_captions
 from higgs_worker.quality.finishing import finish, finished_chunks, finishing_for
 from higgs_worker.quality.service import OUTPUT_KEYS, NotVerified, Quality
 from higgs_worker.references import ReferenceAudioError, ResolvedVoice, resolve_reference
@@ -313,6 +314,9 @@ class Pipeline:
         )
         with prepared.timings.phase("upload") if target is not None else nullcontext():
             delivered = deliver(clip.audio, target, policy, budget=prepared.budget)
+            if target is not None and "captions" in clip.quality:  # beside the audio, as <key>.srt/.vtt
+                captions, fmt = clip.quality["captions"], clip.quality["captions_format"]
+                delivered |= upload_captions(captions, fmt, target, self.settings.s3_presign_expiry_s)
         return {
             **delivered,
             **describe_audio(clip.audio),

@@ -22,7 +22,10 @@ from higgs_worker.settings import load_settings
 from tests.conftest import speak
 from tests.hub_server import HubServer
 from tests.quality_models import place
+from tests.s3_server import S3Server
 from tests.test_worker_faults import complete_store
+
+pytest_plugins = ["tests.s3_server"]
 
 SENTENCE = "Captions help everyone follow along. The quick brown fox jumps over the lazy dog, twice!"
 DIALOGUE = "[SPEAKER0] Did you hear that? [laugh] It was loud. [SPEAKER1] I heard it - twenty-five times."
@@ -205,3 +208,25 @@ def test_a_stream_carries_the_words_on_its_final_chunk(pipeline: Pipeline) -> No
 def test_bad_values_are_named(pipeline: Pipeline, field: str, value: object, clause: str) -> None:
     with pytest.raises(RequestError, match=clause):
         pipeline.validate({"transcript": "x", field: value})
+
+
+def test_with_s3_the_captions_go_beside_the_audio(
+    pipeline: Pipeline, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in s3_server.env().items():  # boto3 reads them when the job builds its client
+        monkeypatch.setenv(name, value)
+    s3_server.create_bucket("captions-beside")
+    job = {
+        "transcript": "Into the bucket.",
+        "max_new_tokens": 30,
+        "captions": "vtt",
+        "s3_bucket": "captions-beside",
+    }
+    output = pipeline.run("s3-captions", job | {"s3_key": "clips/one.wav"})
+    assert output["s3"]["key"] == "clips/one.wav"
+    where = output["captions_s3"]
+    assert where["key"] == "clips/one.wav.vtt" and where["uri"] == "s3://captions-beside/clips/one.wav.vtt"
+    stored = s3_server.client().get_object(Bucket="captions-beside", Key=where["key"])
+    assert stored["ContentType"] == "text/vtt; charset=utf-8"
+    assert stored["Body"].read().decode() == output["captions"]
+    assert len(webvtt.from_string(output["captions"])) >= 1

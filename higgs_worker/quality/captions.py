@@ -4,13 +4,15 @@ Cues follow common subtitle guidance (the BBC's and Netflix's: at most 42 charac
 new cue at a sentence end and at every change of speaker, none shorter than the words it shows). A cue holds
 at most ``MAX_CUE_WORDS`` words, so each one is on screen briefly enough to follow speech; a long pause (over
 ``MAX_GAP_S``) also starts a new cue. In WebVTT each cue of a dialogue names its speaker with a voice tag
-(``<v SPEAKER0>``); SubRip has no such tag and shows the text alone.
+(``<v SPEAKER0>``); SubRip has no such tag and shows the text alone. With an S3 target the captions are
+also uploaded beside the audio.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
+from higgs_worker.delivery import S3ClientFactory, S3Target, default_s3_client, describe_s3_failure
 from higgs_worker.quality.alignment import WordTime
 
 CaptionFormat = Literal["srt", "vtt"]
@@ -80,3 +82,36 @@ def _timestamp(seconds: float, decimal: str) -> str:
 
 
 MIMETYPES = {"srt": "application/x-subrip", "vtt": "text/vtt"}
+
+
+def upload_captions(
+    captions: str,
+    fmt: CaptionFormat,
+    target: S3Target,
+    presign_expiry_s: int,
+    s3_client_factory: S3ClientFactory = default_s3_client,
+) -> dict[str, Any]:
+    """Put the captions beside the clip in S3 as ``<key>.srt`` / ``<key>.vtt``: ``captions_s3`` says where
+    (bucket, key, uri, presigned url); a failed upload is reported as ``captions_s3_error`` (the captions
+    are in the output anyway), never as a failed job."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    key = f"{target.key}.{fmt}"
+    try:
+        client = s3_client_factory()
+        client.put_object(
+            Bucket=target.bucket,
+            Key=key,
+            Body=captions.encode(),
+            ContentType=f"{MIMETYPES[fmt]}; charset=utf-8",
+        )
+        url = client.generate_presigned_url(
+            "get_object", Params={"Bucket": target.bucket, "Key": key}, ExpiresIn=presign_expiry_s
+        )
+    except (BotoCoreError, ClientError, ValueError) as error:
+        return {
+            "captions_s3_error": f"upload to bucket '{target.bucket}' failed: {describe_s3_failure(error)}"
+        }
+    return {
+        "captions_s3": {"bucket": target.bucket, "key": key, "uri": f"s3://{target.bucket}/{key}", "url": url}
+    }
