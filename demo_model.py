@@ -1,10 +1,11 @@
-"""Publish a tiny random-weight Higgs Audio V2 model and codec into the model store (``--demo``).
+"""Publish tiny random-weight Higgs Audio V2 model, codec, aligner and recogniser into the store (``--demo``).
 
 Why: a machine that cannot reach the Hugging Face Hub (CI, an air-gapped laptop) can still run the whole
-worker — store, loading, prompt, generation, encoding, delivery — for real. The checkpoint lands exactly where
-the real one would (``MODEL_PATH`` / ``TOKENIZER_PATH``), marked as a local build: the worker loads it without
-asking the hub only when started with ``DEMO_MODEL=true`` (``bootstrap.sh --demo`` sets it); without it, the
-hub's files replace the demo. Its audio is noise. Real model files on the volume are never overwritten.
+worker — store, loading, prompt, generation, word timestamps, verification, encoding, delivery — for
+real. The checkpoints land exactly where the real ones would (``MODEL_PATH``, ``TOKENIZER_PATH``,
+``ALIGNER_PATH``, ``RECOGNISER_PATH``), marked as local builds: the worker loads them without asking the hub
+only when started with ``DEMO_MODEL=true`` (``bootstrap.sh --demo`` sets it); without it, the hub's files
+replace the demo. Its audio is noise. Real model files on the volume are never overwritten.
 
 It also puts two voices in the offline voice kit, ``VOICES_DIR`` (``<name>.wav`` with its transcript in
 ``<name>.txt``, the folder presets are fetched into): ``demo_woman`` and ``demo_man``, synthesised here, so
@@ -36,6 +37,9 @@ def publish_demo(settings: Settings) -> None:
     specs = (
         RepoSpec(settings.model_repo, settings.model_revision, settings.model_path),
         RepoSpec(settings.tokenizer_repo, settings.tokenizer_revision, settings.tokenizer_path),
+        # the quality models (word timestamps, verification): tiny random ones too
+        RepoSpec(settings.aligner_repo, settings.aligner_revision, settings.aligner_path),
+        RepoSpec(settings.recogniser_repo, settings.recogniser_revision, settings.recogniser_path),
     )
     for spec in specs:
         marker = read_marker(spec)
@@ -50,15 +54,19 @@ def publish_demo(settings: Settings) -> None:
                 "never overwrites them: use another RUNPOD_VOLUME_PATH (or MODEL_PATH / TOKENIZER_PATH)"
             )
     if all(read_store(spec, accept_local=True) is not None for spec in specs):
-        logger.info("the demo model is already in place at %s and %s", *(s.local_dir for s in specs))
+        logger.info("the demo model is already in place at %s and %s", *(s.local_dir for s in specs[:2]))
         return
     # Imported only to build: it loads torch and transformers (~6 s), which a warm restart must not wait for.
     from boson_multimodal.tiny_model import build_tiny_checkpoint
+    from higgs_worker.quality.tiny_models import build_tiny_aligner, build_tiny_recogniser
 
     with tempfile.TemporaryDirectory(dir=settings.volume_path) as scratch:
         staging = Path(scratch)
         build_tiny_checkpoint(staging / "model", staging / "codec")
-        for spec, built in zip(specs, (staging / "model", staging / "codec"), strict=True):
+        build_tiny_aligner(staging / "aligner")
+        build_tiny_recogniser(staging / "recogniser")
+        built_dirs = [staging / name for name in ("model", "codec", "aligner", "recogniser")]
+        for spec, built in zip(specs, built_dirs, strict=True):
             if spec.local_dir.exists():
                 shutil.rmtree(spec.local_dir)  # an older or damaged demo build (checked above)
             spec.local_dir.parent.mkdir(parents=True, exist_ok=True)

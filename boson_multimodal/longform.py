@@ -210,12 +210,14 @@ def generate_long(
     chunking: Chunking | int,
     on_progress: ProgressCallback | None = None,
     crossfade_s: float = DEFAULT_CROSSFADE_S,
+    generate_piece: Callable[[SpeechRequest], Speech] | None = None,
 ) -> Speech:
     """Speak ``request.text`` piece by piece (see the module docstring) and join the pieces into one clip.
 
     ``chunking`` says how to cut the text; a number is the sentence splitter's piece length. ``num_frames``
     counts the frames of all pieces; the waveform is shorter than ``num_frames`` frames by the crossfade
-    overlaps.
+    overlaps. ``generate_piece`` makes each piece (``engine.generate`` unless given: a caller may check a
+    piece and make it again before the next piece is prompted with it).
     """
     from boson_multimodal.engine import Speech
 
@@ -226,7 +228,7 @@ def generate_long(
     history = PieceHistory(request, chunking)
     speeches: list[Speech] = []
     for done, piece in enumerate(pieces, start=1):
-        speech = engine.generate(history.request_for(piece))
+        speech = (generate_piece or engine.generate)(history.request_for(piece))
         history.add(piece, Voice(speech.waveform, speech.sample_rate, piece.text))
         speeches.append(speech)
         if on_progress is not None:

@@ -180,7 +180,7 @@ def default_s3_client() -> Any:
     return session.client("s3", config=_client_config("path"))
 
 
-def _describe_s3_failure(exc: Exception) -> str:
+def describe_s3_failure(exc: Exception) -> str:
     """The cause of a failed S3 call in words, without credentials, signatures or request headers.
 
     Only the error code and message of an S3 answer are used: the rest of it (``StringToSign``,
@@ -259,7 +259,7 @@ def deliver(
         s3_part = _upload(audio, target, policy, s3_client_factory())
     # ValueError: botocore rejects a malformed endpoint URL when the client is built.
     except (BotoCoreError, ClientError, ValueError) as exc:
-        cause = _describe_s3_failure(exc)
+        cause = describe_s3_failure(exc)
         log.warning("S3 upload to bucket %r failed: %s", target.bucket, cause)
         s3_error = {"s3_error": f"upload to bucket '{target.bucket}' failed: {cause}"}
         if policy.delivered_inline:

@@ -28,6 +28,7 @@ from boson_multimodal.prompt import (
     in_system_message,
 )
 from boson_multimodal.transcript import speakers_in
+from higgs_worker.quality.plan import quality_plan
 from higgs_worker.references import DescribedVoice, ResolvedVoice
 from higgs_worker.request_plan import Plan
 from higgs_worker.settings import Settings
@@ -52,6 +53,7 @@ def dry_run(plan: Plan, settings: Settings) -> dict[str, Any]:
         "pieces": rendered,
         "prompt": rendered[0]["prompt"] if rendered else "",
         "chat_template": template_source,
+        "quality": quality_plan(plan.request, settings, len(pieces)),
     }
 
 

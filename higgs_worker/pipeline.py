@@ -15,7 +15,7 @@ import logging
 import threading
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,6 +25,9 @@ from higgs_worker.audio_encoding import EncodedAudio, change_tempo, encode_audio
 from higgs_worker.delivery import DeliveryPolicy, InlineBudget, deliver
 from higgs_worker.dry_run import dry_run
 from higgs_worker.errors import JobAbandoned, JobError, SpeechNotPossible
+from higgs_worker.quality.captions import upload_captions
+from higgs_worker.quality.finishing import finish, finished_chunks, finishing_for
+from higgs_worker.quality.service import OUTPUT_KEYS, Quality
 from higgs_worker.references import ResolvedVoice, resolve_reference
 from higgs_worker.request_plan import Plan, StreamKind, plan_job
 from higgs_worker.result_cache import ResultCache, cache_key
@@ -55,6 +58,7 @@ class PreparedJob:
     timings: Timings
     cache_key: str | None  # set for deterministic requests when the result cache is on
     budget: InlineBudget  # what the job's result may still carry inline, shared by every delivery path
+    quality: dict[str, Any] = field(default_factory=dict)  # what generation found out (verification)
 
     @property
     def request(self) -> TTSRequest:
@@ -69,9 +73,10 @@ class Clip:
     num_frames: int
     truncated: bool  # the clip hit max_new_tokens instead of ending by itself
     cache_hit: bool
+    quality: dict[str, Any] = field(default_factory=dict)  # words, captions, verification (when asked)
 
     def facts(self) -> dict[str, Any]:
-        return {"num_frames": self.num_frames, "truncated": self.truncated}
+        return {"num_frames": self.num_frames, "truncated": self.truncated, **self.quality}
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,7 @@ class StreamPiece:
     data: bytes  # "files": this chunk as a playable file; "bytes": the next bytes of the one file
     audio: EncodedAudio | None  # "files": this chunk's file (None for an empty chunk); "bytes": None
     clip: Clip | None  # on the final piece: the whole clip, encoded once when S3 or the cache needs it
+    quality: dict[str, Any] = field(default_factory=dict)  # on the final piece: words, captions, verification
 
 
 class Pipeline:
@@ -96,6 +102,7 @@ class Pipeline:
             if settings.result_cache
             else None
         )
+        self.quality = Quality(settings)
 
     # -- validate, plan, prepare ------------------------------------------------------------------------
     def validate(self, raw_input: Any, *, openai_names: bool = False) -> TTSRequest:
@@ -146,7 +153,9 @@ class Pipeline:
         if hit is None:
             return None
         audio = EncodedAudio.from_metadata(hit.audio, hit.metadata)
-        return Clip(audio, int(hit.metadata["num_frames"]), bool(hit.metadata["truncated"]), cache_hit=True)
+        quality = {key: hit.metadata[key] for key in OUTPUT_KEYS if key in hit.metadata}
+        frames, truncated = int(hit.metadata["num_frames"]), bool(hit.metadata["truncated"])
+        return Clip(audio, frames, truncated, cache_hit=True, quality=quality)
 
     def remember(self, prepared: PreparedJob, clip: Clip) -> None:
         if prepared.cache_key is not None and self.cache is not None and not clip.cache_hit:
@@ -169,6 +178,7 @@ class Pipeline:
         engine = self.engine(prepared)
         plan = prepared.plan
         _check(cancel)
+        verifier = self.quality.verifier(plan.request, prepared.timings)
         with prepared.timings.phase("generate"), _engine_refusals():
             if plan.chunking is not None:
                 from boson_multimodal.longform import generate_long
@@ -178,17 +188,31 @@ class Pipeline:
                     if progress is not None:
                         progress(done, total)
 
-                speech = generate_long(engine, _speech_request(plan), plan.chunking, on_progress)
-            else:
-                speech = _abandoned_if_cancelled(
-                    lambda: engine.generate(_speech_request(plan), cancel=cancel)
+                piece = verifier.generate(engine.generate) if verifier is not None else None
+                speech = generate_long(
+                    engine, _speech_request(plan), plan.chunking, on_progress, generate_piece=piece
                 )
+            else:
+
+                def whole(request: SpeechRequest) -> Speech:
+                    return engine.generate(request, cancel=cancel)
+
+                one = verifier.generate(whole) if verifier is not None else whole
+                request = _speech_request(plan)
+                speech = _abandoned_if_cancelled(lambda: one(request))
+        if verifier is not None:  # checked on the clip as generated; speed and finishing keep its words
+            prepared.quality["verification"] = verifier.report()
+            self.quality.check_required(plan.request, prepared.quality["verification"])
         if speech.num_frames == 0:
             raise JobError(NO_AUDIO)
         if plan.request.speed != 1.0:
             with prepared.timings.phase("encode"):
                 waveform = change_tempo(speech.waveform, speech.sample_rate, plan.request.speed)
             speech = replace(speech, waveform=waveform)
+        finishing = finishing_for(plan.request)
+        if finishing.active:  # after the tempo change: the clip as it will sound
+            with prepared.timings.phase("finish"):
+                speech = replace(speech, waveform=finish(speech.waveform, speech.sample_rate, finishing))
         return speech
 
     def _chunks(self, prepared: PreparedJob) -> Generator[AudioChunk, None, None]:
@@ -205,12 +229,15 @@ class Pipeline:
         plan = prepared.plan
         assert plan.stream is not None, "only a plan that streams is streamed"
         with prepared.timings.phase("first_chunk"), _engine_refusals():
-            if not plan.stream.live:
+            if not plan.stream.live:  # the whole clip first; generate() finished it
                 chunks = chunk_speech(self.generate(prepared), engine.frame_rate)
-            elif plan.chunking is not None:
-                chunks = stream_long(engine, _speech_request(plan), plan.chunking)
             else:
-                chunks = stream_speech(engine, _speech_request(plan))
+                generated = (
+                    stream_long(engine, _speech_request(plan), plan.chunking)
+                    if plan.chunking is not None
+                    else stream_speech(engine, _speech_request(plan))
+                )
+                chunks = finished_chunks(generated, finishing_for(plan.request))
         try:  # closing this generator closes the engine's stream, which stops the generation
             with prepared.timings.phase("first_chunk"), _engine_refusals():
                 first = next(chunks)
@@ -250,18 +277,30 @@ class Pipeline:
                     else:
                         encoder = encoder or StreamEncoder(plan.request.output_format, chunk.sample_rate)
                         data = encoder.encode(chunk.waveform) + (encoder.finish() if chunk.final else b"")
-                clip = None
-                if chunk.final and (plan.target is not None or prepared.cache_key is not None):
-                    clip = self._whole_stream(prepared, waveforms, chunk)
-                yield StreamPiece(chunk, data, audio, clip)
+                clip, quality = None, {}
+                if chunk.final:
+                    quality = self._stream_quality(prepared, waveforms, chunk)
+                    if plan.target is not None or prepared.cache_key is not None:
+                        clip = self._whole_stream(prepared, waveforms, chunk, quality)
+                yield StreamPiece(chunk, data, audio, clip, quality)
         finally:
             chunks.close()
 
-    def _whole_stream(self, prepared: PreparedJob, waveforms: list[np.ndarray], final: AudioChunk) -> Clip:
+    def _stream_quality(
+        self, prepared: PreparedJob, waveforms: list[np.ndarray], final: AudioChunk
+    ) -> dict[str, Any]:
+        """Words and captions of a finished stream: aligned once the whole clip is there (see the README)."""
+        waveform = np.concatenate(waveforms) if waveforms else np.zeros(0, dtype=np.float32)
+        annotations = self.quality.annotate(prepared.request, waveform, final.sample_rate, prepared.timings)
+        return prepared.quality | annotations
+
+    def _whole_stream(
+        self, prepared: PreparedJob, waveforms: list[np.ndarray], final: AudioChunk, quality: dict[str, Any]
+    ) -> Clip:
         """The whole clip of a finished stream, encoded once (for S3 and the cache)."""
         with prepared.timings.phase("encode"):
             audio = self.encode(prepared, np.concatenate(waveforms), final.sample_rate)
-        clip = Clip(audio, final.end_frame, not final.finished, cache_hit=False)
+        clip = Clip(audio, final.end_frame, not final.finished, cache_hit=False, quality=quality)
         self.remember(prepared, clip)
         return clip
 
@@ -280,9 +319,13 @@ class Pipeline:
         if hit is not None:
             return hit
         speech = self.generate(prepared, progress, cancel)
+        annotations = self.quality.annotate(
+            prepared.request, speech.waveform, speech.sample_rate, prepared.timings
+        )
+        quality = prepared.quality | annotations
         with prepared.timings.phase("encode"):
             audio = self.encode(prepared, speech.waveform, speech.sample_rate)
-        clip = Clip(audio, speech.num_frames, not speech.finished, cache_hit=False)
+        clip = Clip(audio, speech.num_frames, not speech.finished, cache_hit=False, quality=quality)
         self.remember(prepared, clip)
         return clip
 
@@ -301,6 +344,9 @@ class Pipeline:
         )
         with prepared.timings.phase("upload") if target is not None else nullcontext():
             delivered = deliver(clip.audio, target, policy, budget=prepared.budget)
+            if target is not None and "captions" in clip.quality:  # beside the audio, as <key>.srt/.vtt
+                captions, fmt = clip.quality["captions"], clip.quality["captions_format"]
+                delivered |= upload_captions(captions, fmt, target, self.settings.s3_presign_expiry_s)
         return {
             **delivered,
             **describe_audio(clip.audio),
@@ -353,6 +399,7 @@ class Pipeline:
                 yield item
                 continue
             summary: dict[str, Any] = {"num_frames": chunk.end_frame, "truncated": not chunk.finished}
+            summary |= piece.quality
             if prepared.plan.target is not None and piece.clip is not None:
                 summary |= self.output(prepared, piece.clip, delivered_inline=all_inline)
             yield item | {"summary": summary | self.summary(prepared)}

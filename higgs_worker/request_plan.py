@@ -41,7 +41,7 @@ StreamKind = Literal["files", "bytes"]
 @dataclass(frozen=True)
 class StreamPlan:
     kind: StreamKind
-    live: bool  # chunks leave while the clip is generated; False: a tempo change needs the whole clip first
+    live: bool  # chunks leave while the clip is generated; False: the whole clip first (speed, verify)
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,8 @@ def stream_plan(request: TTSRequest, kind: StreamKind | None) -> StreamPlan | No
         return None
     if kind == "bytes" and (request.output_format not in STREAMABLE or request.sample_rate is not None):
         return None
-    return StreamPlan(kind, live=request.speed == 1.0)
+    # A tempo change needs the whole clip, and so does verification (a clip is checked before it is sent).
+    return StreamPlan(kind, live=request.speed == 1.0 and not request.verify)
 
 
 def s3_target_for(request: TTSRequest, job_id: str, settings: Settings) -> S3Target | None:
@@ -145,6 +146,9 @@ def cache_identity(
         "pieces": None if chunking is None else dataclasses.asdict(chunking),
         "voice_description": request.voice_descriptions,
         "ref_audio_in_system_message": request.ref_audio_in_system_message,
+        "finishing": [request.loudness_lufs, request.trim_silence],
+        "annotations": [request.timestamps, request.captions],
+        "verification": [request.verify, request.max_wer, request.max_attempts, request.require_verified],
     }
     if not greedy:
         identity |= {"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k}

@@ -32,6 +32,8 @@ from pydantic_core import ErrorDetails
 
 from higgs_worker.audio_encoding import FORMATS, MAX_SPEED, MIN_SPEED
 from higgs_worker.errors import RequestError
+from higgs_worker.quality.finishing import MAX_LOUDNESS_LUFS, MIN_LOUDNESS_LUFS
+from higgs_worker.quality.verification import MAX_ATTEMPTS as MAX_VERIFY_ATTEMPTS
 from higgs_worker.references import PROFILE_PREFIX
 
 ChunkMethod = Literal["sentence", "speaker", "word", "none"]
@@ -87,6 +89,15 @@ class TTSRequest(BaseModel):
     chunk_max_num_turns: int | None = Field(default=None, ge=1, le=64)
     generation_chunk_buffer_size: int | None = Field(default=None, ge=0, le=MAX_CHUNK_BUFFER)
     dry_run: bool = False
+    # -- finishing, word timestamps and verification (higgs_worker/quality) --
+    loudness_lufs: float | None = Field(default=None, ge=MIN_LOUDNESS_LUFS, le=MAX_LOUDNESS_LUFS)
+    trim_silence: bool = False
+    timestamps: Literal["none", "word"] = "none"
+    captions: Literal["srt", "vtt"] | None = None
+    verify: bool = False
+    max_wer: float | None = Field(default=None, ge=0.0, le=1.0)
+    max_attempts: int | None = Field(default=None, ge=1, le=MAX_VERIFY_ATTEMPTS)
+    require_verified: bool = False
     _sent_as: dict[str, str] = PrivateAttr(default_factory=dict)  # field → the alias the client used
 
     @field_validator("output_format")
@@ -122,6 +133,7 @@ class TTSRequest(BaseModel):
             problems.append(f"ref_text: each transcript must be at most {MAX_REF_TEXT_CHARS} characters")
         problems += self._voice_problems()
         problems += self._chunking_problems()
+        problems += [f"{name}: only used with verify: true" for name in self._verify_options_unused()]
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -173,6 +185,12 @@ class TTSRequest(BaseModel):
                 needed = " or ".join(repr(m) for m in methods)
                 problems.append(f"{field}: only used with chunk_method {needed} (got {self.chunk_method!r})")
         return problems
+
+    def _verify_options_unused(self) -> list[str]:
+        """The verification options given without ``verify``."""
+        given = {"max_wer": self.max_wer is not None, "max_attempts": self.max_attempts is not None}
+        given["require_verified"] = self.require_verified
+        return [] if self.verify else [name for name, present in given.items() if present]
 
     def _item(self, field: str, index: int) -> str:
         """How an error names entry ``index`` of a field: ``field[i]`` for a list, ``field`` for a string."""

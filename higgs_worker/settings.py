@@ -25,6 +25,11 @@ DEFAULT_TOKENIZER_REPO = "bosonai/higgs-audio-v2-tokenizer"
 # converted in place to the transformers format in April 2026, so a pin must name a commit after that.
 DEFAULT_MODEL_REVISION = "main"
 DEFAULT_TOKENIZER_REVISION = "main"
+# The quality models (higgs_worker/quality): fetched to the volume on first use, like the speech model.
+DEFAULT_ALIGNER_REPO = "facebook/wav2vec2-base-960h"  # English CTC, 95M parameters: word timestamps
+DEFAULT_ALIGNER_REVISION = "main"
+DEFAULT_RECOGNISER_REPO = "openai/whisper-large-v3-turbo"  # multilingual, 809M parameters: verification
+DEFAULT_RECOGNISER_REVISION = "main"
 DEFAULT_VOICES_BASE_URL = "https://raw.githubusercontent.com/boson-ai/higgs-audio/main/examples/voice_prompts"
 RUNPOD_VOLUME = Path("/runpod-volume")
 ENDPOINT_TYPES = ("QUEUE", "LOAD_BALANCER")  # RunPod's own names for the two kinds of serverless endpoint
@@ -72,6 +77,12 @@ class Settings:
     port_health: int  # the port of the health route; the same as ``port`` unless RunPod is told otherwise
     health_path: str  # the route RunPod's load balancer polls (HEALTH_CHECK_PATH, /ping by default)
     max_request_bytes: int  # an HTTP request body over this is refused before it is read whole
+    aligner_repo: str
+    aligner_revision: str
+    aligner_path: Path
+    recogniser_repo: str
+    recogniser_revision: str
+    recogniser_path: Path
 
     @property
     def lock_dir(self) -> Path:
@@ -189,6 +200,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     volume = default_volume_path(env)
     model_repo = _str(env, "MODEL_REPO", DEFAULT_MODEL_REPO)
     tokenizer_repo = _str(env, "TOKENIZER_REPO", DEFAULT_TOKENIZER_REPO)
+    aligner_repo = _str(env, "ALIGNER_REPO", DEFAULT_ALIGNER_REPO)
+    recogniser_repo = _str(env, "RECOGNISER_REPO", DEFAULT_RECOGNISER_REPO)
     port = _port(env, "PORT", 80)
     device = _str(env, "DEVICE", "auto")
     if device not in {"auto", "cpu"} and not device.startswith("cuda"):
@@ -248,4 +261,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         port_health=_port(env, "PORT_HEALTH", port),
         health_path=_path_of_url(env, "HEALTH_CHECK_PATH", "/ping"),
         max_request_bytes=_int(env, "MAX_REQUEST_BYTES", 30 * 1024 * 1024, minimum=64 * 1024),
+        aligner_repo=aligner_repo,
+        aligner_revision=_str(env, "ALIGNER_REVISION", DEFAULT_ALIGNER_REVISION),
+        aligner_path=Path(_str(env, "ALIGNER_PATH", str(_repo_dir(volume, aligner_repo)))),
+        recogniser_repo=recogniser_repo,
+        recogniser_revision=_str(env, "RECOGNISER_REVISION", DEFAULT_RECOGNISER_REVISION),
+        recogniser_path=Path(_str(env, "RECOGNISER_PATH", str(_repo_dir(volume, recogniser_repo)))),
     )

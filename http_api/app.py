@@ -27,9 +27,11 @@ from starlette.types import Receive, Scope, Send
 
 from higgs_worker.errors import JobAbandoned
 from higgs_worker.pipeline import Clip, Pipeline, PreparedJob
+from higgs_worker.request_plan import StreamKind
 from higgs_worker.runtime import Readiness
 from higgs_worker.thread_iteration import iterate_in_threads
 from higgs_worker.voice_library import VoiceLibrary
+from http_api.captioned import captioned_body, captioned_json, captioned_lines, words_without_a_place
 from http_api.errors import error_response, failure_response
 from http_api.limits import RETRY_AFTER_S, Slots
 
@@ -134,6 +136,9 @@ def create_app(pipeline: Pipeline, *, with_health: bool = True) -> FastAPI:
             )
         if "response_format" not in body and "output_format" not in body:
             body["response_format"] = OPENAI_DEFAULT_FORMAT
+        unsent = words_without_a_place(body, stream_format)
+        if unsent is not None:
+            return error_response(400, unsent, param=unsent.split(":")[0])
         if body.get("dry_run") is True:  # no models, no slot: how the request would be read, as JSON
             try:
                 request_ = pipeline.validate(body, openai_names=True)
@@ -150,11 +155,12 @@ def create_app(pipeline: Pipeline, *, with_health: bool = True) -> FastAPI:
             prepared = await in_thread(lambda: pipeline.prepare(job_id, request_, stream="bytes"))
             clip = pipeline.cached(prepared)
             if clip is None and prepared.plan.stream is not None:
-                pieces = iterate_in_threads(_encoded_stream(pipeline, prepared), threads)
+                found: dict[str, Any] = {}
+                pieces = iterate_in_threads(_encoded_stream(pipeline, prepared, found), threads)
                 first = await anext(pieces, b"")  # a failure before any audio still gets its own status
                 handed_over = True
                 return ClosingStreamingResponse(
-                    _sent(first, pieces, stream_format, slots),
+                    _sent(first, pieces, stream_format, slots, found),
                     media_type="text/event-stream"
                     if stream_format == "sse"
                     else _mimetype(request_.output_format),
@@ -166,6 +172,50 @@ def create_app(pipeline: Pipeline, *, with_health: bool = True) -> FastAPI:
                 job.add_done_callback(_release(slots, job_id))
                 clip = await _unless_client_leaves(request, job, cancel)
             return _whole(clip, stream_format)
+        except JobAbandoned:
+            return Response(status_code=499)
+        except Exception as error:
+            return failure_response(error, job_id)
+        finally:
+            if not handed_over:
+                slots.give_back()
+
+    # -- Kokoro-FastAPI's captioned speech: the audio with its word timestamps (and captions) -----------
+    @app.post("/dev/captioned_speech")
+    async def captioned_speech(request: Request) -> Response:
+        body = await _json_object(request)
+        if isinstance(body, Response):
+            return body
+        try:
+            stream, body = captioned_body(body, OPENAI_DEFAULT_FORMAT)
+        except ValueError as error:
+            return error_response(400, str(error), param=str(error).split(":")[0])
+        if body.get("dry_run") is True:
+            try:
+                request_ = pipeline.validate(body, openai_names=True)
+                return JSONResponse(await in_thread(lambda: pipeline.dry_run(request_)))
+            except Exception as error:
+                return failure_response(error, "dry run")
+        refusal = take_slot()
+        if refusal is not None:
+            return refusal
+        job_id = f"captioned-{uuid.uuid4().hex[:12]}"
+        handed_over = False
+        try:
+            request_ = pipeline.validate(body, openai_names=True)
+            kind: StreamKind | None = "files" if stream else None
+            prepared = await in_thread(lambda: pipeline.prepare(job_id, request_, stream=kind))
+            clip = pipeline.cached(prepared)
+            if clip is None and prepared.plan.stream is not None:
+                lines = iterate_in_threads(captioned_lines(pipeline, prepared), threads)
+                first = await anext(lines, b"")
+                handed_over = True
+                return ClosingStreamingResponse(
+                    _sent(first, lines, "audio", slots, {}), media_type="application/x-ndjson"
+                )
+            if clip is None:
+                clip = await in_thread(pipeline.clip, prepared)
+            return JSONResponse(captioned_json(clip))
         except JobAbandoned:
             return Response(status_code=499)
         except Exception as error:
@@ -272,11 +322,17 @@ def _mimetype(fmt: str) -> str:
     return FORMATS[fmt].mimetype
 
 
-def _encoded_stream(pipeline: Pipeline, prepared: PreparedJob) -> Generator[bytes, None, None]:
-    """The clip's bytes while it is generated (runs on job threads); closing it stops the generation."""
+def _encoded_stream(
+    pipeline: Pipeline, prepared: PreparedJob, found: dict[str, Any]
+) -> Generator[bytes, None, None]:
+    """The clip's bytes while it is generated (runs on job threads); closing it stops the generation.
+
+    What the quality layer found (words, captions, verification) is put in ``found`` before the last bytes.
+    """
     pieces = pipeline.stream_audio(prepared)
     try:
         for piece in pieces:
+            found |= piece.quality
             if piece.data:
                 yield piece.data
     finally:
@@ -284,15 +340,18 @@ def _encoded_stream(pipeline: Pipeline, prepared: PreparedJob) -> Generator[byte
 
 
 async def _sent(
-    first: bytes, rest: AsyncIterator[bytes], stream_format: str, slots: Slots
+    first: bytes, rest: AsyncIterator[bytes], stream_format: str, slots: Slots, found: dict[str, Any]
 ) -> AsyncIterator[bytes]:
-    """The response body: audio bytes or SSE events; closing it stops the generation and frees the slot."""
+    """The response body: audio bytes or SSE events; closing it stops the generation and frees the slot.
+
+    The ``speech.audio.done`` event carries the clip's words, captions and verification when asked for.
+    """
     try:
         if stream_format == "sse":
             yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(first).decode()})
             async for data in rest:
                 yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
-            yield _sse({"type": "speech.audio.done"})
+            yield _sse({"type": "speech.audio.done", **found})
         else:
             yield first
             async for data in rest:
@@ -305,7 +364,7 @@ async def _sent(
 def _whole(clip: Clip, stream_format: str) -> Response:
     if stream_format == "sse":
         events = _sse({"type": "speech.audio.delta", "audio": base64.b64encode(clip.audio.data).decode()})
-        events += _sse({"type": "speech.audio.done"})
+        events += _sse({"type": "speech.audio.done", **clip.quality})
         return Response(events, media_type="text/event-stream")
     return Response(clip.audio.data, media_type=clip.audio.mimetype)
 

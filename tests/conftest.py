@@ -51,3 +51,10 @@ def spoken_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return speak(
         "The quick brown fox jumps over the lazy dog.", tmp_path_factory.mktemp("voices") / "ref.wav"
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_aligner(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from higgs_worker.quality.tiny_models import build_tiny_aligner
+
+    return build_tiny_aligner(tmp_path_factory.mktemp("tiny-aligner") / "aligner")

@@ -1,0 +1,149 @@
+"""The cost of word timestamps and of verification, as a fraction of generation time (tiny models, CPU).
+
+Builds the tiny random-weight speech model, aligner and Whisper recogniser offline, generates one clip,
+then times, on that clip: forced alignment (``timestamps: "word"``) and one transcription plus scoring
+(one verification attempt; a failing attempt adds a generation and a transcription). Each figure is the
+median of ``--runs``; the ratios are measured in the same run.
+
+    python benchmarks/quality_cost.py [--steps 200] [--runs 3]
+    python benchmarks/quality_cost.py --real-geometry --device cuda   # the GPU check: 10 s clip, real sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+TEXT = (
+    "Word timestamps and verification should cost little next to making the speech itself, "
+    "so this benchmark measures both on the same clip."
+)
+
+
+def median_time(function: Callable[[], object], runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200, help="decode steps of the clip (25 per second)")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--real-geometry", action="store_true", help="the real model sizes, random weights")
+    parser.add_argument("--device", default="cpu", help="with --real-geometry: cpu or cuda")
+    args = parser.parse_args()
+    if args.real_geometry:
+        return real_geometry(args.device, args.runs)
+
+    from boson_multimodal.engine import HiggsAudioEngine, SamplingConfig, SpeechRequest
+    from boson_multimodal.tiny_model import build_tiny_checkpoint
+    from higgs_worker.quality.alignment import CTCAligner
+    from higgs_worker.quality.tiny_models import build_tiny_aligner, build_tiny_recogniser
+    from higgs_worker.quality.verification import WhisperRecogniser, error_rate, language_of
+    from higgs_worker.quality.words import transcript_words
+
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        build_tiny_checkpoint(root / "model", root / "codec")
+        engine = HiggsAudioEngine.load(root / "model", root / "codec", device="cpu")
+        aligner = CTCAligner.load(build_tiny_aligner(root / "aligner"), "cpu")
+        recogniser = WhisperRecogniser.load(build_tiny_recogniser(root / "whisper"), "cpu")
+        request = SpeechRequest(TEXT, sampling=SamplingConfig(temperature=0, max_new_tokens=args.steps))
+        engine.generate(request)  # warm-up
+        speech = engine.generate(request)
+        generation = median_time(lambda: engine.generate(request), args.runs)
+        words = transcript_words(TEXT)
+        aligner.align(speech.waveform, speech.sample_rate, words)  # warm-up
+        alignment = median_time(lambda: aligner.align(speech.waveform, speech.sample_rate, words), args.runs)
+        language = language_of(TEXT)
+
+        def verify_once() -> float:
+            heard = recogniser.transcribe(speech.waveform, speech.sample_rate, language)
+            return error_rate(TEXT, heard, language)
+
+        verify_once()  # warm-up
+        verification = median_time(verify_once, args.runs)
+    seconds = len(speech.waveform) / speech.sample_rate
+    print(
+        f"clip: {seconds:.2f} s of audio, {speech.num_frames} frames, {len(words)} words (tiny models, CPU)"
+    )
+    print(f"generation: {generation * 1000:.1f} ms (median of {args.runs})")
+    print(
+        f"word timestamps (CTC forced alignment): {alignment * 1000:.1f} ms = {alignment / generation:.3f}x"
+    )
+    share = verification / generation
+    print(f"verification, one attempt (Whisper + WER): {verification * 1000:.1f} ms = {share:.3f}x")
+    return 0
+
+
+def real_geometry(device: str, runs: int, seconds: float = 10.0) -> int:
+    """The aligner and recogniser at their real sizes (wav2vec2-base, Whisper large-v3 turbo), random
+    weights, on ``seconds`` of audio: what timestamps and one verification attempt cost on ``device``."""
+    import numpy as np
+    import torch
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC, WhisperConfig, WhisperForConditionalGeneration
+
+    from higgs_worker.quality.alignment import CTCAligner
+    from higgs_worker.quality.tiny_models import CTC_VOCAB, build_tiny_aligner
+    from higgs_worker.quality.words import transcript_words
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    audio = np.random.default_rng(0).standard_normal(round(seconds * 24_000)).astype(np.float32) * 0.1
+    with tempfile.TemporaryDirectory() as scratch:
+        processor_dir = build_tiny_aligner(
+            Path(scratch) / "aligner"
+        )  # its processor: the real vocabulary's shape
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(processor_dir)
+    ctc = Wav2Vec2ForCTC(Wav2Vec2Config(vocab_size=len(CTC_VOCAB))).to(device).eval()  # base: 12 x 768
+    aligner = CTCAligner(ctc, processor, device)
+    words = transcript_words(TEXT)
+    aligner.align(audio, 24_000, words)
+
+    def synchronised(function: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            function()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+
+        return run
+
+    alignment = median_time(synchronised(lambda: aligner.align(audio, 24_000, words)), runs)
+    turbo = WhisperConfig(
+        vocab_size=51866, num_mel_bins=128, d_model=1280, encoder_layers=32, decoder_layers=4,
+        encoder_attention_heads=20, decoder_attention_heads=20, encoder_ffn_dim=5120, decoder_ffn_dim=5120,
+        max_source_positions=1500, max_target_positions=448, decoder_start_token_id=50258,
+        pad_token_id=50257, bos_token_id=50257, eos_token_id=50257,
+    )  # fmt: skip
+    whisper = WhisperForConditionalGeneration(turbo).to(device, dtype).eval()
+    features = torch.randn(1, 128, 3000, device=device, dtype=dtype)
+    tokens = 16 + round(10 * seconds)  # the budget verification gives a clip this long
+
+    def transcribe() -> None:
+        with torch.inference_mode():
+            whisper.generate(features, max_new_tokens=tokens, min_new_tokens=tokens)
+
+    transcribe()
+    verification = median_time(synchronised(transcribe), runs)
+    params = sum(p.numel() for p in whisper.parameters()) / 1e6
+    print(f"{seconds:.0f} s clip on {device}, real geometries with random weights:")
+    ctc_params = sum(p.numel() for p in ctc.parameters()) / 1e6
+    print(f"aligner wav2vec2-base ({ctc_params:.0f}M): {alignment * 1000:.1f} ms")
+    print(f"recogniser Whisper large-v3 turbo ({params:.0f}M), {tokens} tokens: {verification * 1000:.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

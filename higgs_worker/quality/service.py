@@ -1,0 +1,74 @@
+"""What the pipeline asks of the quality layer for one clip: its words, its captions, its verification.
+
+Why one entry point: the pipeline calls the same few lines wherever a clip is finished (one-shot, streamed,
+from the HTTP door), and the request fields that decide what runs are read here, not in every caller.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from higgs_worker.errors import NotVerified
+from higgs_worker.quality.captions import render
+from higgs_worker.quality.models import QualityModels
+from higgs_worker.quality.verification import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_WER, Verifier, VerifyOptions
+from higgs_worker.quality.words import transcript_words
+from higgs_worker.schema import TTSRequest
+from higgs_worker.settings import Settings
+from higgs_worker.timings import Timings
+
+# What the quality layer adds to a clip's output (and keeps with it in the result cache).
+OUTPUT_KEYS = ("words", "captions", "captions_format", "verification")
+
+
+class Quality:
+    """One per pipeline; thread-safe (the models load once)."""
+
+    def __init__(self, settings: Settings, endpoint: str | None = None) -> None:
+        self.models = QualityModels(settings, endpoint)
+
+    @staticmethod
+    def wants_alignment(request: TTSRequest) -> bool:
+        return request.timestamps == "word" or request.captions is not None
+
+    def annotate(
+        self, request: TTSRequest, waveform: np.ndarray, sample_rate: int, timings: Timings
+    ) -> dict[str, Any]:
+        """``words`` and ``captions`` for the finished clip, as far as the request asks for them."""
+        if not self.wants_alignment(request):
+            return {}
+        with timings.phase("align"):
+            aligner = self.models.aligner()
+            times = aligner.align(waveform, sample_rate, transcript_words(request.transcript))
+        out: dict[str, Any] = {}
+        if request.timestamps == "word":
+            out["words"] = [time.as_json() for time in times]
+        if request.captions is not None:
+            out["captions"] = render(times, request.captions)
+            out["captions_format"] = request.captions
+        return out
+
+    def verifier(self, request: TTSRequest, timings: Timings) -> Verifier | None:
+        """A verifier for the job when it asks for ``verify`` (the recogniser is fetched and loaded once)."""
+        if not request.verify:
+            return None
+        with timings.phase("load"):
+            recogniser = self.models.recogniser()
+        options = VerifyOptions(
+            max_wer=DEFAULT_MAX_WER if request.max_wer is None else request.max_wer,
+            max_attempts=request.max_attempts or DEFAULT_MAX_ATTEMPTS,
+            retry=request.temperature > 0,
+        )
+        return Verifier(recogniser, options, lambda seconds: timings.add("verify", seconds))
+
+    @staticmethod
+    def check_required(request: TTSRequest, verification: dict[str, Any]) -> None:
+        if request.require_verified and not verification["passed"]:
+            raise NotVerified(
+                f"require_verified: the clip did not say its text in {verification['attempts']} attempts "
+                f"(best {verification['metric'].upper()} {verification['wer']:.2f}, max_wer "
+                f"{verification['max_wer']}); without require_verified the best attempt is returned with "
+                "passed: false"
+            )
