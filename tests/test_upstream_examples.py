@@ -24,7 +24,7 @@ from boson_multimodal.engine import HiggsAudioEngine, SamplingConfig, SpeechRequ
 from boson_multimodal.longform import generate_long
 from higgs_worker.dry_run import dry_run
 from higgs_worker.references import resolve_reference
-from higgs_worker.rendering import chunking_for, prompt_request
+from higgs_worker.request_plan import Plan, plan_job
 from higgs_worker.schema import DEFAULT_CHUNK_BUFFER, RequestLimits, TTSRequest, parse_request
 from higgs_worker.settings import Settings, load_settings
 from tests.conftest import speak
@@ -256,10 +256,12 @@ def parsed(example: Example) -> TTSRequest:
     return parse_request(example.job(), RequestLimits(max_transcript_chars=20_000, max_new_tokens=4096))
 
 
-def resolved(request: TTSRequest, settings: Settings) -> list:
-    return [
+def planned(request: TTSRequest, settings: Settings) -> Plan:
+    """The job's plan, its voices resolved from the volume the test filled (as Pipeline.plan does)."""
+    voices = [
         resolve_reference(value, None, field="ref_audio", settings=settings) for value in request.references
     ]
+    return plan_job(request, voices, "example", settings)
 
 
 # --- the checks -------------------------------------------------------------------------------------------
@@ -269,7 +271,7 @@ def resolved(request: TTSRequest, settings: Settings) -> list:
 def test_prompt_is_what_the_upstream_script_builds(name: str, settings: Settings) -> None:
     example = README_COMMANDS[name]
     request = parsed(example)
-    output = dry_run(request, resolved(request, settings), settings)
+    output = dry_run(planned(request, settings), settings)
     profiles = yaml.safe_load((EXAMPLES / "profile.yaml").read_text(encoding="utf-8"))["profiles"]
     expected = script_prompts(example, output["transcript"], dict.fromkeys(PRESETS, SPOKEN), profiles)
     assert [piece["prompt"] for piece in output["pieces"]] == expected
@@ -278,10 +280,7 @@ def test_prompt_is_what_the_upstream_script_builds(name: str, settings: Settings
 
 def test_the_examples_exercise_every_rule(settings: Settings) -> None:
     """The vendored texts hold what the rules are for, and the rendering shows each rule applied."""
-    rendered = {
-        name: dry_run(parsed(e), resolved(parsed(e), settings), settings)
-        for name, e in README_COMMANDS.items()
-    }
+    rendered = {name: dry_run(planned(parsed(e), settings), settings) for name, e in README_COMMANDS.items()}
     assert (
         "<SE_s>[Humming]</SE_s> la la la la la <SE_e>[Humming]</SE_e> See?"
         in rendered["humming"]["transcript"]
@@ -319,9 +318,9 @@ def test_each_example_makes_audio_with_the_demo_model(
     name: str, settings: Settings, engine: HiggsAudioEngine
 ) -> None:
     request = parsed(README_COMMANDS[name])
-    prompt = prompt_request(request, resolved(request, settings))
-    speech_request = SpeechRequest(**vars(prompt), sampling=SamplingConfig(max_new_tokens=16, seed=3))
-    chunking = chunking_for(request, prompt.text, settings.longform_chunk_chars)
+    plan = planned(request, settings)
+    speech_request = SpeechRequest(**vars(plan.prompt), sampling=SamplingConfig(max_new_tokens=16, seed=3))
+    chunking = plan.chunking
     if chunking is not None:
         chunking = replace(chunking, max_words=150)  # three pieces, not two: the buffer is used
         speech = generate_long(engine, speech_request, chunking)
