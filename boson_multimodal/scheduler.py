@@ -33,7 +33,7 @@ import logging
 import queue
 import threading
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import DynamicCache
@@ -65,6 +65,21 @@ class SequenceInput:
     @property
     def prompt_tokens(self) -> int:
         return int(self.input_ids.shape[1])
+
+    def to(self, device: torch.device) -> SequenceInput:
+        """The tensors on ``device``, copied by the thread that runs the model: on CUDA, a copy made on
+        another thread's stream could still be in flight, or its memory reused, while this one reads it."""
+
+        def moved(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device)
+
+        return replace(
+            self,
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            audio_input_ids=moved(self.audio_input_ids),
+            audio_input_ids_mask=moved(self.audio_input_ids_mask),
+        )
 
 
 @dataclass(frozen=True)
@@ -360,6 +375,7 @@ class Scheduler:
         """Prefill the prompt into the lowest free slot and choose the first row from its logits."""
         slot = min(set(range(self.limits.slots)) - set(self._active))
         try:
+            sequence = sequence.to(self.device)
             cache = DynamicCache(config=self._model.config)
             output = self._model(
                 input_ids=sequence.input_ids,
