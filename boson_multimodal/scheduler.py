@@ -234,19 +234,18 @@ class _Sequence:
     """A sequence in a slot: its row buffer and its handle (its sampling state lives in the SlotSampler)."""
 
     def __init__(
-        self, position: int, max_new_tokens: int, handle: SequenceHandle, tokens: StreamTokens
+        self, position: int, max_new_tokens: int, handle: SequenceHandle, num_codebooks: int
     ) -> None:
         self.position = position  # where the next row's keys and values go
         self.handle = handle
-        self.rows = torch.empty(max_new_tokens, tokens.num_codebooks, dtype=torch.long)
+        self.rows = torch.empty(max_new_tokens, num_codebooks, dtype=torch.long)
         self.count = 0
         self.finished = False  # the last row was all stream EOS
-        self._stream_eos = tokens.stream_eos
 
-    def append(self, row: torch.Tensor) -> None:
+    def append(self, row: torch.Tensor, finished: bool) -> None:
         self.rows[self.count] = row
         self.count += 1
-        self.finished = bool((row == self._stream_eos).all())
+        self.finished = finished
         self.handle.publish(self.rows[: self.count])
 
     @property
@@ -395,9 +394,9 @@ class Scheduler:
                 prompt_audio_rows=audio[0].cpu() if audio is not None else None,
             )
             logits = output.logits[:, -1].float().view(1, *self._step_shape())
-            active = _Sequence(length, sequence.sampling.max_new_tokens, handle, self._tokens)
+            active = _Sequence(length, sequence.sampling.max_new_tokens, handle, self._tokens.num_codebooks)
             on_device, on_host = self._sampler.next_rows(logits, slot, [slot])
-            active.append(on_host[0])
+            active.append(on_host[0], self._ended(on_host)[0])
             self._rows[slot] = on_device[0]
             self._positions[slot] = length
             self._running[slot] = 1
@@ -428,10 +427,15 @@ class Scheduler:
                 self._free(slot).handle.fail(error)
             return
         self.steps += 1
+        ended = self._ended(chosen)
         for slot in order:
             sequence = self._active[slot]
             sequence.position += 1
-            sequence.append(chosen[slot])
+            sequence.append(chosen[slot], ended[slot])
+
+    def _ended(self, rows: torch.Tensor) -> list[bool]:
+        """Which of these rows (on the CPU) close their clip: all stream EOS."""
+        return (rows == self._tokens.stream_eos).all(dim=-1).tolist()
 
     def _free(self, slot: int) -> _Sequence:
         """Take the sequence out of its slot; the slot computes padding at position 0 until it is taken."""
