@@ -184,6 +184,7 @@ class GraphedDecodeStep:
         self.eager_buckets: set[tuple[int, int]] = set()  # captures that failed
         self.enabled = True  # False once the start-up check found a replay that disagrees with the eager step
         self.replays = 0
+        self.capture_seconds = 0.0
 
     def prepare(self) -> None:
         """Capture every bucket, then check one replay against the eager step (see the class docstring)."""
@@ -199,9 +200,10 @@ class GraphedDecodeStep:
                         "that bucket runs eagerly",
                         batch, span, type(error).__name__, error,
                     )  # fmt: skip
+        self.capture_seconds = time.perf_counter() - started
         logger.info(
             "captured %d decode-step graphs in %.1f s (%d buckets eager)",
-            len(self._graphs), time.perf_counter() - started, len(self.eager_buckets),
+            len(self._graphs), self.capture_seconds, len(self.eager_buckets),
         )  # fmt: skip
         self._check()
 

@@ -155,11 +155,12 @@ class HiggsAudioEngine:
         text = processor.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True)
         audios = [self._resampled(voice) for voice in prompt.voices]
         # On the caller's thread, so that encoding 30–60 s of reference audio with the codec never holds the
-        # scheduler's running streams; under inference mode, because nothing here needs autograd.
+        # scheduler's running streams; under inference mode, because nothing here needs autograd. The inputs
+        # stay on the CPU: the runner moves them to the device on its own thread and stream (SequenceInput.to)
         with torch.inference_mode():
             inputs = processor(
                 text=[text], audio=audios or None, sampling_rate=self.sample_rate, return_tensors="pt"
-            ).to(self.device)
+            ).to("cpu")
         return SequenceInput(
             input_ids=inputs["input_ids"],
             attention_mask=inputs["attention_mask"],

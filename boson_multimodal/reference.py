@@ -66,6 +66,7 @@ class ReferenceRunner:
 
     def _generate(self, sequence: SequenceInput, handle: SequenceHandle) -> SequenceResult:
         config = generation_config(self._model.generation_config, sequence.sampling)
+        sequence = sequence.to(self._model.device)
         inputs = {
             "input_ids": sequence.input_ids,
             "attention_mask": sequence.attention_mask,

@@ -124,7 +124,7 @@ class SlotSampler:
         # CUDA divides a tensor by a Python number as a multiplication by its float32 reciprocal, and
         # transformers divides by a Python number: to match it bit for bit, do what the device would do.
         self._divide = device.type != "cuda"
-        self.temperature = zeros(slots, dtype=torch.float32)  # the divisor (or its reciprocal on CUDA)
+        self.temperature = torch.ones(slots, device=device)  # the divisor (or its reciprocal on CUDA)
         self.top_k = zeros(slots)  # 0: no top-k
         self.top_p_cut = zeros(slots, dtype=torch.float32)  # remove cumulative ≤ this; −1: no top-p
         self.greedy = zeros(slots, dtype=torch.bool)

@@ -33,7 +33,7 @@ import logging
 import queue
 import threading
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import DynamicCache
@@ -65,6 +65,21 @@ class SequenceInput:
     @property
     def prompt_tokens(self) -> int:
         return int(self.input_ids.shape[1])
+
+    def to(self, device: torch.device) -> SequenceInput:
+        """The tensors on ``device``, copied by the thread that runs the model: on CUDA, a copy made on
+        another thread's stream could still be in flight, or its memory reused, while this one reads it."""
+
+        def moved(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device)
+
+        return replace(
+            self,
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            audio_input_ids=moved(self.audio_input_ids),
+            audio_input_ids_mask=moved(self.audio_input_ids_mask),
+        )
 
 
 @dataclass(frozen=True)
@@ -219,19 +234,18 @@ class _Sequence:
     """A sequence in a slot: its row buffer and its handle (its sampling state lives in the SlotSampler)."""
 
     def __init__(
-        self, position: int, max_new_tokens: int, handle: SequenceHandle, tokens: StreamTokens
+        self, position: int, max_new_tokens: int, handle: SequenceHandle, num_codebooks: int
     ) -> None:
         self.position = position  # where the next row's keys and values go
         self.handle = handle
-        self.rows = torch.empty(max_new_tokens, tokens.num_codebooks, dtype=torch.long)
+        self.rows = torch.empty(max_new_tokens, num_codebooks, dtype=torch.long)
         self.count = 0
         self.finished = False  # the last row was all stream EOS
-        self._stream_eos = tokens.stream_eos
 
-    def append(self, row: torch.Tensor) -> None:
+    def append(self, row: torch.Tensor, finished: bool) -> None:
         self.rows[self.count] = row
         self.count += 1
-        self.finished = bool((row == self._stream_eos).all())
+        self.finished = finished
         self.handle.publish(self.rows[: self.count])
 
     @property
@@ -360,6 +374,7 @@ class Scheduler:
         """Prefill the prompt into the lowest free slot and choose the first row from its logits."""
         slot = min(set(range(self.limits.slots)) - set(self._active))
         try:
+            sequence = sequence.to(self.device)
             cache = DynamicCache(config=self._model.config)
             output = self._model(
                 input_ids=sequence.input_ids,
@@ -379,9 +394,9 @@ class Scheduler:
                 prompt_audio_rows=audio[0].cpu() if audio is not None else None,
             )
             logits = output.logits[:, -1].float().view(1, *self._step_shape())
-            active = _Sequence(length, sequence.sampling.max_new_tokens, handle, self._tokens)
+            active = _Sequence(length, sequence.sampling.max_new_tokens, handle, self._tokens.num_codebooks)
             on_device, on_host = self._sampler.next_rows(logits, slot, [slot])
-            active.append(on_host[0])
+            active.append(on_host[0], self._ended(on_host)[0])
             self._rows[slot] = on_device[0]
             self._positions[slot] = length
             self._running[slot] = 1
@@ -412,10 +427,15 @@ class Scheduler:
                 self._free(slot).handle.fail(error)
             return
         self.steps += 1
+        ended = self._ended(chosen)
         for slot in order:
             sequence = self._active[slot]
             sequence.position += 1
-            sequence.append(chosen[slot])
+            sequence.append(chosen[slot], ended[slot])
+
+    def _ended(self, rows: torch.Tensor) -> list[bool]:
+        """Which of these rows (on the CPU) close their clip: all stream EOS."""
+        return (rows == self._tokens.stream_eos).all(dim=-1).tolist()
 
     def _free(self, slot: int) -> _Sequence:
         """Take the sequence out of its slot; the slot computes padding at position 0 until it is taken."""
@@ -436,6 +456,22 @@ class Scheduler:
 
 # Memory kept free beside the KV cache for prefill activations, the codec and CUDA graphs' pools.
 HEADROOM_FRACTION = 0.1
+
+
+KV_SHARE = 0.5  # of the memory free beside the model (less the headroom) that sized slots may take
+MAX_SIZED_SLOTS = 64  # beyond this a step's sampling and publishing, not memory, limit what a GPU gives
+
+
+def sized_slots(config, max_tokens: int, dtype: torch.dtype, free: int, total: int) -> int:
+    """How many slots to run when the settings do not say: what half the GPU memory still free beside the
+    loaded model (less the headroom) holds in KV cache, 1 to ``MAX_SIZED_SLOTS``.
+
+    For the 3B model in bf16 with 6144-token slots (0.7 GB each) that is about 8 on a 24 GB card and 40–64 on
+    an 80–141 GB one; the other half stays for prefill activations, the codec, and the CUDA graphs' pool.
+    """
+    per_slot = SlotCache.bytes_needed(config, 1, max_tokens, dtype)
+    usable = KV_SHARE * (free - HEADROOM_FRACTION * total)
+    return max(1, min(MAX_SIZED_SLOTS, int(usable // per_slot)))
 
 
 class SchedulerMemoryError(ValueError):

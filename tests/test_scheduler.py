@@ -12,6 +12,7 @@ import copy
 import threading
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,7 +23,13 @@ from boson_multimodal.engine import EngineOptions, HiggsAudioEngine, SpeechReque
 from boson_multimodal.loading import LoadedModel, load_model
 from boson_multimodal.prompt import Voice
 from boson_multimodal.sampling import SamplingConfig
-from boson_multimodal.scheduler import GenerationCancelled, Scheduler, SchedulerLimits, SequenceTooLong
+from boson_multimodal.scheduler import (
+    GenerationCancelled,
+    Scheduler,
+    SchedulerLimits,
+    SequenceTooLong,
+    sized_slots,
+)
 from boson_multimodal.tiny_model import TinyModelSpec, build_tiny_checkpoint
 
 GEOMETRIES = {
@@ -368,3 +375,18 @@ def test_graphs_that_disagree_with_the_eager_step_are_switched_off(loaded, sched
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
     assert runner._graphed is not None and not runner._graphed.enabled and runner._graphed.replays == 0
     assert "CUDA graphs switched off" in caplog.text
+
+
+def test_slots_are_sized_from_the_free_gpu_memory() -> None:
+    """The real geometry in bf16 after its 10.75 GB of weights, 6144-token slots: the issue's sizes."""
+    config = SimpleNamespace(num_hidden_layers=28, num_key_value_heads=8, head_dim=128)
+    gb = 10**9
+
+    def slots(card_gb: float) -> int:
+        return sized_slots(
+            config, 6144, torch.bfloat16, free=int((card_gb - 10.75) * gb), total=int(card_gb * gb)
+        )
+
+    assert 7 <= slots(24) <= 9
+    assert 32 <= slots(80) <= 64 and slots(141) == 64
+    assert slots(12) == 1  # never none: the memory check at start-up then says what does not fit
