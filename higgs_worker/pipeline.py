@@ -27,7 +27,7 @@ from higgs_worker.dry_run import dry_run
 from higgs_worker.model_store import ModelStoreError
 from higgs_worker.quality.captions import upload_captions
 from higgs_worker.quality.finishing import finish, finished_chunks, finishing_for
-from higgs_worker.quality.service import OUTPUT_KEYS, NotVerified, Quality
+from higgs_worker.quality.service import OUTPUT_KEYS, NotVerified, Quality, StreamWords
 from higgs_worker.references import ReferenceAudioError, ResolvedVoice, resolve_reference
 from higgs_worker.rendering import chunking_for, prompt_request
 from higgs_worker.request_plan import RequestPlanError, cache_identity, s3_target_for
@@ -352,26 +352,31 @@ class Pipeline:
         prepared = self.prepare(job_id, request)
         pieces: list[np.ndarray] = []
         all_inline = True
+        words: StreamWords | None = None
         for chunk in self.chunks(prepared):
+            if not pieces:
+                words = self.quality.stream_words(request, chunk.sample_rate, prepared.timings)
             pieces.append(chunk.waveform)
             item, inline = self._stream_item(prepared, chunk)
             all_inline = all_inline and inline
+            if words is not None:
+                said = words.chunk(chunk.waveform, chunk.final)
+                if request.timestamps == "word":
+                    item["words"] = said
             if not chunk.final:
                 yield item
                 continue
             summary: dict[str, Any] = {"num_frames": chunk.end_frame, "truncated": not chunk.finished}
-            summary |= self.streamed_quality(prepared, pieces, chunk)
+            summary |= self.streamed_quality(prepared, words)
             if prepared.target is not None or prepared.cache_key is not None:
                 clip = self.streamed_clip(prepared, pieces, chunk, summary)
                 if prepared.target is not None:
                     summary |= self.output(prepared, clip, delivered_inline=all_inline)
             yield item | {"summary": summary | self.summary(prepared)}
 
-    def streamed_quality(self, prepared: PreparedJob, pieces: list[np.ndarray], final: AudioChunk) -> dict:
-        """Words and captions of a finished stream: aligned once the whole clip is there (see the README)."""
-        waveform = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
-        annotations = self.quality.annotate(prepared.request, waveform, final.sample_rate, prepared.timings)
-        return prepared.quality | annotations
+    def streamed_quality(self, prepared: PreparedJob, words: StreamWords | None) -> dict[str, Any]:
+        """What a finished stream's summary adds: all its words, its captions, its verification."""
+        return prepared.quality | (words.summary() if words is not None else {})
 
     def _stream_item(self, prepared: PreparedJob, chunk: AudioChunk) -> tuple[dict[str, Any], bool]:
         """One stream chunk as a playable file; False when its audio could not go inline."""

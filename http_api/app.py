@@ -325,14 +325,19 @@ def _encoded_stream(
     chunks = pipeline.chunks(prepared)
     encoder: StreamEncoder | None = None
     pieces = []
+    words = None
     try:
         for chunk in chunks:
-            encoder = encoder or StreamEncoder(prepared.request.output_format, chunk.sample_rate)
+            if encoder is None:
+                encoder = StreamEncoder(prepared.request.output_format, chunk.sample_rate)
+                words = pipeline.quality.stream_words(prepared.request, chunk.sample_rate, prepared.timings)
             pieces.append(chunk.waveform)
+            if words is not None:
+                words.chunk(chunk.waveform, chunk.final)
             data = encoder.encode(chunk.waveform)
             if chunk.final:
                 data += encoder.finish()
-                found |= pipeline.streamed_quality(prepared, pieces, chunk)
+                found |= pipeline.streamed_quality(prepared, words)
                 if prepared.cache_key is not None:
                     pipeline.streamed_clip(prepared, pieces, chunk, found)
             if data:

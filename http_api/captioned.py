@@ -2,11 +2,10 @@
 
 Its clients send OpenAI's speech body plus ``stream`` (default true) and ``return_timestamps`` (default true)
 and read ``{"audio": <base64>, "audio_format", "timestamps": [{"word", "start_time", "end_time"}]}`` back:
-one JSON object, or with ``stream`` one such object per line (NDJSON) while the clip is generated. The
-words are forced-aligned to the finished clip, so in a stream they come on the last line, for the whole clip
-(earlier lines carry audio only); each line's audio is a complete file in ``audio_format``. This worker's
-own fields (``captions``, ``verify``, ``loudness_lufs``…) work here too and add ``captions``, ``words``
-and ``verification`` beside ``timestamps``.
+one JSON object, or with ``stream`` one such object per line (NDJSON) while the clip is generated. Each
+line of a stream carries the words its audio finished saying (``higgs_worker.quality.stream_alignment``) and
+its audio as a complete file in ``audio_format``; the last line adds captions and verification. This worker's
+own fields (``captions``, ``verify``, ``loudness_lufs``…) work here too.
 """
 
 from __future__ import annotations
@@ -69,22 +68,34 @@ def captioned_json(clip: Clip) -> dict[str, Any]:
 
 
 def captioned_lines(pipeline: Pipeline, prepared: PreparedJob) -> Generator[bytes, None, None]:
-    """One JSON line per chunk while it is generated (runs on job threads); the last one adds the words."""
+    """One JSON line per chunk while it is generated (runs on job threads), with the words its audio said;
+    the last line adds the captions and the verification."""
     chunks = pipeline.chunks(prepared)
-    pieces = []
+    pieces: list[Any] = []
+    words = None
     try:
         for chunk in chunks:
+            if not pieces:
+                words = pipeline.quality.stream_words(prepared.request, chunk.sample_rate, prepared.timings)
             pieces.append(chunk.waveform)
             line: dict[str, Any] = {"audio_format": prepared.request.output_format}
             if chunk.waveform.size:
                 audio = pipeline.encode(prepared, chunk.waveform, chunk.sample_rate)
                 line["audio"] = base64.b64encode(audio.data).decode()
+            if words is not None and prepared.request.timestamps == "word":
+                line["timestamps"] = _timestamps(words.chunk(chunk.waveform, chunk.final))
+            elif words is not None:
+                words.chunk(chunk.waveform, chunk.final)
             if chunk.final:
-                quality = pipeline.streamed_quality(prepared, pieces, chunk)
-                line |= _annotations(quality)
+                quality = pipeline.streamed_quality(prepared, words)
+                line |= {
+                    key: value
+                    for key, value in quality.items()
+                    if key in ("captions", "captions_format", "verification")
+                }
                 if prepared.cache_key is not None:
                     pipeline.streamed_clip(prepared, pieces, chunk, quality)
-            if "audio" in line or chunk.final:
+            if "audio" in line or line.get("timestamps") or chunk.final:
                 yield (json.dumps(line) + "\n").encode()
     finally:
         chunks.close()
