@@ -153,7 +153,8 @@ def create_app(pipeline: Pipeline, *, with_health: bool = True) -> FastAPI:
             request_ = prepared.request
             if clip is None and request_.output_format in STREAMABLE and request_.sample_rate is None:
                 found: dict[str, Any] = {}
-                pieces = iterate_in_threads(_encoded_stream(pipeline, prepared, found), threads)
+                encoded = _encoded_stream(pipeline, prepared, found, sse=stream_format == "sse")
+                pieces = iterate_in_threads(encoded, threads)
                 first = await anext(pieces, b"")  # a failure before any audio still gets its own status
                 handed_over = True
                 return ClosingStreamingResponse(
@@ -315,9 +316,10 @@ def _mimetype(fmt: str) -> str:
 
 
 def _encoded_stream(
-    pipeline: Pipeline, prepared: PreparedJob, found: dict[str, Any]
+    pipeline: Pipeline, prepared: PreparedJob, found: dict[str, Any], *, sse: bool
 ) -> Generator[bytes, None, None]:
-    """The clip's bytes in the requested format while it is generated (runs on job threads).
+    """The clip's bytes in the requested format while it is generated (runs on job threads); with ``sse``,
+    as ``speech.audio.delta`` events, each with the words its audio said when the request asks for words.
 
     A finished stream is also put in the result cache (as one file, encoded once), like a one-shot clip;
     what the quality layer found (words, captions, verification) is put in ``found`` before the last bytes.
@@ -332,15 +334,17 @@ def _encoded_stream(
                 encoder = StreamEncoder(prepared.request.output_format, chunk.sample_rate)
                 words = pipeline.quality.stream_words(prepared.request, chunk.sample_rate, prepared.timings)
             pieces.append(chunk.waveform)
-            if words is not None:
-                words.chunk(chunk.waveform, chunk.final)
+            said = words.chunk(chunk.waveform, chunk.final) if words is not None else []
             data = encoder.encode(chunk.waveform)
             if chunk.final:
                 data += encoder.finish()
                 found |= pipeline.streamed_quality(prepared, words)
                 if prepared.cache_key is not None:
                     pipeline.streamed_clip(prepared, pieces, chunk, found)
-            if data:
+            if sse and (data or said):
+                event = {"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()}
+                yield _sse(event | ({"words": said} if prepared.request.timestamps == "word" else {}))
+            elif data:
                 yield data
     finally:
         chunks.close()
@@ -349,20 +353,17 @@ def _encoded_stream(
 async def _sent(
     first: bytes, rest: AsyncIterator[bytes], stream_format: str, slots: Slots, found: dict[str, Any]
 ) -> AsyncIterator[bytes]:
-    """The response body: audio bytes or SSE events; closing it stops the generation and frees the slot.
-
-    The ``speech.audio.done`` event carries the clip's words, captions and verification when asked for.
+    """The response body (audio bytes, or SSE delta events as ``_encoded_stream`` makes them); closing it
+    stops the generation and frees the slot. With SSE, the ``speech.audio.done`` event closes the stream,
+    carrying the clip's words, captions and verification when asked for.
     """
     try:
-        if stream_format == "sse":
-            yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(first).decode()})
-            async for data in rest:
-                yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
-            yield _sse({"type": "speech.audio.done", **found})
-        else:
+        if first:
             yield first
-            async for data in rest:
-                yield data
+        async for data in rest:
+            yield data
+        if stream_format == "sse":
+            yield _sse({"type": "speech.audio.done", **found})
     finally:
         await rest.aclose()  # type: ignore[attr-defined]
         slots.give_back()
