@@ -16,6 +16,7 @@ from boson_multimodal.errors import SpeechRequestError
 from higgs_worker.delivery import DeliveryError
 from higgs_worker.model_store import ModelStoreError
 from higgs_worker.pipeline import JobError
+from higgs_worker.quality.service import NotVerified
 from higgs_worker.redaction import redact
 from higgs_worker.references import ReferenceAudioError, UnknownVoiceError
 from higgs_worker.request_plan import RequestPlanError
@@ -42,6 +43,7 @@ STATUS: tuple[tuple[type[Exception], int, str], ...] = (
     (ModelStoreError, 503, "server_error"),
     (RuntimeConfigError, 503, "server_error"),
     (JobError, 500, "server_error"),
+    (NotVerified, 500, "server_error"),  # no attempt said the text: not the request's fault
 )
 
 

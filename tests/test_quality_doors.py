@@ -101,6 +101,16 @@ def test_speech_sse_ends_with_words_and_verification(client: httpx.Client) -> No
     assert float(np.max(np.abs(audio))) <= 0.95 + 1 / 32768
 
 
+def test_require_verified_fails_clearly_over_http(client: httpx.Client) -> None:
+    """The tiny recogniser hears noise: no attempt passes, so the request fails saying why."""
+    body = JOB | {"verify": True, "max_attempts": 2, "require_verified": True, "response_format": "flac"}
+    response = client.post("/v1/audio/speech", json=body)
+    assert response.status_code == 500, response.text
+    error = response.json()["error"]
+    assert error["param"] == "require_verified" and error["type"] == "server_error"
+    assert error["message"].startswith("require_verified: the clip did not say its text in 2 attempts")
+
+
 @pytest.mark.parametrize(
     ("route", "body", "param"),
     [
