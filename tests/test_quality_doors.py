@@ -165,3 +165,25 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
     assert done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_the_demo_volume_runs_every_quality_step_offline(tmp_path: Path) -> None:
+    """``--demo`` publishes tiny aligner and recogniser beside the speech model: no hub is ever asked."""
+    from demo_model import publish_demo
+    from higgs_worker.pipeline import Pipeline
+
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    settings = load_settings({"RUNPOD_VOLUME_PATH": str(volume), "DEMO_MODEL": "true"})
+    publish_demo(settings)
+    job = {"transcript": TEXT, "max_new_tokens": 40, "seed": 5, "timestamps": "word", "captions": "vtt"}
+    job |= {"verify": True, "max_attempts": 2, "loudness_lufs": -18.0, "trim_silence": True}
+    pipeline = Pipeline(settings)
+    output = pipeline.run("demo", job)
+    stored = pipeline.quality.models.stored
+    assert {role: repo.source for role, repo in stored.items()} == {"aligner": "store", "recogniser": "store"}
+    assert all(repo.commit == "local-build" for repo in stored.values())  # nothing came from a hub
+    assert [w["word"] for w in output["words"]] == WORDS
+    assert output["captions"].startswith("WEBVTT")
+    assert 1 <= output["verification"]["attempts"] <= 2
+    assert {"finish", "align", "verify"} <= set(output["timings_ms"])
