@@ -16,7 +16,9 @@ frame near the middle of the text and each half aligned alone. Characters the mo
 (digits for an English model) are skipped; a word with none left shares the gap between its neighbours, and a
 clip too short for its text (each character needs a frame) gets times in proportion to word length. The
 word-delimiter token is not aligned: the pauses between words are blank frames, and each word's span runs
-from its first character's first frame to its last character's last frame.
+from its first character's first frame to its last character's last frame. (torchaudio 2.9 marks
+``forced_align`` as moving out of torchaudio in a later release; the pinned 2.9.1 has it, and it is the one
+call to replace if it goes.)
 """
 
 from __future__ import annotations
