@@ -366,10 +366,11 @@ class Pipeline:
             if not chunk.final:
                 yield item
                 continue
+            quality = self.streamed_quality(prepared, words)
             summary: dict[str, Any] = {"num_frames": chunk.end_frame, "truncated": not chunk.finished}
-            summary |= self.streamed_quality(prepared, words)
+            summary |= quality
             if prepared.target is not None or prepared.cache_key is not None:
-                clip = self.streamed_clip(prepared, pieces, chunk, summary)
+                clip = self.streamed_clip(prepared, pieces, chunk, quality)
                 if prepared.target is not None:
                     summary |= self.output(prepared, clip, delivered_inline=all_inline)
             yield item | {"summary": summary | self.summary(prepared)}
