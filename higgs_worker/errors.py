@@ -26,8 +26,8 @@ It holds no secret and no user audio.
     ├── VoiceTooLarge                 413
     ├── ReferenceAudioError           422  a voice that cannot be used: not audio, too short, not fetched
     │   └── InvalidVoiceAudio              a voice library upload that is not usable audio
-    ├── NotVerified                   422  require_verified, and no attempt said the text well enough
     ├── JobError                      500  the generation itself failed (no audio)
+    │   └── NotVerified                    require_verified, and no attempt said the text well enough
     ├── DeliveryError                 502  the clip could not be delivered (S3)
     └── Unavailable                   503  the worker cannot serve it now
         ├── ModelStoreError                the models could not be fetched or checked
@@ -113,10 +113,11 @@ class JobError(WorkerError):
     """A job that cannot complete; the message goes to the client as the job's error."""
 
 
-class NotVerified(WorkerError):
-    """``require_verified``: no attempt said the text well enough; the message says how close it came."""
+class NotVerified(JobError):
+    """``require_verified``: no attempt said the text well enough; the message says how close it came.
 
-    status, kind = 422, "invalid_request_error"
+    A 500, not a 4xx: the request was fine and the model fell short (a retry without a seed may pass).
+    """
 
 
 class DeliveryError(WorkerError):

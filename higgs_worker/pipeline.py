@@ -27,7 +27,7 @@ from higgs_worker.dry_run import dry_run
 from higgs_worker.errors import JobAbandoned, JobError, SpeechNotPossible
 from higgs_worker.quality.captions import upload_captions
 from higgs_worker.quality.finishing import finish, finished_chunks, finishing_for
-from higgs_worker.quality.service import OUTPUT_KEYS, Quality
+from higgs_worker.quality.service import OUTPUT_KEYS, Quality, StreamWords
 from higgs_worker.references import ResolvedVoice, resolve_reference
 from higgs_worker.request_plan import Plan, StreamKind, plan_job
 from higgs_worker.result_cache import ResultCache, cache_key
@@ -87,6 +87,7 @@ class StreamPiece:
     data: bytes  # "files": this chunk as a playable file; "bytes": the next bytes of the one file
     audio: EncodedAudio | None  # "files": this chunk's file (None for an empty chunk); "bytes": None
     clip: Clip | None  # on the final piece: the whole clip, encoded once when S3 or the cache needs it
+    words: list[dict[str, Any]] = field(default_factory=list)  # the words this chunk said (timestamps "word")
     quality: dict[str, Any] = field(default_factory=dict)  # on the final piece: words, captions, verification
 
 
@@ -263,11 +264,15 @@ class Pipeline:
         plan = prepared.plan
         assert plan.stream is not None, "only a plan that streams is streamed"
         encoder: StreamEncoder | None = None
+        words: StreamWords | None = None
         waveforms: list[np.ndarray] = []
         chunks = self._chunks(prepared)
         try:
             for chunk in chunks:
+                if not waveforms:
+                    words = self.quality.stream_words(plan.request, chunk.sample_rate, prepared.timings)
                 waveforms.append(chunk.waveform)
+                said = words.chunk(chunk.waveform, chunk.final) if words is not None else []
                 audio = None
                 with prepared.timings.phase("encode"):
                     if plan.stream.kind == "files":
@@ -278,21 +283,14 @@ class Pipeline:
                         encoder = encoder or StreamEncoder(plan.request.output_format, chunk.sample_rate)
                         data = encoder.encode(chunk.waveform) + (encoder.finish() if chunk.final else b"")
                 clip, quality = None, {}
-                if chunk.final:
-                    quality = self._stream_quality(prepared, waveforms, chunk)
+                if chunk.final:  # all the words, the captions and the verification
+                    quality = prepared.quality | (words.summary() if words is not None else {})
                     if plan.target is not None or prepared.cache_key is not None:
                         clip = self._whole_stream(prepared, waveforms, chunk, quality)
-                yield StreamPiece(chunk, data, audio, clip, quality)
+                said = said if plan.request.timestamps == "word" else []
+                yield StreamPiece(chunk, data, audio, clip, said, quality)
         finally:
             chunks.close()
-
-    def _stream_quality(
-        self, prepared: PreparedJob, waveforms: list[np.ndarray], final: AudioChunk
-    ) -> dict[str, Any]:
-        """Words and captions of a finished stream: aligned once the whole clip is there (see the README)."""
-        waveform = np.concatenate(waveforms) if waveforms else np.zeros(0, dtype=np.float32)
-        annotations = self.quality.annotate(prepared.request, waveform, final.sample_rate, prepared.timings)
-        return prepared.quality | annotations
 
     def _whole_stream(
         self, prepared: PreparedJob, waveforms: list[np.ndarray], final: AudioChunk, quality: dict[str, Any]
@@ -412,6 +410,8 @@ class Pipeline:
             "final": chunk.final,
             "start_s": round(chunk.start_s, 3),
         }
+        if prepared.request.timestamps == "word":
+            item["words"] = piece.words
         if piece.audio is None:
             return item, True
         encoded = base64.b64encode(piece.audio.data).decode()

@@ -146,9 +146,18 @@ def cache_identity(
         "pieces": None if chunking is None else dataclasses.asdict(chunking),
         "voice_description": request.voice_descriptions,
         "ref_audio_in_system_message": request.ref_audio_in_system_message,
+    }
+    # The quality fields (finishing changes the audio; words, captions and verification the result), only
+    # when asked for: a request without them keeps the identity, and the cache entry, it had before them.
+    quality: dict[str, list[Any]] = {
         "finishing": [request.loudness_lufs, request.trim_silence],
         "annotations": [request.timestamps, request.captions],
         "verification": [request.verify, request.max_wer, request.max_attempts, request.require_verified],
+    }
+    identity |= {
+        name: values
+        for name, values in quality.items()
+        if any(v not in (None, False, "none") for v in values)
     }
     if not greedy:
         identity |= {"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k}

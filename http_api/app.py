@@ -156,7 +156,8 @@ def create_app(pipeline: Pipeline, *, with_health: bool = True) -> FastAPI:
             clip = pipeline.cached(prepared)
             if clip is None and prepared.plan.stream is not None:
                 found: dict[str, Any] = {}
-                pieces = iterate_in_threads(_encoded_stream(pipeline, prepared, found), threads)
+                encoded = _encoded_stream(pipeline, prepared, found, sse=stream_format == "sse")
+                pieces = iterate_in_threads(encoded, threads)
                 first = await anext(pieces, b"")  # a failure before any audio still gets its own status
                 handed_over = True
                 return ClosingStreamingResponse(
@@ -323,17 +324,22 @@ def _mimetype(fmt: str) -> str:
 
 
 def _encoded_stream(
-    pipeline: Pipeline, prepared: PreparedJob, found: dict[str, Any]
+    pipeline: Pipeline, prepared: PreparedJob, found: dict[str, Any], *, sse: bool
 ) -> Generator[bytes, None, None]:
-    """The clip's bytes while it is generated (runs on job threads); closing it stops the generation.
+    """The clip's bytes in the requested format while it is generated (runs on job threads); with ``sse``,
+    as ``speech.audio.delta`` events, each with the words its audio said when the request asks for words.
 
     What the quality layer found (words, captions, verification) is put in ``found`` before the last bytes.
     """
+    words = prepared.request.timestamps == "word"
     pieces = pipeline.stream_audio(prepared)
     try:
         for piece in pieces:
             found |= piece.quality
-            if piece.data:
+            if sse and (piece.data or piece.words):
+                event = {"type": "speech.audio.delta", "audio": base64.b64encode(piece.data).decode()}
+                yield _sse(event | ({"words": piece.words} if words else {}))
+            elif piece.data:
                 yield piece.data
     finally:
         pieces.close()
@@ -342,20 +348,17 @@ def _encoded_stream(
 async def _sent(
     first: bytes, rest: AsyncIterator[bytes], stream_format: str, slots: Slots, found: dict[str, Any]
 ) -> AsyncIterator[bytes]:
-    """The response body: audio bytes or SSE events; closing it stops the generation and frees the slot.
-
-    The ``speech.audio.done`` event carries the clip's words, captions and verification when asked for.
+    """The response body (audio bytes, or SSE delta events as ``_encoded_stream`` makes them); closing it
+    stops the generation and frees the slot. With SSE, the ``speech.audio.done`` event closes the stream,
+    carrying the clip's words, captions and verification when asked for.
     """
     try:
-        if stream_format == "sse":
-            yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(first).decode()})
-            async for data in rest:
-                yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
-            yield _sse({"type": "speech.audio.done", **found})
-        else:
+        if first:
             yield first
-            async for data in rest:
-                yield data
+        async for data in rest:
+            yield data
+        if stream_format == "sse":
+            yield _sse({"type": "speech.audio.done", **found})
     finally:
         await rest.aclose()  # type: ignore[attr-defined]
         slots.give_back()

@@ -2,11 +2,10 @@
 
 Its clients send OpenAI's speech body plus ``stream`` (default true) and ``return_timestamps`` (default true)
 and read ``{"audio": <base64>, "audio_format", "timestamps": [{"word", "start_time", "end_time"}]}`` back:
-one JSON object, or with ``stream`` one such object per line (NDJSON) while the clip is generated. The
-words are forced-aligned to the finished clip, so in a stream they come on the last line, for the whole clip
-(earlier lines carry audio only); each line's audio is a complete file in ``audio_format``. This worker's
-own fields (``captions``, ``verify``, ``loudness_lufs``…) work here too and add ``captions``, ``words``
-and ``verification`` beside ``timestamps``.
+one JSON object, or with ``stream`` one such object per line (NDJSON) while the clip is generated. Each
+line of a stream carries the words its audio finished saying (``higgs_worker.quality.stream_alignment``) and
+its audio as a complete file in ``audio_format``; the last line adds captions and verification. This worker's
+own fields (``captions``, ``verify``, ``loudness_lufs``…) work here too.
 """
 
 from __future__ import annotations
@@ -69,16 +68,23 @@ def captioned_json(clip: Clip) -> dict[str, Any]:
 
 
 def captioned_lines(pipeline: Pipeline, prepared: PreparedJob) -> Generator[bytes, None, None]:
-    """One JSON line per chunk while it is generated (runs on job threads); the last one adds the words."""
+    """One JSON line per chunk while it is generated (runs on job threads), with the words its audio said;
+    the last line adds the captions and the verification."""
     pieces = pipeline.stream_audio(prepared)
     try:
         for piece in pieces:
             line: dict[str, Any] = {"audio_format": prepared.request.output_format}
             if piece.audio is not None:
                 line["audio"] = base64.b64encode(piece.audio.data).decode()
+            if prepared.request.timestamps == "word":
+                line["timestamps"] = _timestamps(piece.words)
             if piece.chunk.final:
-                line |= _annotations(piece.quality)
-            if "audio" in line or piece.chunk.final:
+                line |= {
+                    key: value
+                    for key, value in piece.quality.items()
+                    if key in ("captions", "captions_format", "verification")
+                }
+            if "audio" in line or line.get("timestamps") or piece.chunk.final:
                 yield (json.dumps(line) + "\n").encode()
     finally:
         pieces.close()

@@ -78,9 +78,9 @@ def test_captioned_speech_streams_lines_and_ends_with_the_words(client: httpx.Cl
     with client.stream("POST", "/dev/captioned_speech", json=JOB | {"response_format": "wav"}) as response:
         assert response.status_code == 200 and response.headers["content-type"] == "application/x-ndjson"
         lines = [json.loads(line) for line in response.iter_lines() if line]
-    assert len(lines) >= 2 and all("timestamps" not in line for line in lines[:-1])
+    assert len(lines) >= 2
     duration = sum(seconds_of(base64.b64decode(line["audio"])) for line in lines if "audio" in line)
-    check_timestamps(lines[-1]["timestamps"], duration)
+    check_timestamps([t for line in lines for t in line["timestamps"]], duration)
 
 
 def test_speech_sse_ends_with_words_and_verification(client: httpx.Client) -> None:
@@ -93,11 +93,22 @@ def test_speech_sse_ends_with_words_and_verification(client: httpx.Client) -> No
     done = events[-1]
     assert done["type"] == "speech.audio.done"
     assert [w["word"] for w in done["words"]] == WORDS
+    assert [w for e in events[:-1] for w in e["words"]] == done["words"]  # each delta: the words it said
     assert 1 <= done["verification"]["attempts"] <= 2
-    audio = np.concatenate(
-        [sf.read(io.BytesIO(base64.b64decode(e["audio"])), dtype="float32")[0] for e in events[:-1]]
-    )
+    stream = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])  # one streamed WAV file
+    audio = sf.read(io.BytesIO(stream), dtype="float32")[0]
+    assert len(audio) > 0
     assert float(np.max(np.abs(audio))) <= 0.95 + 1 / 32768
+
+
+def test_require_verified_fails_clearly_over_http(client: httpx.Client) -> None:
+    """The tiny recogniser hears noise: no attempt passes, so the request fails saying why."""
+    body = JOB | {"verify": True, "max_attempts": 2, "require_verified": True, "response_format": "flac"}
+    response = client.post("/v1/audio/speech", json=body)
+    assert response.status_code == 500, response.text
+    error = response.json()["error"]
+    assert error["param"] == "require_verified" and error["type"] == "server_error"
+    assert error["message"].startswith("require_verified: the clip did not say its text in 2 attempts")
 
 
 @pytest.mark.parametrize(
@@ -154,3 +165,25 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
     assert done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_the_demo_volume_runs_every_quality_step_offline(tmp_path: Path) -> None:
+    """``--demo`` publishes tiny aligner and recogniser beside the speech model: no hub is ever asked."""
+    from demo_model import publish_demo
+    from higgs_worker.pipeline import Pipeline
+
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    settings = load_settings({"RUNPOD_VOLUME_PATH": str(volume), "DEMO_MODEL": "true"})
+    publish_demo(settings)
+    job = {"transcript": TEXT, "max_new_tokens": 40, "seed": 5, "timestamps": "word", "captions": "vtt"}
+    job |= {"verify": True, "max_attempts": 2, "loudness_lufs": -18.0, "trim_silence": True}
+    pipeline = Pipeline(settings)
+    output = pipeline.run("demo", job)
+    stored = pipeline.quality.models.stored
+    assert {role: repo.source for role, repo in stored.items()} == {"aligner": "store", "recogniser": "store"}
+    assert all(repo.commit == "local-build" for repo in stored.values())  # nothing came from a hub
+    assert [w["word"] for w in output["words"]] == WORDS
+    assert output["captions"].startswith("WEBVTT")
+    assert 1 <= output["verification"]["attempts"] <= 2
+    assert {"finish", "align", "verify"} <= set(output["timings_ms"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -16,14 +17,17 @@ import webvtt
 from higgs_worker.pipeline import Pipeline
 from higgs_worker.quality.alignment import CTCAligner, WordTime
 from higgs_worker.quality.captions import MAX_LINE_CHARS, MAX_LINES, render
+from higgs_worker.quality.stream_alignment import StreamAligner
 from higgs_worker.quality.words import transcript_words
 from higgs_worker.schema import RequestError
 from higgs_worker.settings import load_settings
 from tests.conftest import speak
 from tests.hub_server import HubServer
 from tests.quality_models import place
-from tests.s3_server import S3Server
 from tests.test_worker_faults import complete_store
+
+if TYPE_CHECKING:
+    from tests.s3_server import S3Server
 
 pytest_plugins = ["tests.s3_server"]
 
@@ -189,13 +193,39 @@ def test_a_cache_hit_returns_the_same_words(pipeline: Pipeline) -> None:
     assert again["cache_hit"] and again["words"] == first["words"] and again["captions"] == first["captions"]
 
 
-def test_a_stream_carries_the_words_on_its_final_chunk(pipeline: Pipeline) -> None:
-    job = {"transcript": SENTENCE, "max_new_tokens": 60, "seed": 2, "timestamps": "word"}
+def test_each_stream_chunk_carries_the_words_its_audio_said(pipeline: Pipeline) -> None:
+    job = {"transcript": SENTENCE, "max_new_tokens": 150, "seed": 2, "timestamps": "word", "captions": "srt"}
     items = list(pipeline.stream("stream", job))
-    words = items[-1]["summary"]["words"]
-    assert [w["word"] for w in words] == [w.text for w in transcript_words(SENTENCE)]
-    total = sum(i["duration_s"] for i in items if "duration_s" in i)
-    check_times(words, total)
+    said, sent = [], 0.0
+    for item in items:
+        sent += item.get("duration_s", 0.0)
+        assert all(w["end_s"] <= sent + 1e-3 for w in item["words"])  # only words already heard
+        said += item["words"]
+    assert [w["word"] for w in said] == [w.text for w in transcript_words(SENTENCE)]
+    assert any(item["words"] for item in items[:-1])  # words leave before the end
+    check_times(said, sent)
+    summary = items[-1]["summary"]
+    assert summary["words"] == said
+    assert " ".join(c.content.replace("\n", " ") for c in srt.parse(summary["captions"])) == " ".join(
+        w["word"] for w in said
+    )
+
+
+@pytest.mark.parametrize("size", [2_205, 11_025, 44_100])
+def test_stream_alignment_sends_each_word_once_in_order(
+    aligner: CTCAligner, spoken: tuple[np.ndarray, int], size: int
+) -> None:
+    audio, rate = spoken
+    words = transcript_words(SENTENCE)
+    stream = StreamAligner(aligner, words, rate)
+    said: list[WordTime] = []
+    for start in range(0, len(audio), size):
+        new = stream.feed(audio[start : start + size])
+        assert all(t.end_s <= (start + size) / rate for t in new)
+        said += new
+    said += stream.close()
+    assert [t.word for t in said] == [w.text for w in words]
+    check_times(said, len(audio) / rate)
 
 
 @pytest.mark.parametrize(

@@ -206,3 +206,20 @@ def test_the_tiny_whisper_recogniser_runs_the_real_path(
     verification = output["verification"]
     assert 1 <= verification["attempts"] <= 2 and isinstance(verification["recognised"], str)
     assert verification["passed"] == (verification["wer"] <= 0.2)
+
+
+def test_the_result_cache_keeps_the_verified_clip_and_its_report(
+    hub: HubServer, recogniser: ScriptedRecogniser, tmp_path: Path
+) -> None:
+    settings = load_settings({"RUNPOD_VOLUME_PATH": str(tmp_path / "volume")})
+    complete_store(settings, hub.url)
+    cached = Pipeline(settings)
+    cached.quality.models.use_recogniser(recogniser)
+    recogniser.script("wrong", "the garden gate was open")
+    first = cached.run("first", job())
+    hit = cached.run("hit", job())  # the script is used up: a transcription now would fail the test
+    assert hit["cache_hit"] and not first["cache_hit"]
+    assert hit["verification"] == first["verification"] and hit["verification"]["attempts"] == 2
+    assert np.array_equal(audio_of(hit), audio_of(first))
+    recogniser.script("the garden gate was open")
+    assert not cached.run("other", job(max_wer=0.3))["cache_hit"]  # other verification, other result

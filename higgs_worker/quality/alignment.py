@@ -16,7 +16,9 @@ frame near the middle of the text and each half aligned alone. Characters the mo
 (digits for an English model) are skipped; a word with none left shares the gap between its neighbours, and a
 clip too short for its text (each character needs a frame) gets times in proportion to word length. The
 word-delimiter token is not aligned: the pauses between words are blank frames, and each word's span runs
-from its first character's first frame to its last character's last frame.
+from its first character's first frame to its last character's last frame. (torchaudio 2.9 marks
+``forced_align`` as moving out of torchaudio in a later release; the pinned 2.9.1 has it, and it is the one
+call to replace if it goes.)
 """
 
 from __future__ import annotations
@@ -92,6 +94,35 @@ class CTCAligner:
             start, end = min(max(start, 0.0), duration), min(max(end, 0.0), duration)
             times.append(WordTime(word.text, round(start, 3), round(max(end, start), 3), word.speaker))
         return times
+
+    def align_prefix(
+        self, waveform: np.ndarray, sample_rate: int, words: list[TranscriptWord]
+    ) -> list[WordTime]:
+        """Times for ``words`` when the clip may go on past ``waveform`` (a stream so far).
+
+        The emission is extended by uninformative frames (every label equally likely) with room for all the
+        words: the Viterbi pass puts on the real frames the words they hold and lets the rest run into the
+        extension, so a word that ends inside the real audio is one the audio has said. Words timed past the
+        end of ``waveform`` are not said yet; the caller keeps only words that end well before it.
+        """
+        import torch
+
+        if not words:
+            return []
+        emission = self.emission(waveform, sample_rate)
+        tokens = [self._tokens(word.text) for word in words]
+        count = sum(len(t) for t in tokens)
+        extension = torch.full((2 * count + 1, emission.shape[1]), -math.log(emission.shape[1]))
+        spans = _Spans(self.blank, self.stride / self.sample_rate, self.max_cells)
+        aligned = spans.align(torch.cat([emission, extension]), tokens)
+        if aligned is None:
+            return []
+        extended = (len(emission) + len(extension)) * spans.frame_s
+        filled = _fill_gaps(aligned, extended)
+        return [
+            WordTime(w.text, round(a, 3), round(max(a, b), 3), w.speaker)
+            for w, (a, b) in zip(words, filled, strict=True)
+        ]
 
     def emission(self, waveform: np.ndarray, sample_rate: int) -> torch.Tensor:
         """Log-probabilities per frame (T, vocabulary), computed window by window."""

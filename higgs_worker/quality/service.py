@@ -11,8 +11,10 @@ from typing import Any
 import numpy as np
 
 from higgs_worker.errors import NotVerified
+from higgs_worker.quality.alignment import WordTime
 from higgs_worker.quality.captions import render
 from higgs_worker.quality.models import QualityModels
+from higgs_worker.quality.stream_alignment import StreamAligner
 from higgs_worker.quality.verification import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_WER, Verifier, VerifyOptions
 from higgs_worker.quality.words import transcript_words
 from higgs_worker.schema import TTSRequest
@@ -42,13 +44,16 @@ class Quality:
         with timings.phase("align"):
             aligner = self.models.aligner()
             times = aligner.align(waveform, sample_rate, transcript_words(request.transcript))
-        out: dict[str, Any] = {}
-        if request.timestamps == "word":
-            out["words"] = [time.as_json() for time in times]
-        if request.captions is not None:
-            out["captions"] = render(times, request.captions)
-            out["captions_format"] = request.captions
-        return out
+        return annotations_for(request, times)
+
+    def stream_words(self, request: TTSRequest, sample_rate: int, timings: Timings) -> StreamWords | None:
+        """Words chunk by chunk for a stream that asks for them (see ``stream_alignment``)."""
+        if not self.wants_alignment(request):
+            return None
+        with timings.phase("align"):
+            aligner = self.models.aligner()
+        words = transcript_words(request.transcript)
+        return StreamWords(request, StreamAligner(aligner, words, sample_rate), timings)
 
     def verifier(self, request: TTSRequest, timings: Timings) -> Verifier | None:
         """A verifier for the job when it asks for ``verify`` (the recogniser is fetched and loaded once)."""
@@ -72,3 +77,36 @@ class Quality:
                 f"{verification['max_wer']}); without require_verified the best attempt is returned with "
                 "passed: false"
             )
+
+
+def annotations_for(request: TTSRequest, times: list[WordTime]) -> dict[str, Any]:
+    """``words`` and ``captions`` as the request asks for them."""
+    out: dict[str, Any] = {}
+    if request.timestamps == "word":
+        out["words"] = [time.as_json() for time in times]
+    if request.captions is not None:
+        out["captions"] = render(times, request.captions)
+        out["captions_format"] = request.captions
+    return out
+
+
+class StreamWords:
+    """A stream's words: each chunk's as it leaves (``chunk``), and all of them at the end (``summary``)."""
+
+    def __init__(self, request: TTSRequest, aligner: StreamAligner, timings: Timings) -> None:
+        self.request = request
+        self.aligner = aligner
+        self.timings = timings
+        self.times: list[WordTime] = []
+
+    def chunk(self, waveform: np.ndarray, final: bool) -> list[dict[str, Any]]:
+        """The words this chunk's audio finished (every word left, on the final chunk)."""
+        with self.timings.phase("align"):
+            new = self.aligner.feed(waveform)
+            if final:
+                new += self.aligner.close()
+        self.times += new
+        return [time.as_json() for time in new]
+
+    def summary(self) -> dict[str, Any]:
+        return annotations_for(self.request, self.times)
