@@ -76,7 +76,7 @@ def handler_overhead(checkpoint: Path, steps: int, runs: int) -> tuple[float, fl
         job = {"id": "bench", "input": {"transcript": TEXT, "max_new_tokens": steps, "temperature": 0}}
         run_job(worker, job)  # loads the engine once
         engine, _ = worker.runtime.engine()
-        request = job_pipeline._speech_request(worker.plan("bench", worker.validate(job["input"])))
+        request = worker.plan("bench", worker.validate(job["input"])).speech
         jobs, bare = [], []
         for _ in range(runs):
             started = time.perf_counter()

@@ -19,9 +19,8 @@ import torchaudio
 
 from boson_multimodal.codes import FrameStream, decode_frames
 from boson_multimodal.loading import LoadedModel, load_model
-from boson_multimodal.prompt import PromptRequest, Voice, build_prompt
+from boson_multimodal.prompt import Voice, build_prompt
 from boson_multimodal.reference import ReferenceRunner
-from boson_multimodal.sampling import SamplingConfig
 from boson_multimodal.scheduler import (
     GenerationCancelled,
     Scheduler,
@@ -30,6 +29,7 @@ from boson_multimodal.scheduler import (
     SequenceInput,
     SequenceTooLong,
 )
+from boson_multimodal.speech_request import SamplingConfig, SpeechRequest
 
 __all__ = [
     "EngineOptions",
@@ -58,11 +58,6 @@ class EngineOptions:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-
-
-@dataclass(frozen=True)
-class SpeechRequest(PromptRequest):  # the text, scene, voices and context the prompt is built from
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ import threading
 
 import torch
 
-from boson_multimodal.sampling import SamplingConfig
 from boson_multimodal.scheduler import (
     GenerationCancelled,
     SequenceHandle,
@@ -27,6 +26,7 @@ from boson_multimodal.scheduler import (
     SequenceResult,
     Submissions,
 )
+from boson_multimodal.speech_request import SamplingConfig
 
 logger = logging.getLogger(__name__)
 

@@ -40,7 +40,8 @@ from transformers import DynamicCache
 
 from boson_multimodal.decode_step import Capture, CudaCapture, DecodeStep, GraphedDecodeStep, SlotCache
 from boson_multimodal.errors import SequenceTooLong
-from boson_multimodal.sampling import SamplingConfig, SlotSampler, StreamTokens
+from boson_multimodal.sampling import SlotSampler, StreamTokens
+from boson_multimodal.speech_request import SamplingConfig
 
 logger = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ SPECIAL_TOKENS = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "
 
 def dry_run(plan: Plan, settings: Settings) -> dict[str, Any]:
     """The dry-run output: the job's plan (:mod:`higgs_worker.request_plan`), as generation would read it."""
-    prompt, chunking, voices = plan.prompt, plan.chunking, plan.references
+    prompt, chunking, voices = plan.speech, plan.chunking, plan.references
     template, template_source = _chat_template(settings.model_path)
     pieces = _pieces(prompt, chunking)
     rendered = [_render(piece, template, settings.model_path) for piece in pieces]

@@ -190,16 +190,14 @@ class Pipeline:
                         progress(done, total)
 
                 piece = verifier.generate(engine.generate) if verifier is not None else None
-                speech = generate_long(
-                    engine, _speech_request(plan), plan.chunking, on_progress, generate_piece=piece
-                )
+                speech = generate_long(engine, plan.speech, plan.chunking, on_progress, generate_piece=piece)
             else:
 
                 def whole(request: SpeechRequest) -> Speech:
                     return engine.generate(request, cancel=cancel)
 
                 one = verifier.generate(whole) if verifier is not None else whole
-                request = _speech_request(plan)
+                request = plan.speech
                 speech = _abandoned_if_cancelled(lambda: one(request))
         if verifier is not None:  # checked on the clip as generated; speed and finishing keep its words
             prepared.quality["verification"] = verifier.report()
@@ -234,9 +232,9 @@ class Pipeline:
                 chunks = chunk_speech(self.generate(prepared), engine.frame_rate)
             else:
                 generated = (
-                    stream_long(engine, _speech_request(plan), plan.chunking)
+                    stream_long(engine, plan.speech, plan.chunking)
                     if plan.chunking is not None
-                    else stream_speech(engine, _speech_request(plan))
+                    else stream_speech(engine, plan.speech)
                 )
                 chunks = finished_chunks(generated, finishing_for(plan.request))
         try:  # closing this generator closes the engine's stream, which stops the generation
@@ -457,19 +455,3 @@ def _abandoned_if_cancelled(generate: Callable[[], Speech]) -> Speech:
         return generate()
     except GenerationCancelled as error:
         raise JobAbandoned("the client went away") from error
-
-
-def _speech_request(plan: Plan) -> SpeechRequest:
-    from boson_multimodal.engine import SamplingConfig, SpeechRequest
-
-    request = plan.request
-    return SpeechRequest(
-        **vars(plan.prompt),
-        sampling=SamplingConfig(
-            temperature=request.temperature,
-            top_p=request.top_p,
-            top_k=request.top_k,
-            max_new_tokens=request.max_new_tokens,
-            seed=request.seed,
-        ),
-    )

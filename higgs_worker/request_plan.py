@@ -24,7 +24,8 @@ from typing import Any, Literal
 import numpy as np
 
 from boson_multimodal.longform import Chunking
-from boson_multimodal.prompt import PROMPT_VERSION, PromptRequest
+from boson_multimodal.prompt import PROMPT_VERSION
+from boson_multimodal.speech_request import SamplingConfig, SpeechRequest
 from higgs_worker.delivery import S3Target, default_s3_key, validate_bucket_name, validate_s3_key
 from higgs_worker.errors import RequestPlanError
 from higgs_worker.references import DescribedVoice, ResolvedVoice
@@ -48,7 +49,7 @@ class StreamPlan:
 class Plan:
     request: TTSRequest
     references: list[ResolvedVoice]  # the ref_audio entries, resolved, in order
-    prompt: PromptRequest  # what the model reads: normalised text, scene, voices
+    speech: SpeechRequest  # what the model reads (normalised text, scene, voices) and how it samples
     chunking: Chunking | None  # how a long text is cut into pieces; None: one generation
     stream: StreamPlan | None  # None: the clip is delivered whole
     target: S3Target | None
@@ -64,11 +65,18 @@ def plan_job(
 ) -> Plan:
     """The plan for ``request`` whose voices are resolved; ``stream``: how the door would stream it."""
     prompt = prompt_request(request, references)
+    sampling = SamplingConfig(
+        temperature=request.temperature,
+        top_p=request.top_p,
+        top_k=request.top_k,
+        max_new_tokens=request.max_new_tokens,
+        seed=request.seed,
+    )
     chunking = chunking_for(request, prompt.text, settings.longform_chunk_chars)
     return Plan(
         request=request,
         references=references,
-        prompt=prompt,
+        speech=SpeechRequest(**vars(prompt), sampling=sampling),
         chunking=chunking,
         stream=stream_plan(request, stream),
         target=s3_target_for(request, job_id, settings),
@@ -131,8 +139,8 @@ def cache_identity(
 
     ``chunking`` is how a long transcript is cut (it changes the audio), or None for one generation.
     """
-    greedy = request.temperature == 0
-    if not greedy and request.seed is None:
+    sampling = SamplingConfig(temperature=request.temperature, seed=request.seed)
+    if not sampling.deterministic:
         return None
     identity: dict[str, Any] = {
         "prompt_version": PROMPT_VERSION,
@@ -159,7 +167,7 @@ def cache_identity(
         for name, values in quality.items()
         if any(v not in (None, False, "none") for v in values)
     }
-    if not greedy:
+    if not sampling.greedy:
         identity |= {"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k}
         identity["seed"] = request.seed
     return identity

@@ -30,6 +30,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from boson_multimodal.speech_request import SamplingConfig
 from higgs_worker.audio_encoding import FORMATS, MAX_SPEED, MIN_SPEED
 from higgs_worker.errors import RequestError
 from higgs_worker.quality.finishing import MAX_LOUDNESS_LUFS, MIN_LOUDNESS_LUFS
@@ -70,11 +71,12 @@ class TTSRequest(BaseModel):
     ref_audio: str | list[str] | None = None
     ref_text: str | list[str | None] | None = None
     scene_prompt: str | None = Field(default=None, max_length=MAX_SCENE_CHARS)
-    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
-    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=50, ge=1, le=1024)
+    # sampling: the engine's own defaults (boson_multimodal.speech_request.SamplingConfig)
+    temperature: float = Field(default=SamplingConfig.temperature, ge=0.0, le=2.0)
+    top_p: float = Field(default=SamplingConfig.top_p, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=SamplingConfig.top_k, ge=1, le=1024)
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
-    max_new_tokens: int = Field(default=1024, ge=16)
+    max_new_tokens: int = Field(default=SamplingConfig.max_new_tokens, ge=16)
     output_format: str = "wav"  # one of FORMATS (higgs_worker.audio_encoding), checked below
     sample_rate: int | None = None
     speed: float = Field(default=1.0, ge=MIN_SPEED, le=MAX_SPEED)

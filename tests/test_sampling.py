@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from boson_multimodal.sampling import SamplingConfig, SlotSampler, StreamTokens
+from boson_multimodal.sampling import SlotSampler, StreamTokens
+from boson_multimodal.speech_request import SamplingConfig
 
 K, V = 8, 1026
 TOKENS = StreamTokens(

@@ -22,7 +22,6 @@ from boson_multimodal.decode_step import DecodeStep, SlotCache
 from boson_multimodal.engine import EngineOptions, HiggsAudioEngine, SpeechRequest
 from boson_multimodal.loading import LoadedModel, load_model
 from boson_multimodal.prompt import Voice
-from boson_multimodal.sampling import SamplingConfig
 from boson_multimodal.scheduler import (
     GenerationCancelled,
     Scheduler,
@@ -30,6 +29,7 @@ from boson_multimodal.scheduler import (
     SequenceTooLong,
     sized_slots,
 )
+from boson_multimodal.speech_request import SamplingConfig
 from boson_multimodal.tiny_model import TinyModelSpec, build_tiny_checkpoint
 
 GEOMETRIES = {

@@ -20,7 +20,7 @@ import torch
 import torchaudio
 import yaml
 
-from boson_multimodal.engine import HiggsAudioEngine, SamplingConfig, SpeechRequest
+from boson_multimodal.engine import HiggsAudioEngine, SamplingConfig
 from boson_multimodal.longform import generate_long
 from higgs_worker.dry_run import dry_run
 from higgs_worker.references import resolve_reference
@@ -319,7 +319,7 @@ def test_each_example_makes_audio_with_the_demo_model(
 ) -> None:
     request = parsed(README_COMMANDS[name])
     plan = planned(request, settings)
-    speech_request = SpeechRequest(**vars(plan.prompt), sampling=SamplingConfig(max_new_tokens=16, seed=3))
+    speech_request = replace(plan.speech, sampling=SamplingConfig(max_new_tokens=16, seed=3))
     chunking = plan.chunking
     if chunking is not None:
         chunking = replace(chunking, max_words=150)  # three pieces, not two: the buffer is used
