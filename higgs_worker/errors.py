@@ -41,7 +41,12 @@ It holds no secret and no user audio.
 
 from __future__ import annotations
 
+import logging
+import traceback
+from dataclasses import dataclass
 from typing import ClassVar
+
+from higgs_worker.redaction import redact
 
 
 class WorkerError(Exception):
@@ -164,3 +169,23 @@ class FetchError(Exception):
 
 class AudioDecodeError(ValueError):
     """Bytes that were supposed to be audio could not be decoded; the message says why, for the user."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a door tells the client about a failed job or request."""
+
+    status: int
+    kind: str  # OpenAI's error type
+    message: str  # redacted: no secret reaches the client
+
+
+def answer(error: BaseException, what: str, logger: logging.Logger) -> Answer:
+    """The client's answer for ``error`` raised while serving ``what`` (a job or request id), logged once:
+    a :class:`WorkerError` as a warning with its message, anything else as an error with its traceback."""
+    if isinstance(error, WorkerError):
+        message = redact(str(error))
+        logger.warning("%s failed (%d): %s", what, error.status, message)
+        return Answer(error.status, error.kind, message)
+    logger.error("%s crashed: %s", what, redact(traceback.format_exc()))
+    return Answer(500, "server_error", redact(f"internal error ({type(error).__name__}): {error}"))

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
-from higgs_worker.errors import JobAbandoned
+from higgs_worker.errors import JobAbandoned, answer
 from higgs_worker.pipeline import Clip, Pipeline, PreparedJob
 from higgs_worker.request_plan import StreamKind
 from higgs_worker.runtime import Readiness
@@ -239,10 +239,9 @@ def create_app(pipeline: Pipeline, *, with_health: bool = True) -> FastAPI:
         try:
             output = await in_thread(pipeline.run, job_id, body.get("input"))
         except Exception as error:
-            failed = failure_response(error, job_id)
-            message = json.loads(bytes(failed.body))["error"]["message"]
+            failed = answer(error, job_id, logger)
             return JSONResponse(
-                {"id": job_id, "status": "FAILED", "error": message}, status_code=failed.status_code
+                {"id": job_id, "status": "FAILED", "error": failed.message}, status_code=failed.status
             )
         finally:
             slots.give_back()

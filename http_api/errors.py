@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import logging
 import re
-import traceback
 
 from fastapi.responses import JSONResponse
 
-from higgs_worker.errors import WorkerError
-from higgs_worker.redaction import redact
+from higgs_worker.errors import answer
 
 logger = logging.getLogger("http_api")
 
@@ -42,11 +40,5 @@ def param_of(message: str) -> str | None:
 
 def failure_response(error: Exception, what: str) -> JSONResponse:
     """The response for an exception raised while serving ``what`` (a request id, for the log)."""
-    if isinstance(error, WorkerError):
-        message = redact(str(error))
-        logger.warning("%s failed (%d): %s", what, error.status, message)
-        return error_response(error.status, message, kind=error.kind, param=param_of(message))
-    logger.error("%s crashed: %s", what, redact(traceback.format_exc()))
-    return error_response(
-        500, redact(f"internal error ({type(error).__name__}): {error}"), kind="server_error"
-    )
+    failed = answer(error, what, logger)
+    return error_response(failed.status, failed.message, kind=failed.kind, param=param_of(failed.message))

@@ -12,15 +12,13 @@ import asyncio
 import logging
 import os
 import platform
-import traceback
 from collections.abc import AsyncIterator, Generator
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from typing import Any
 
-from higgs_worker.errors import WorkerError
+from higgs_worker.errors import answer
 from higgs_worker.pipeline import Pipeline, Progress
-from higgs_worker.redaction import redact
 from higgs_worker.thread_iteration import iterate_in_threads
 
 logger = logging.getLogger("queue_api")
@@ -32,11 +30,7 @@ def _job_id(job: dict[str, Any]) -> str:
 
 def failure(job: dict[str, Any], error: Exception) -> dict[str, str]:
     """A job's error string: the reason for errors the client can act on, the type for anything else."""
-    if isinstance(error, WorkerError):
-        logger.warning("job %s failed: %s", job.get("id"), redact(str(error)))
-        return {"error": redact(str(error))}
-    logger.error("job %s crashed: %s", job.get("id"), redact(traceback.format_exc()))
-    return {"error": redact(f"internal error ({type(error).__name__}): {error}")}
+    return {"error": answer(error, f"job {job.get('id')}", logger).message}
 
 
 def run_job(pipeline: Pipeline, job: dict[str, Any]) -> dict[str, Any]:
