@@ -46,9 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.gpu_check import per_step
 from boson_multimodal.tiny_model import build_tiny_checkpoint
 from tests.conftest import MODEL_REPO, TOKENIZER_REPO, speak
-from tests.hub_server import HubServer
-from tests.runpod_queue import JobOutcome, ProductionWorker, RunPodQueue
-from tests.worker_process import worker_env
+from tests.support.hub_server import HubServer
+from tests.support.runpod_queue import JobOutcome, ProductionWorker, RunPodQueue
+from tests.support.worker_process import worker_env
 
 PARTS = ("streams", "short-long", "mixed", "step")
 # The old BatchingEngine (b6f9c25:boson_multimodal/batching.py) calls the removed engine.generate_batch.

@@ -64,7 +64,7 @@ def handler_overhead(checkpoint: Path, steps: int, runs: int) -> tuple[float, fl
     from higgs_worker.settings import load_settings
     from queue_api.worker import run_job
     from tests.conftest import MODEL_REPO, TOKENIZER_REPO
-    from tests.hub_server import HubServer
+    from tests.support.hub_server import HubServer
 
     repos = {MODEL_REPO: checkpoint / "model", TOKENIZER_REPO: checkpoint / "codec"}
     with HubServer(repos) as hub, tempfile.TemporaryDirectory() as volume:

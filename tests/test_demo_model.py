@@ -12,8 +12,8 @@ from higgs_worker.errors import DemoRefused, ModelStoreError
 from higgs_worker.model_store import LOCAL_BUILD, RepoSpec, ensure_repo, read_marker, read_store
 from higgs_worker.references import ReferenceAudio, resolve_reference
 from higgs_worker.settings import Settings, load_settings
-from tests.fixtures_hub import make_repo
-from tests.hub_server import HubServer
+from tests.support.fixtures_hub import make_repo
+from tests.support.hub_server import HubServer
 
 MODEL_REPO = "bosonai/higgs-audio-v2-generation-3B-base"
 

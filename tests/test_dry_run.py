@@ -19,8 +19,8 @@ from higgs_worker.references import OPENAI_VOICES, DescribedVoice, ReferenceAudi
 from higgs_worker.rendering import prompt_request
 from higgs_worker.schema import RequestLimits, parse_request
 from higgs_worker.settings import Settings, load_settings
-from tests.loopback_http import LoopbackServer, send_body
-from tests.test_upstream_examples import EXAMPLES, SPOKEN, make_voice
+from tests.support.loopback_http import LoopbackServer, send_body
+from tests.support.speech import EXAMPLES, SPOKEN, make_voice
 
 LIMITS = RequestLimits(max_transcript_chars=20_000, max_new_tokens=4096)
 

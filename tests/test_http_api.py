@@ -16,8 +16,8 @@ import pytest
 import soundfile as sf
 from openai import BadRequestError, OpenAI
 
-from tests.hub_server import HubServer
-from tests.worker_process import HttpWorker, worker_env
+from tests.support.hub_server import HubServer
+from tests.support.worker_process import HttpWorker, worker_env
 
 RATE = 24_000
 HOP = 960

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+
+from tests.support.workflows import WORKFLOWS, workflow
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile.runpod.ultra"
-WORKFLOWS = REPO / ".github" / "workflows"
 TOOLS = Path(sys.executable).parent
 
 
@@ -59,12 +59,6 @@ def requirement_names(path: Path) -> dict[str, str]:
             name = re.split(r"[<>=!~\[; ]", line, maxsplit=1)[0].lower().replace("_", "-")
             names[name] = line
     return names
-
-
-def workflow(name: str) -> dict[str, Any]:
-    data = yaml.safe_load((WORKFLOWS / name).read_text())
-    data["on"] = data.pop(True, data.get("on"))  # YAML 1.1 reads the key `on` as a boolean
-    return data
 
 
 def steps_using(job: dict[str, Any], action: str) -> list[dict[str, Any]]:

@@ -41,3 +41,18 @@ def test_the_composition_root_starts_either_door_and_nothing_else_starts_one() -
     for package in FORBIDDEN:
         for path in (ROOT / package).rglob("*.py"):
             assert "serverless_handler" not in imported(path), path
+
+
+def test_no_test_imports_another_test_module_or_the_conftest() -> None:
+    """What tests share lives in tests/support; fixtures reach tests through conftest.py, never an import."""
+    tests = ROOT / "tests"
+    for path in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            for name in names:
+                last = name.split(".")[-1]
+                assert not (last.startswith("test_") or last == "conftest"), f"{path.name} imports {name}"

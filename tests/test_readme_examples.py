@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.conftest import speak
-from tests.worker_process import HttpWorker, LocalWorker, worker_env
+from tests.support.speech import speak
+from tests.support.worker_process import HttpWorker, LocalWorker, worker_env
 
 pytestmark = pytest.mark.slow
 

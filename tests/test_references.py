@@ -16,7 +16,7 @@ import soundfile as sf
 from higgs_worker.errors import UnknownVoiceError, WorkerError
 from higgs_worker.references import ReferenceAudio, resolve_reference
 from higgs_worker.settings import Settings, load_settings
-from tests.loopback_http import (
+from tests.support.loopback_http import (
     LoopbackServer,
     TlsFiles,
     make_tls_files,

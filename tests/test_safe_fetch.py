@@ -9,7 +9,7 @@ import pytest
 
 from higgs_worker.errors import FetchError
 from higgs_worker.safe_fetch import FetchPolicy, fetch, is_forbidden_address, public_url
-from tests.loopback_http import (
+from tests.support.loopback_http import (
     LoopbackServer,
     TlsFiles,
     make_tls_files,

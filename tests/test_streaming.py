@@ -16,7 +16,7 @@ from boson_multimodal.engine import (
 )
 from boson_multimodal.scheduler import SequenceHandle
 from boson_multimodal.streaming import AudioChunk, ChunkSchedule, decoder_reach, stream_speech
-from tests.engine_spy import record_submissions
+from tests.support.engine_spy import record_submissions
 
 HOP = 960
 

@@ -16,11 +16,11 @@ import soundfile as sf
 from boson_multimodal.engine import GenerationCancelled
 from higgs_worker.pipeline import Pipeline
 from higgs_worker.settings import load_settings
-from tests.engine_spy import record_submissions
-from tests.hub_server import HubServer
-from tests.runpod_queue import ProductionWorker, RunPodQueue
-from tests.test_worker_faults import complete_store
-from tests.worker_process import LocalWorker, worker_env
+from tests.support.checkpoints import complete_store
+from tests.support.engine_spy import record_submissions
+from tests.support.hub_server import HubServer
+from tests.support.runpod_queue import ProductionWorker, RunPodQueue
+from tests.support.worker_process import LocalWorker, worker_env
 
 pytestmark = pytest.mark.slow
 

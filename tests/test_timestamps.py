@@ -21,15 +21,15 @@ from higgs_worker.quality.stream_alignment import StreamAligner
 from higgs_worker.quality.words import transcript_words
 from higgs_worker.schema import RequestError
 from higgs_worker.settings import load_settings
-from tests.conftest import speak
-from tests.hub_server import HubServer
-from tests.quality_models import place
-from tests.test_worker_faults import complete_store
+from tests.support.checkpoints import complete_store
+from tests.support.hub_server import HubServer
+from tests.support.quality_models import place
+from tests.support.speech import speak
 
 if TYPE_CHECKING:
-    from tests.s3_server import S3Server
+    from tests.support.s3_server import S3Server
 
-pytest_plugins = ["tests.s3_server"]
+pytest_plugins = ["tests.support.s3_server"]
 
 SENTENCE = "Captions help everyone follow along. The quick brown fox jumps over the lazy dog, twice!"
 DIALOGUE = "[SPEAKER0] Did you hear that? [laugh] It was loud. [SPEAKER1] I heard it - twenty-five times."

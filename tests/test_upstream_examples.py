@@ -11,13 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
-import torch
-import torchaudio
 import yaml
 
 from boson_multimodal.engine import HiggsAudioEngine, SamplingConfig
@@ -27,10 +23,9 @@ from higgs_worker.references import resolve_reference
 from higgs_worker.request_plan import Plan, plan_job
 from higgs_worker.schema import DEFAULT_CHUNK_BUFFER, RequestLimits, TTSRequest, parse_request
 from higgs_worker.settings import Settings, load_settings
-from tests.conftest import speak
-from tests.loopback_http import LoopbackServer, send_body
+from tests.support.loopback_http import LoopbackServer, send_body
+from tests.support.speech import EXAMPLES, SPOKEN, make_voice
 
-EXAMPLES = Path(__file__).parent / "upstream_examples"
 AUDIO = "<|audio_out_bos|><|AUDIO_OUT|><|audio_eos|>"
 PLAIN_SYSTEM = "Generate audio following instruction."
 MULTI_SYSTEM = (
@@ -48,10 +43,6 @@ PRESETS = {
     "en_woman": (22_050, 1, 6.0),
     "zh_man_sichuan": (48_000, 2, 6.0),
 }
-SPOKEN = (
-    "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. "
-    "Every morning the baker opens the shop, lights the ovens and sets out fresh bread for the town."
-)
 
 
 def transcript(name: str) -> str:
@@ -205,21 +196,6 @@ def _script_chunks(text: str, example: Example) -> list[str]:
 
 
 # --- fixtures ---------------------------------------------------------------------------------------------
-
-
-def make_voice(path: Path, rate: int, channels: int, seconds: float, text: str = SPOKEN) -> Path:
-    """espeak-ng speech, looped when short, made exactly ``seconds`` long in the given shape (16-bit WAV).
-
-    Resampled by torchaudio and written by soundfile, so no program beyond espeak-ng is needed.
-    """
-    spoken = speak(text, path.with_suffix(".espeak.wav"))
-    audio, source_rate = sf.read(spoken, dtype="float32", always_2d=True)
-    mono = torch.from_numpy(audio.mean(axis=1))
-    resampled = torchaudio.functional.resample(mono, source_rate, rate).numpy()
-    length = round(seconds * rate)
-    looped = np.tile(resampled, -(-length // len(resampled)))[:length]
-    sf.write(path, np.repeat(looped[:, None], channels, axis=1), rate, subtype="PCM_16")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,9 @@ from higgs_worker.quality.verification import (
 )
 from higgs_worker.schema import RequestError
 from higgs_worker.settings import load_settings
-from tests.hub_server import HubServer
-from tests.quality_models import place
-from tests.test_worker_faults import complete_store
+from tests.support.checkpoints import complete_store
+from tests.support.hub_server import HubServer
+from tests.support.quality_models import place
 
 TEXT = "The garden gate was open."
 LONG = "The first piece is about the garden. The second piece is about the gate. The third one closes it."
