@@ -23,7 +23,11 @@ In this process:
                Then the ops per step (the profiler's top-level aten ops of one scheduler step, sampled) at
                batch 1 and 8: the host work that must not grow with the batch.
 
-    python benchmarks/scheduler.py [--only streams,short-long,mixed,step] [--json PATH]
+- sampling     choosing the rows alone (``SlotSampler.next_rows``, default sampling, fixed random logits of
+               the real vocabulary) at batch 1 and 8, in CPU time of this process on one thread: what the
+               step's sampling costs per row, with the noise of other processes' load taken out.
+
+    python benchmarks/scheduler.py [--only streams,short-long,mixed,step,sampling] [--json PATH]
 
 Other processes on the machine move the absolute figures; the ratios are taken within one run.
 """
@@ -50,7 +54,7 @@ from tests.support.hub_server import HubServer
 from tests.support.runpod_queue import JobOutcome, ProductionWorker, RunPodQueue
 from tests.support.worker_process import worker_env
 
-PARTS = ("streams", "short-long", "mixed", "step")
+PARTS = ("streams", "short-long", "mixed", "step", "sampling")
 # The old BatchingEngine (b6f9c25:boson_multimodal/batching.py) calls the removed engine.generate_batch.
 FIXED_BATCHES = "not measured: the fixed-batch path was removed with the scheduler"
 STREAM_STEPS = 200  # long enough that every stream is still generating when the others send their first chunk
@@ -351,6 +355,50 @@ def measure_step(checkpoint: Path, figures: Figures, repeats: int) -> None:
         engine.close()
 
 
+def measure_sampling(figures: Figures, steps: int = 50, repeats: int = 9) -> None:
+    import torch
+
+    from boson_multimodal.sampling import SamplingConfig, SlotSampler, StreamTokens
+
+    print("sampling: CPU time per step of choosing the rows, one thread", flush=True)
+    k, vocab = 8, 1026
+    tokens = StreamTokens(
+        audio_bos_token=1, audio_delay_token=2, stream_bos=vocab - 2, stream_eos=vocab - 1,
+        num_codebooks=k, codebook_size=vocab,
+    )  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    costs = {}
+    try:
+        for batch in (1, 8):
+            sampler = SlotSampler(8, tokens, torch.device("cpu"))
+            prompt = torch.tensor([7, 8, 9, 10, 11, 12, 13, tokens.audio_bos_token])
+            for slot in range(batch):
+                sampler.admit(slot, SamplingConfig(seed=slot, max_new_tokens=10**6), prompt, None)
+            generator = torch.Generator().manual_seed(0)
+            logits = [3 * torch.randn(batch, k, vocab, generator=generator) for _ in range(steps)]
+            active = list(range(batch))
+            with torch.inference_mode():
+                for step in logits[:10]:  # warm-up, and past the delay pattern's opening rows
+                    sampler.next_rows(step, 0, active)
+                best = float("inf")
+                for _ in range(repeats):
+                    started = time.process_time()
+                    for step in logits:
+                        sampler.next_rows(step, 0, active)
+                    best = min(best, (time.process_time() - started) / steps)
+            costs[batch] = best * 1000
+    finally:
+        torch.set_num_threads(threads)
+    figures.add(
+        "sampling",
+        "choosing rows, batch 1 / batch 8",
+        f"{costs[1]:.2f} / {costs[8]:.2f} ms/step = {costs[8] / costs[1]:.2f}× ({costs[8] / 8:.2f} ms a row)",
+        "sampling_ms_batch1_batch8",
+        [costs[1], costs[8]],
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
@@ -369,7 +417,9 @@ def main() -> int:
         build_tiny_checkpoint(checkpoint / "model", checkpoint / "codec")
         if "step" in parts:
             measure_step(checkpoint, figures, args.step_repeats)
-        loop_parts = [part for part in parts if part != "step"]
+        if "sampling" in parts:
+            measure_sampling(figures)
+        loop_parts = [part for part in parts if part not in ("step", "sampling")]
         if loop_parts:
             repos = {MODEL_REPO: checkpoint / "model", TOKENIZER_REPO: checkpoint / "codec"}
             with HubServer(repos) as hub, RunPodQueue() as queue:

@@ -20,8 +20,10 @@ preallocated on the model's device and written once when a sequence is admitted 
 top-p threshold, greedy flag, the delay pattern's BOS/EOS countdowns and delaying flag, the RAS window as a
 ring of the last rows. A step is one code path of tensor ops over the whole batch, greedy and sampled rows
 alike: delay masks, temperature, per-row top-k (one ``topk`` at the batch's largest k, then each row's own
-k-th value) and top-p, the draw, the RAS test and the state update. The host's per-step work does not grow
-with the batch, apart from one copy of the chosen rows, which the handles publish.
+k-th value) and top-p, the draw, the RAS test and the state update; what no row of the step needs (the
+warpers and the draw when all are greedy) is left out, decided from host-side copies of the settings, never
+from tensor values. The host's per-step work does not grow with the batch, apart from one copy of the chosen
+rows, which the handles publish.
 
 The draw is the *exponential race*, chosen over counter-based noise because it keeps draw-for-draw parity
 with ``generate()``: ``torch.multinomial(p, 1)`` is itself implemented as
@@ -173,19 +175,23 @@ class SlotSampler:
         ``(m, K, V)``, on the device (the next step's input) and on the CPU (for the handles); advances their
         state. Slots in that range not in ``active`` (free ones, computing padding) get a row too, which
         means nothing, and draw nothing from any generator."""
-        m = logits.shape[0]
+        m, k = logits.shape[0], self.tokens.num_codebooks
         span = slice(first, first + m)
-        candidates, redraw = self._choose(logits, span, active)
-        ras = any(self._ras_on[slot] for slot in active)
-        host = (torch.cat([candidates, redraw.long()], dim=-1) if ras else candidates).cpu()  # the one copy
-        rows = host[:, : self.tokens.num_codebooks]
-        if ras and bool(host[:, self.tokens.num_codebooks :].any()):
-            self._redraw(logits, candidates, rows, host[:, self.tokens.num_codebooks :].bool(), first, active)
+        candidates = self._choose(logits, span, active)
+        if any(self._ras_on[slot] for slot in active):
+            redraw = self._repeated(candidates, span)
+            host = torch.cat([candidates, redraw.long()], dim=-1).cpu()  # the one copy
+            rows = host[:, :k]
+            if bool(host[:, k:].any()):
+                self._redraw(logits, candidates, rows, host[:, k:].bool(), first, active)
+        else:
+            rows = candidates.cpu()  # the one copy
         self._commit(candidates, span)
         return candidates, rows
 
-    def _choose(self, logits: torch.Tensor, span: slice, active: Sequence[int]) -> tuple[torch.Tensor, ...]:
-        """Candidate rows and which of their codes RAS must redraw, for the slots in ``span``."""
+    def _choose(self, logits: torch.Tensor, span: slice, active: Sequence[int]) -> torch.Tensor:
+        """Candidate rows for the slots in ``span``, before RAS. What no active slot uses (the warpers and
+        the draw when all are greedy, top-k or top-p when none asks for it) is left out: the host knows it."""
         tokens = self.tokens
         # The delay pattern: this step's forced codebooks, advancing the countdowns as the processor does.
         bos_delay = self.bos_delay[span]
@@ -198,6 +204,8 @@ class SlotSampler:
             forced_eos[..., None] & (self._codes != tokens.stream_eos)
         )
         scores = logits.masked_fill(masked, -float("inf"))
+        if not any(self._sampled[slot] for slot in active):
+            return scores.argmax(dim=-1)
         # Temperature, top-k and top-p, operation for operation as transformers' warpers do them (bf16 logits
         # tie often, and ties must fall as transformers lets them); a row whose warper transformers would not
         # add leaves it unchanged (divided by 1, its k-th value −inf, its cut below every probability).
@@ -223,19 +231,21 @@ class SlotSampler:
             if self._sampled[slot]:
                 self.noise[slot].exponential_(generator=self.generators[slot])
         race = warped.softmax(dim=-1) / noise
-        candidates = torch.where(self.greedy[span, None, None], scores, race).argmax(dim=-1)
-        # RAS: a code repeated ras_max_repeat times in the window (stream BOS/EOS not counted) is redrawn.
+        return torch.where(self.greedy[span, None, None], scores, race).argmax(dim=-1)
+
+    def _repeated(self, candidates: torch.Tensor, span: slice) -> torch.Tensor:
+        """RAS's test: which codes were chosen ras_max_repeat times already in the slot's window (stream
+        BOS/EOS not counted), and so must be redrawn."""
         ring = self.ras_rows[span]
         filled = torch.minimum(self.ras_count[span], self.ras_window[span])
         in_window = torch.arange(RAS_WINDOW_LIMIT, device=self.device)[None, :] < filled[:, None]
         repeats = (
             (ring == candidates[:, None, :])
-            & (ring != tokens.stream_bos)
-            & (ring != tokens.stream_eos)
+            & (ring != self.tokens.stream_bos)
+            & (ring != self.tokens.stream_eos)
             & in_window[..., None]
         ).sum(dim=1)
-        redraw = repeats >= self.ras_max_repeat[span, None]
-        return candidates, redraw
+        return repeats >= self.ras_max_repeat[span, None]
 
     def _redraw(
         self,
