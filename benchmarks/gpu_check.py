@@ -13,6 +13,8 @@ Writes one JSON file:
 - frames/s and real-time factor (seconds of audio per second) at batch 1, 4 and 16 for transformers'
   ``generate()`` and for the scheduler with and without CUDA graphs;
 - first-chunk latency (request to first audio chunk, decoded) for 1 and 16 concurrent streams;
+- the word-timestamp aligner (wav2vec2-base) and the verification recogniser (Whisper large-v3 turbo) on a
+  10 s clip, at their real geometries with random weights (``benchmarks/quality_cost.py``);
 - peak GPU memory.
 
     python benchmarks/gpu_check.py --out "$OUT/gpu_check.json"            # on the GPU machine
@@ -198,6 +200,10 @@ def main() -> int:
             print(name, "first chunk", report[name]["first_chunk"], flush=True)
         finally:
             engine.close()
+    from quality_cost import quality_models_on_clip  # beside this script
+
+    report["quality_models"] = quality_models_on_clip(str(device), runs=3, tiny=args.tiny)
+    print("quality models", report["quality_models"], flush=True)
     if device.type == "cuda":
         report["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
     report["total_s"] = round(time.perf_counter() - started, 1)

@@ -32,3 +32,6 @@ def test_the_gpu_check_writes_its_figures(tmp_path: Path) -> None:
         latency = report["scheduler_eager"]["first_chunk"][streams]
         assert 0 < latency["mean_ms"] <= latency["max_ms"]
     assert "scheduler_cuda_graphs" not in report  # only where there is CUDA
+    quality = report["quality_models"]
+    assert quality["geometry"] == "tiny" and quality["clip_s"] == 10
+    assert quality["align_ms"] > 0 and quality["transcribe_ms"] > 0 and quality["recogniser_tokens"] == 116
