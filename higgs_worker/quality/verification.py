@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
-from higgs_worker.quality.words import transcript_words
+from higgs_worker.quality.words import join_words, transcript_words
 
 if TYPE_CHECKING:
     from boson_multimodal.engine import Speech, SpeechRequest
@@ -209,7 +209,7 @@ class Verifier:
                 seed = attempt_seed(request.sampling.seed, attempt)
                 return generate(replace(request, sampling=replace(request.sampling, seed=seed)))
 
-            reference = " ".join(w.text for w in transcript_words(request.text, normalised=True))
+            reference = join_words([w.text for w in transcript_words(request.text, normalised=True)])
             language = language_of(reference)
             speech, error, recognised, made = best_attempt(
                 make, lambda s: self._score(s, reference, language), self.options
