@@ -239,15 +239,20 @@ class Pipeline:
         speech_request = _speech_request(request, prepared.references)
         chunking = self.chunking(request)
         with prepared.timings.phase("first_chunk"):
-            if request.speed != 1.0 or request.verify:  # the whole clip first; generate() finished it
+            whole = request.speed != 1.0 or (request.verify and chunking is None)
+            if whole:  # the whole clip first (a tempo change, a check); generate() finished it
                 chunks = chunk_speech(self.generate(prepared), engine.frame_rate)
-            else:
-                generated = (
-                    stream_long(engine, speech_request, chunking)
-                    if chunking is not None
-                    else stream_speech(engine, speech_request)
-                )
+            elif chunking is not None:  # with verify: each piece checked before any of it is sent
+                verifier = self.quality.verifier(request, prepared.timings)
+                piece = verifier.generate(engine.generate) if verifier is not None else None
+                generated = stream_long(engine, speech_request, chunking, generate_piece=piece)
+                if verifier is not None:
+                    generated = self.quality.checked_pieces(
+                        generated, verifier, prepared.request, prepared.quality
+                    )
                 chunks = finished_chunks(generated, finishing_for(request))
+            else:
+                chunks = finished_chunks(stream_speech(engine, speech_request), finishing_for(request))
         try:  # closing this generator closes the engine's stream, which stops the generation
             with prepared.timings.phase("first_chunk"):
                 first = next(chunks)
