@@ -1,167 +1,27 @@
-"""The queue door: RunPod serverless jobs in, the job pipeline's JSON output back.
+"""The worker's entry point, what RunPod (and the RunPod Hub) runs: the composition root.
 
-Composition only: :mod:`higgs_worker.pipeline` carries a job from its input to its output; this module turns
-RunPod jobs into pipeline calls, failures into the job's error string, and hands the handler to
-``runpod.serverless.start``. With ``ENDPOINT_TYPE=LOAD_BALANCER`` the same image serves HTTP instead
-(:mod:`http_api`), so ``bootstrap.sh`` always starts this file.
+It reads the settings, builds the one job pipeline, and starts the door that ``ENDPOINT_TYPE`` names: RunPod's
+queue (:mod:`queue_api`, the default) or HTTP for load-balancer endpoints (:mod:`http_api`). The doors only
+translate their protocol into pipeline calls; neither knows the other. ``bootstrap.sh`` always starts this
+file, whichever the endpoint type.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import os
-import platform
-import traceback
-from collections.abc import AsyncIterator, Generator
-from concurrent.futures import ThreadPoolExecutor
-from types import ModuleType
-from typing import Any
-
-from higgs_worker.pipeline import USER_ERRORS, Pipeline, Progress
-from higgs_worker.redaction import install_log_redaction, redact
+from higgs_worker.pipeline import Pipeline
+from higgs_worker.redaction import install_log_redaction
 from higgs_worker.settings import load_settings
-from higgs_worker.thread_iteration import iterate_in_threads
-
-logger = logging.getLogger("higgs_worker.handler")
-
-
-def _job_id(job: dict[str, Any]) -> str:
-    return str(job.get("id", "job"))
-
-
-def failure(job: dict[str, Any], error: Exception) -> dict[str, str]:
-    """A job's error string: the reason for errors the client can act on, the type for anything else."""
-    if isinstance(error, USER_ERRORS):
-        logger.warning("job %s failed: %s", job.get("id"), error)
-        return {"error": redact(str(error))}
-    logger.error("job %s crashed: %s", job.get("id"), redact(traceback.format_exc()))
-    return {"error": redact(f"internal error ({type(error).__name__}): {error}")}
-
-
-def run_job(pipeline: Pipeline, job: dict[str, Any]) -> dict[str, Any]:
-    """Run one job; every failure becomes ``{"error": "<string>"}`` and the worker keeps serving."""
-    try:
-        return pipeline.run(_job_id(job), job.get("input"), progress=_progress_reporter(job))
-    except Exception as error:  # the worker must survive anything a job triggers
-        return failure(job, error)
-
-
-def stream_job(pipeline: Pipeline, job: dict[str, Any]) -> Generator[dict[str, Any], None, None]:
-    """``Pipeline.stream`` with failures as a final ``{"error": ...}`` item (the SDK then fails the job)."""
-    try:
-        yield from pipeline.stream(_job_id(job), job.get("input"))
-    except Exception as error:  # the worker must survive anything a job triggers
-        yield failure(job, error)
-
-
-def _progress_reporter(job: dict[str, Any]) -> Progress:
-    """Long-form progress: logged, and sent to RunPod as the job's interim output when deployed."""
-    deployed = bool(os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"))  # the local API has nowhere to send it
-
-    def report(done: int, total: int) -> None:
-        logger.info("job %s: piece %d of %d generated", job.get("id"), done, total)
-        # progress_update posts from a thread of its own: after the last piece it could overtake the result
-        # and show a finished job as in progress again, so the result itself reports the last piece.
-        if deployed and done < total:
-            import runpod
-
-            runpod.serverless.progress_update(job, {"pieces_done": done, "pieces_total": total})
-
-    return report
-
-
-_pipeline: Pipeline | None = None
-
-
-def get_pipeline() -> Pipeline:
-    global _pipeline
-    if _pipeline is None:
-        _pipeline = Pipeline(load_settings())
-    return _pipeline
-
-
-_job_threads: ThreadPoolExecutor | None = None
-
-
-def job_threads() -> ThreadPoolExecutor:
-    """One thread per concurrent job (asyncio's default pool is sized by CPU count, not by CONCURRENCY)."""
-    global _job_threads
-    if _job_threads is None:
-        _job_threads = ThreadPoolExecutor(get_pipeline().settings.concurrency, thread_name_prefix="job")
-    return _job_threads
-
-
-async def handler(job: dict[str, Any]) -> dict[str, Any]:
-    """The RunPod handler: the job runs in a thread so the SDK's event loop keeps answering heartbeats."""
-    return await asyncio.get_running_loop().run_in_executor(job_threads(), run_job, get_pipeline(), job)
-
-
-async def stream_handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-    """The handler with STREAMING=true: each audio chunk is yielded as soon as it is encoded.
-
-    When RunPod cancels the job, closing the stream stops the generation (after the chunk in flight).
-    """
-    async for item in iterate_in_threads(stream_job(get_pipeline(), job), job_threads()):
-        yield item
-
-
-def concurrency_modifier(_current: int) -> int:
-    return get_pipeline().settings.concurrency
-
-
-def cpu_brand() -> str:
-    """The CPU's name as the kernel reports it (``model name`` in /proc/cpuinfo), or the platform's."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
-            for line in cpuinfo:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and value.strip():
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def import_runpod() -> ModuleType:
-    """The runpod SDK, imported without its CPU probe.
-
-    Importing the SDK names the CPU for its ``--rp_debugger`` output (``rp_debugger.PROCESSOR``) with
-    py-cpuinfo's ``get_cpu_info()``, which starts a second Python interpreter and runs CPUID probes in it:
-    about a second of every worker start, before the worker can take a job (workhorsy/py-cpuinfo#155). The
-    name from /proc/cpuinfo serves that field; py-cpuinfo is itself again once the SDK is imported.
-    """
-    import cpuinfo
-
-    probe = cpuinfo.get_cpu_info
-    cpuinfo.get_cpu_info = lambda: {"brand_raw": cpu_brand()}
-    try:
-        import runpod
-    finally:
-        cpuinfo.get_cpu_info = probe
-    return runpod
 
 
 def main() -> None:
     install_log_redaction()
-    pipeline = get_pipeline()  # reads and checks every setting: a bad one stops the start here
-    if pipeline.settings.endpoint_type == "LOAD_BALANCER":
+    settings = load_settings()  # reads and checks every setting: a bad one stops the start here
+    pipeline = Pipeline(settings)
+    if settings.endpoint_type == "LOAD_BALANCER":
         from http_api.server import serve
-
-        serve(pipeline)
-        return
-    runpod = import_runpod()
-    if pipeline.settings.preload_models:
-        logger.info("PRELOAD_MODELS=true: fetching and loading the models before taking jobs")
-        # Keep serving if it fails: each job then reports why the models are missing, and retries.
-        pipeline.runtime.prepare()
-    if pipeline.settings.streaming:
-        # The SDK fixes the handler's kind at start: streaming is a per-endpoint mode. /run and /runsync get
-        # the aggregated list of chunks, /stream gets them as they come.
-        config = {"handler": stream_handler, "return_aggregate_stream": True}
     else:
-        config = {"handler": handler}
-    runpod.serverless.start({**config, "concurrency_modifier": concurrency_modifier})
+        from queue_api.worker import serve
+    serve(pipeline)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from boson_multimodal.tiny_model import build_tiny_checkpoint
 from tests.conftest import MODEL_REPO, TOKENIZER_REPO
-from tests.hub_server import HubServer
-from tests.worker_process import LocalWorker, worker_env
+from tests.support.hub_server import HubServer
+from tests.support.worker_process import LocalWorker, worker_env
 
 
 def timed(worker: LocalWorker, job: dict) -> tuple[float, dict]:

@@ -10,14 +10,24 @@ latency is underestimated); the text vocabulary is the tiny byte-level one (deco
 
 Writes one JSON file:
 
-- frames/s and real-time factor (seconds of audio per second) at batch 1, 4 and 16 for transformers'
+- frames/s and real-time factor (seconds of audio per second) at batch 1, 16 and 64 for transformers'
   ``generate()`` and for the scheduler with and without CUDA graphs;
 - first-chunk latency (request to first audio chunk, decoded) for 1 and 16 concurrent streams;
+- the start-up captures: how many, how long, buckets that fell back to eager, and whether the replay check
+  kept graphs on;
+- per decode step of the scheduler at batch 1 and 16 (profiler): host ops, GPU kernels, blocking host-device
+  synchronisations (``cudaStreamSynchronize`` / ``cudaDeviceSynchronize`` / ``cudaEventSynchronize`` calls)
+  and wall time; per graph replay: kernels and GPU time;
+- graph-versus-eager agreement: the rows of the same greedy request through both;
 - the word-timestamp aligner (wav2vec2-base) and the verification recogniser (Whisper large-v3 turbo) on a
   10 s clip, at their real geometries with random weights (``benchmarks/quality_cost.py``);
 - peak GPU memory.
 
-    python benchmarks/gpu_check.py --out "$OUT/gpu_check.json"            # on the GPU machine
+It needs nothing but torch, transformers and this repository. To try a newer transformers than the machine
+has, bring its wheel and put it first on the path:
+``python -m pip install --no-deps --target /tmp/tf transformers-*.whl`` then ``PYTHONPATH=/tmp/tf python …``.
+
+    python benchmarks/gpu_check.py --out "$OUT/gpu_check.json"            # on the GPU machine, ≈ 5 min
     python benchmarks/gpu_check.py --tiny --device cpu --out /tmp/x.json   # the same code path, on a CPU
 """
 
@@ -30,6 +40,7 @@ import statistics
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -37,11 +48,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 import transformers
 
+from benchmarks.quality_cost import quality_models_on_clip
 from boson_multimodal.engine import EngineOptions, HiggsAudioEngine, SamplingConfig, SpeechRequest
 from boson_multimodal.loading import LoadedModel, build_processor
 from boson_multimodal.prompt import CHAT_TEMPLATE
 from boson_multimodal.reference import generation_config
-from boson_multimodal.scheduler import SchedulerLimits
+from boson_multimodal.scheduler import Scheduler, SchedulerLimits, SequenceHandle
 from boson_multimodal.streaming import ChunkSchedule, stream_speech
 from boson_multimodal.tiny_model import TinyModelSpec, build_codec, build_model, build_text_tokenizer
 
@@ -85,7 +97,7 @@ def generate_throughput(loaded: LoadedModel, batch: int, steps: int) -> dict:
     """transformers' ``generate()`` on a batch of identical prompts (no padding), sampling as we do."""
     engine = HiggsAudioEngine(loaded, EngineOptions(backend="transformers"))
     try:
-        sequence = engine._sequence_input(request(steps))
+        sequence = engine._sequence_input(request(steps)).to(loaded.device)
     finally:
         engine.close()
     config = generation_config(loaded.model.generation_config, sequence.sampling)
@@ -156,13 +168,99 @@ def first_chunk_latency(engine: HiggsAudioEngine, streams: int, steps: int) -> d
     }
 
 
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def per_step(engine: HiggsAudioEngine, batch: int, steps: int = 20) -> dict:
+    """One decode step of the scheduler (``_advance``: forward, sampling, publishing) under the profiler.
+
+    The profiler records the thread that starts it, so the steps run here, on this thread, with the
+    scheduler's own stream and inference mode, while the scheduler thread waits idle for submissions (it
+    owns nothing then: every earlier sequence has finished).
+    """
+    runner = engine._runner
+    assert isinstance(runner, Scheduler)
+    time.sleep(0.2)  # let the scheduler thread retire the last sequence and block on its queue
+    assert not runner._active
+    cuda = runner.device.type == "cuda"
+    stream = torch.cuda.stream(runner._stream) if cuda else nullcontext()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with stream, torch.inference_mode():
+        for index in range(batch):
+            runner._admit(engine._sequence_input(request(steps + 40, index)), SequenceHandle())
+        runner._advance()  # warm-up
+        sync(runner.device)
+        with torch.profiler.profile(activities=activities) as profiler:
+            started = time.perf_counter()
+            for _ in range(steps):
+                runner._advance()
+            sync(runner.device)
+            seconds = time.perf_counter() - started
+        for slot in list(runner._active):
+            runner._free(slot)
+    events = profiler.events()
+    return {
+        "host_ops": round(
+            sum(1 for e in events if e.name.startswith("aten::") and e.cpu_parent is None) / steps
+        ),
+        "gpu_kernels": round(
+            sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / steps
+        ),
+        "blocking_syncs": round(sum(1 for e in events if e.name in SYNCS) / steps, 2),
+        "ms": round(1000 * seconds / steps, 3),
+    }
+
+
+def per_replay(engine: HiggsAudioEngine, batch: int, replays: int = 20) -> dict:
+    """Kernels and GPU time of one replay of the captured step for ``batch`` rows (the smallest span)."""
+    runner = engine._runner
+    assert isinstance(runner, Scheduler) and runner._graphed is not None
+    graphed = runner._graphed
+    bucket = next(b for b in graphed.batch_buckets if b >= batch)
+    replay = graphed._graphs.get((bucket, graphed.span_buckets[0]))
+    if replay is None:
+        return {"captured": False}
+    with torch.cuda.stream(runner._stream):
+        replay()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+            for _ in range(replays):
+                replay()
+            torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            replay()
+        end.record()
+        torch.cuda.synchronize()
+    kernels = sum(1 for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return {
+        "batch_bucket": bucket,
+        "kernels": round(kernels / replays),
+        "ms": round(start.elapsed_time(end) / replays, 3),
+    }
+
+
+def captures(engine: HiggsAudioEngine) -> dict:
+    runner = engine._runner
+    assert isinstance(runner, Scheduler) and runner._graphed is not None
+    graphed = runner._graphed
+    return {
+        "count": len(graphed._graphs),
+        "seconds": round(graphed.capture_seconds, 2),
+        "eager_buckets": sorted(graphed.eager_buckets),
+        "graphs_on_after_check": graphed.enabled,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="where the JSON file goes")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="the tiny demo geometry (a check of the script)")
     parser.add_argument("--steps", type=int, default=None, help="decode steps per sequence")
-    parser.add_argument("--batches", default="1,4,16")
+    parser.add_argument("--batches", default="1,16,64", help="the first two also time a step and first audio")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -188,20 +286,40 @@ def main() -> int:
         print("generate", batch, report["generate"][f"batch_{batch}"], flush=True)
     limits = SchedulerLimits(slots=max(batches), max_tokens=steps + 512)
     graph_modes = [False, True] if device.type == "cuda" else [False]
+    small = batches[:2]
+    greedy = SpeechRequest(TEXT, sampling=SamplingConfig(temperature=0, max_new_tokens=steps))
+    greedy_rows = {}
     for graphs in graph_modes:
         name = "scheduler_cuda_graphs" if graphs else "scheduler_eager"
         engine = HiggsAudioEngine(loaded, EngineOptions(limits=limits, cuda_graphs=graphs))
         try:
-            report[name] = {f"batch_{b}": scheduler_throughput(engine, b, steps) for b in batches}
-            print(name, report[name], flush=True)
-            report[name]["first_chunk"] = {
-                f"streams_{n}": first_chunk_latency(engine, n, steps) for n in (1, max(batches))
-            }
-            print(name, "first chunk", report[name]["first_chunk"], flush=True)
+            figures: dict = {}
+            report[name] = figures
+            if graphs:
+                figures["captures"] = captures(engine)
+                print(name, "captures", figures["captures"], flush=True)
+            figures.update({f"batch_{b}": scheduler_throughput(engine, b, steps) for b in batches})
+            print(name, figures, flush=True)
+            figures["first_chunk"] = {f"streams_{n}": first_chunk_latency(engine, n, steps) for n in small}
+            print(name, "first chunk", figures["first_chunk"], flush=True)
+            figures["per_step"] = {f"batch_{b}": per_step(engine, b) for b in small}
+            print(name, "per step", figures["per_step"], flush=True)
+            if graphs:
+                figures["per_replay"] = {f"batch_{b}": per_replay(engine, b) for b in small}
+                print(name, "per replay", figures["per_replay"], flush=True)
+            greedy_rows[graphs] = engine.submit(greedy).result().rows
         finally:
             engine.close()
-    from quality_cost import quality_models_on_clip  # beside this script
-
+    if len(greedy_rows) == 2:
+        eager, replayed = greedy_rows[False], greedy_rows[True]
+        same = min(eager.shape[0], replayed.shape[0])
+        report["graph_vs_eager_greedy"] = {
+            "rows": [int(eager.shape[0]), int(replayed.shape[0])],
+            "equal": bool(torch.equal(eager, replayed)),
+            "first_differing_row": next(
+                (i for i in range(same) if not torch.equal(eager[i], replayed[i])), None
+            ),
+        }
     report["quality_models"] = quality_models_on_clip(str(device), runs=3, tiny=args.tiny)
     print("quality models", report["quality_models"], flush=True)
     if device.type == "cuda":

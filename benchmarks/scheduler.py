@@ -20,6 +20,8 @@ In this process:
                ``generate()`` call over 8 copies of the prompt). A step is timed as the difference
                between runs of two lengths, so prompt prefill and start-up cancel out. With the tiny model
                a step is almost all host overhead; greedy against sampled shows what choosing rows costs.
+               Then the ops per step (the profiler's top-level aten ops of one scheduler step, sampled) at
+               batch 1 and 8: the host work that must not grow with the batch.
 
     python benchmarks/scheduler.py [--only streams,short-long,mixed,step] [--json PATH]
 
@@ -41,11 +43,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.gpu_check import per_step
 from boson_multimodal.tiny_model import build_tiny_checkpoint
 from tests.conftest import MODEL_REPO, TOKENIZER_REPO, speak
-from tests.hub_server import HubServer
-from tests.runpod_queue import JobOutcome, ProductionWorker, RunPodQueue
-from tests.worker_process import worker_env
+from tests.support.hub_server import HubServer
+from tests.support.runpod_queue import JobOutcome, ProductionWorker, RunPodQueue
+from tests.support.worker_process import worker_env
 
 PARTS = ("streams", "short-long", "mixed", "step")
 # The old BatchingEngine (b6f9c25:boson_multimodal/batching.py) calls the removed engine.generate_batch.
@@ -341,6 +344,9 @@ def measure_step(checkpoint: Path, figures: Figures, repeats: int) -> None:
                     f"step_ms_{kind}_batch{batch}",
                     [ours, theirs],
                 )
+        for batch in (1, 8):
+            ops = per_step(engine, batch)["host_ops"]
+            figures.add("step", f"ops per step, batch {batch}", str(ops), f"ops_per_step_batch{batch}", ops)
     finally:
         engine.close()
 

@@ -47,8 +47,8 @@ sys.path.insert(0, str(REPO))
 
 from boson_multimodal.tiny_model import build_tiny_checkpoint  # noqa: E402 - after the path
 from tests.conftest import MODEL_REPO, TOKENIZER_REPO  # noqa: E402
-from tests.hub_server import HubServer  # noqa: E402
-from tests.worker_process import free_port, worker_env  # noqa: E402
+from tests.support.hub_server import HubServer  # noqa: E402
+from tests.support.worker_process import free_port, worker_env  # noqa: E402
 
 FIRST_JOB = {"transcript": "Hello.", "max_new_tokens": 16}
 MIN_FREE_GB_AFTER = 20  # what the machine must keep free beside a real runtime install

@@ -59,12 +59,12 @@ def measure(engine, steps: int, runs: int) -> dict[str, float]:
 
 def handler_overhead(checkpoint: Path, steps: int, runs: int) -> tuple[float, float]:
     """(handler job, bare generate) median seconds for the same request, in this process."""
-    import serverless_handler
     from higgs_worker import pipeline as job_pipeline
     from higgs_worker.model_store import RepoSpec, ensure_repo
     from higgs_worker.settings import load_settings
+    from queue_api.worker import run_job
     from tests.conftest import MODEL_REPO, TOKENIZER_REPO
-    from tests.hub_server import HubServer
+    from tests.support.hub_server import HubServer
 
     repos = {MODEL_REPO: checkpoint / "model", TOKENIZER_REPO: checkpoint / "codec"}
     with HubServer(repos) as hub, tempfile.TemporaryDirectory() as volume:
@@ -74,13 +74,13 @@ def handler_overhead(checkpoint: Path, steps: int, runs: int) -> tuple[float, fl
             ensure_repo(spec, lock_dir=settings.lock_dir, runpod_cache_hub_dir=None, endpoint=hub.url)
         worker = job_pipeline.Pipeline(settings)
         job = {"id": "bench", "input": {"transcript": TEXT, "max_new_tokens": steps, "temperature": 0}}
-        serverless_handler.run_job(worker, job)  # loads the engine once
+        run_job(worker, job)  # loads the engine once
         engine, _ = worker.runtime.engine()
-        request = job_pipeline._speech_request(worker.validate(job["input"]), [])
+        request = worker.plan("bench", worker.validate(job["input"])).speech
         jobs, bare = [], []
         for _ in range(runs):
             started = time.perf_counter()
-            output = serverless_handler.run_job(worker, job)
+            output = run_job(worker, job)
             jobs.append(time.perf_counter() - started)
             if "error" in output:
                 raise SystemExit(f"handler job failed: {output['error']}")

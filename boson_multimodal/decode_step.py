@@ -4,7 +4,7 @@ Why not ``model.forward`` with a transformers cache: the scheduler's sequences h
 come and go at every step, which transformers' caches (one length per batch, left padding) do not express,
 and a step with fixed shapes is what CUDA graphs need. So, like gpt-fast and nano-vllm, the KV cache is
 preallocated — ``slots × max_tokens`` positions per layer, one slot per sequence — and the step is written
-out here against the loaded model's modules (its weights, norms, rotary embedding and attention function):
+out here against the loaded model's modules (its weights, norms and rotary embedding):
 
     rows (n, K) ─ audio embedding ─▶ per layer: audio norm → attention over the slot's cache → audio MLP
                                       ─▶ final norm ─▶ audio head ─▶ logits (n, K, V)
@@ -14,6 +14,13 @@ every position takes the audio branch of the dual FFN (``audio_token_mask`` is N
 written here. The prompt (text and reference audio mixed) is prefilled by transformers' own forward and its
 keys and values are copied into the slot (``load_prefill``).
 
+Attention is ``torch.nn.functional.scaled_dot_product_attention`` called here, with a boolean mask and
+``enable_gqa=True``, whatever ``config._attn_implementation`` names. Why not transformers' attention function:
+its eager one *adds* the mask to the scores (a boolean mask then lets stale cache positions in),
+flash-attention reads masks differently, and its sdpa one copies the grouped-query K/V heads with
+``repeat_kv`` on some versions (5.17) and not on others (5.23) — the same code, different memory traffic.
+Calling SDPA directly is right on every version and reads each K/V head once.
+
 Row b of a step is slot b: a step runs over slots ``[0, n)``, free slots in that range compute a throwaway
 row at position 0 of their own (unused) cache, and nothing is gathered or copied per step.
 """
@@ -21,10 +28,12 @@ row at position 0 of their own (unused) cache, and nothing is gathered or copied
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers.models.higgs_audio_v2 import modeling_higgs_audio_v2 as higgs
 
 logger = logging.getLogger(__name__)
@@ -69,9 +78,6 @@ class DecodeStep:
         self._model = model
         self._cache = cache
         config = model.config
-        self._attention: Callable = higgs.ALL_ATTENTION_FUNCTIONS.get_interface(
-            config._attn_implementation, higgs.eager_attention_forward
-        )
         self._shape = (config.num_codebooks, config.codebook_size)
 
     @torch.inference_mode()
@@ -102,68 +108,140 @@ class DecodeStep:
             keys, values = self._cache.keys[index], self._cache.values[index]
             keys[slots, :, positions] = key[:, :, 0]
             values[slots, :, positions] = value[:, :, 0]
-            out, _ = self._attention(
-                attention,
+            out = F.scaled_dot_product_attention(
                 query,
                 keys[:n, :, :span],
                 values[:n, :, :span],
-                mask,
-                dropout=0.0,
-                scaling=attention.scaling,
-            )
-            hidden = residual + attention.o_proj(out.reshape(n, 1, -1))
+                attn_mask=mask,
+                scale=attention.scaling,
+                enable_gqa=True,
+            )  # (n, heads, 1, head_dim)
+            hidden = residual + attention.o_proj(out.transpose(1, 2).reshape(n, 1, -1))
             hidden = hidden + layer.audio_mlp(layer.audio_post_attention_layernorm(hidden))
         hidden = backbone.norm(hidden)
         logits = self._model.audio_lm_head(hidden[:, 0])
         return logits.float().view(n, *self._shape)
 
 
+Replay = Callable[[], torch.Tensor]  # runs a captured step again on its static inputs; returns its output
+Capture = Callable[[Callable[[], torch.Tensor]], Replay]  # records one run of a step, returns its replay
+
+
+class CudaCapture:
+    """Records a step as a CUDA graph on the scheduler's own stream, all graphs sharing one memory pool.
+
+    ``thread_local`` capture: other threads (a codec decoding audio) may use the GPU while this thread
+    captures; the default ("global") mode would make their CUDA calls fail during the capture.
+    """
+
+    def __init__(self, stream: torch.cuda.Stream) -> None:
+        self._stream = stream
+        self._pool: Any = None  # the graphs' shared memory pool, set by the first capture
+
+    def __call__(self, run: Callable[[], torch.Tensor]) -> Replay:
+        with torch.cuda.stream(self._stream):
+            for _ in range(2):  # warm-up: lazy initialisation and allocator state outside the capture
+                run()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(
+                graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"
+            ):
+                output = run()
+        self._pool = graph.pool()
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return output
+
+        return replay
+
+
 class GraphedDecodeStep:
-    """The decode step replayed from CUDA graphs, one per (batch bucket, span bucket), captured on first use.
+    """The decode step replayed from CUDA graphs, one per (batch bucket, span bucket), captured at start-up.
 
     Why: at batch 1 a step of the real model launches hundreds of small kernels, and launching them from
     Python costs more than running them. A graph replays all of them with one call. Shapes are fixed per
     graph, so a step pads its batch to the next bucket (padding rows are free slots, see the module doc)
     and attends over the next multiple of ``GRAPH_SPAN_BUCKET`` positions, with the mask hiding the rest.
-    Captured from the scheduler thread only, which is also the only thread that replays them; other threads
-    (the codec decoding audio) may use the GPU meanwhile, so captures are thread-local.
+
+    ``prepare`` (on the scheduler thread, before it serves: it is the only thread that replays them) captures
+    every bucket, so no capture stalls the serving loop or runs while job threads allocate on the GPU. A
+    bucket whose capture fails runs eagerly, with a warning, and never fails a job. Then one replay is
+    checked against the eager step on the same inputs: if their greedy rows differ, graphs are switched off
+    and the log says so. ``capture`` is injectable so that this logic runs on a CPU too.
     """
 
-    def __init__(self, step: DecodeStep, cache: SlotCache, device: torch.device) -> None:
+    def __init__(self, step: DecodeStep, cache: SlotCache, device: torch.device, capture: Capture) -> None:
         self._step = step
         self._cache = cache
+        self._capture = capture
         self._rows = torch.zeros(cache.slots, step._shape[0], dtype=torch.long, device=device)
         self._positions = torch.zeros(cache.slots, dtype=torch.long, device=device)
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._pool: Any = None  # the graphs' shared memory pool, set by the first capture
+        self._graphs: dict[tuple[int, int], Replay] = {}
         self.batch_buckets = [b for b in GRAPH_BATCH_BUCKETS if b < cache.slots] + [cache.slots]
+        spans = range(GRAPH_SPAN_BUCKET, cache.max_tokens, GRAPH_SPAN_BUCKET)
+        self.span_buckets = [*spans, cache.max_tokens]
+        self.eager_buckets: set[tuple[int, int]] = set()  # captures that failed
+        self.enabled = True  # False once the start-up check found a replay that disagrees with the eager step
+        self.replays = 0
+        self.capture_seconds = 0.0
+
+    def prepare(self) -> None:
+        """Capture every bucket, then check one replay against the eager step (see the class docstring)."""
+        started = time.perf_counter()
+        for batch in self.batch_buckets:
+            for span in self.span_buckets:
+                try:
+                    self._graphs[batch, span] = self._capture(self._static_step(batch, span))
+                except Exception as error:
+                    self.eager_buckets.add((batch, span))
+                    logger.warning(
+                        "capturing the decode step for batch %d over %d positions failed (%s: %s); "
+                        "that bucket runs eagerly",
+                        batch, span, type(error).__name__, error,
+                    )  # fmt: skip
+        self.capture_seconds = time.perf_counter() - started
+        logger.info(
+            "captured %d decode-step graphs in %.1f s (%d buckets eager)",
+            len(self._graphs), self.capture_seconds, len(self.eager_buckets),
+        )  # fmt: skip
+        self._check()
+
+    def _static_step(self, batch: int, span: int) -> Callable[[], torch.Tensor]:
+        """The step over the first ``batch`` static input rows, as a graph records and replays it."""
+        rows, positions = self._rows[:batch], self._positions[:batch]
+        return lambda: self._step(rows, positions, span, masked=True)
+
+    def _check(self) -> None:
+        if not self._graphs:
+            return
+        batch, span = min(self._graphs)
+        generator = torch.Generator().manual_seed(0)
+        rows = torch.randint(0, self._step._shape[1] - 2, (batch, self._step._shape[0]), generator=generator)
+        positions = torch.arange(batch) % span
+        rows, positions = rows.to(self._rows.device), positions.to(self._rows.device)
+        eager = self._step(rows, positions, span, masked=True).argmax(dim=-1)
+        self._rows[:batch].copy_(rows)
+        self._positions[:batch].copy_(positions)
+        replayed = self._graphs[batch, span]()[:batch].argmax(dim=-1)
+        if not torch.equal(eager, replayed):
+            self.enabled = False
+            logger.error(
+                "CUDA graphs switched off: a replay of the decode step (batch %d over %d positions) chose "
+                "other greedy rows than the eager step on the same inputs; every step now runs eagerly",
+                batch, span,
+            )  # fmt: skip
 
     def __call__(self, rows: torch.Tensor, positions: torch.Tensor, span: int, masked: bool) -> torch.Tensor:
         n = rows.shape[0]
         batch = next(b for b in self.batch_buckets if b >= n)
-        span = min(-(-span // GRAPH_SPAN_BUCKET) * GRAPH_SPAN_BUCKET, self._cache.max_tokens)
+        bucket = next(s for s in self.span_buckets if s >= span)
+        replay = self._graphs.get((batch, bucket)) if self.enabled else None
+        if replay is None:
+            return self._step(rows, positions, span, masked)
         self._rows[:batch].zero_()
         self._positions[:batch].zero_()
         self._rows[:n].copy_(rows)
         self._positions[:n].copy_(positions)
-        graph, logits = self._graphs.get((batch, span)) or self._capture(batch, span)
-        graph.replay()
-        return logits[:n]
-
-    def _capture(self, batch: int, span: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        rows, positions = self._rows[:batch], self._positions[:batch]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up: lazy initialisation and allocator state outside the capture
-                self._step(rows, positions, span, masked=True)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: the job threads keep decoding audio (and allocating) on the GPU while this thread
-        # captures; the default ("global") mode would make their CUDA calls fail during the capture.
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            logits = self._step(rows, positions, span, masked=True)
-        self._pool = graph.pool()
-        self._graphs[(batch, span)] = (graph, logits)
-        logger.info("captured the decode step for batch %d over %d positions", batch, span)
-        return graph, logits
+        self.replays += 1
+        return replay()[:n]

@@ -17,11 +17,10 @@ import numpy as np
 import torch
 import torchaudio
 
-from boson_multimodal.codes import decode_frames, generated_stream, revert_delay
+from boson_multimodal.codes import FrameStream, decode_frames
 from boson_multimodal.loading import LoadedModel, load_model
-from boson_multimodal.prompt import PromptRequest, Voice, build_prompt
+from boson_multimodal.prompt import Voice, build_prompt
 from boson_multimodal.reference import ReferenceRunner
-from boson_multimodal.sampling import SamplingConfig
 from boson_multimodal.scheduler import (
     GenerationCancelled,
     Scheduler,
@@ -30,6 +29,7 @@ from boson_multimodal.scheduler import (
     SequenceInput,
     SequenceTooLong,
 )
+from boson_multimodal.speech_request import SamplingConfig, SpeechRequest
 
 __all__ = [
     "EngineOptions",
@@ -58,11 +58,6 @@ class EngineOptions:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-
-
-@dataclass(frozen=True)
-class SpeechRequest(PromptRequest):  # the text, scene, voices and context the prompt is built from
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
 @dataclass(frozen=True)
@@ -154,9 +149,13 @@ class HiggsAudioEngine:
         prompt = build_prompt(request)
         text = processor.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True)
         audios = [self._resampled(voice) for voice in prompt.voices]
-        inputs = processor(
-            text=[text], audio=audios or None, sampling_rate=self.sample_rate, return_tensors="pt"
-        ).to(self.device)
+        # On the caller's thread, so that encoding 30–60 s of reference audio with the codec never holds the
+        # scheduler's running streams; under inference mode, because nothing here needs autograd. The inputs
+        # stay on the CPU: the runner moves them to the device on its own thread and stream (SequenceInput.to)
+        with torch.inference_mode():
+            inputs = processor(
+                text=[text], audio=audios or None, sampling_rate=self.sample_rate, return_tensors="pt"
+            ).to("cpu")
         return SequenceInput(
             input_ids=inputs["input_ids"],
             attention_mask=inputs["attention_mask"],
@@ -174,6 +173,16 @@ class HiggsAudioEngine:
     def to_codes(self, rows: torch.Tensor) -> SpeechCodes:
         """A sequence's rows (delay pattern applied, opening BOS row first), finished or still growing, as
         its complete frames."""
+        stream = self.frame_stream()
+        stream.update(rows)
+        return SpeechCodes(stream.frames, stream.finished)
+
+    def frame_stream(self) -> FrameStream:
+        """An empty ``FrameStream`` for this model: streaming feeds it a sequence's rows as they grow."""
         config = self._loaded.model.config
-        stream = generated_stream(rows, config.audio_stream_bos_id, config.audio_stream_eos_id)
-        return SpeechCodes(revert_delay(stream.rows, self.codec.config.codebook_size), stream.finished)
+        return FrameStream(
+            config.audio_stream_bos_id,
+            config.audio_stream_eos_id,
+            self.codec.config.codebook_size,
+            config.num_codebooks,
+        )

@@ -41,6 +41,10 @@ MULTISPEAKER_SYSTEM_MESSAGE = (
 # The script's default scene (its scene_prompts/quiet_indoor.txt). The checkpoint's template needs a scene
 # line before voices placed in the system message, so it also stands in when a caller gives none.
 DEFAULT_SCENE = "Audio is recorded from a quiet room."
+# How a request becomes what the model reads (these messages, the normalisation, the pieces). Results are
+# cached under it: bump it with any change to what the model reads for the same request, so no result made
+# the old way is served again. 2: the upstream script's rendering (2026-12).
+PROMPT_VERSION = 2
 DEFAULT_DESCRIPTIONS = ("feminine", "masculine")  # alternating, for a dialogue without voices
 AUDIO_PLACEHOLDER = "<|AUDIO_OUT|>"  # where the processor puts each voice's audio tokens
 

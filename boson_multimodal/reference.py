@@ -19,7 +19,6 @@ import threading
 
 import torch
 
-from boson_multimodal.sampling import SamplingConfig
 from boson_multimodal.scheduler import (
     GenerationCancelled,
     SequenceHandle,
@@ -27,6 +26,7 @@ from boson_multimodal.scheduler import (
     SequenceResult,
     Submissions,
 )
+from boson_multimodal.speech_request import SamplingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ class ReferenceRunner:
 
     def _generate(self, sequence: SequenceInput, handle: SequenceHandle) -> SequenceResult:
         config = generation_config(self._model.generation_config, sequence.sampling)
+        sequence = sequence.to(self._model.device)
         inputs = {
             "input_ids": sequence.input_ids,
             "attention_mask": sequence.attention_mask,

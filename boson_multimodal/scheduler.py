@@ -7,10 +7,18 @@ scheduler thread loops:
 
     admit   waiting sequences while a slot is free: prefill the prompt (transformers' forward), copy its
             keys and values into the slot, choose the first row from the prefill's logits;
-    step    one decode forward for all active slots, then each sequence's own logits processing
-            (``sampling.next_rows``); publish the new rows to each handle;
+    step    one decode forward for all active slots, then every sequence's own logits processing, batched
+            over the slots (``sampling.SlotSampler``); publish the new rows to each handle;
     retire  sequences that ended (all-EOS row, ``max_new_tokens``) or were cancelled: their slot is free
             for the next admission at once.
+
+Admissions do not stall the running sequences: while any run, at most ``ADMISSIONS_PER_STEP`` prompts are
+prefilled between two decode steps (sixteen arrivals cost the running streams sixteen short pauses, not one
+long one); with none running, every waiting prompt is admitted at once. Each prompt is prefilled alone, on
+purpose: prefilled in a padded batch beside another prompt, its logits differ from its prefill alone (by
+about 4e-6 on the tiny CPU model), so its tokens would depend on its neighbours, and greedy parity with
+``generate()`` and seeded reproducibility come first. Reference audio is encoded on the submitting thread
+(``engine.py``), never here.
 
 A long sequence never blocks a short one, N streams progress together, and because only this thread calls
 into the model, its CUDA graphs are captured and replayed by one thread (torch.compile's cudagraph trees
@@ -25,16 +33,20 @@ import logging
 import queue
 import threading
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import DynamicCache
 
-from boson_multimodal.decode_step import DecodeStep, GraphedDecodeStep, SlotCache
+from boson_multimodal.decode_step import Capture, CudaCapture, DecodeStep, GraphedDecodeStep, SlotCache
 from boson_multimodal.errors import SequenceTooLong
-from boson_multimodal.sampling import SamplingConfig, SequenceSampler, StreamTokens, next_rows
+from boson_multimodal.sampling import SlotSampler, StreamTokens
+from boson_multimodal.speech_request import SamplingConfig
 
 logger = logging.getLogger(__name__)
+
+
+ADMISSIONS_PER_STEP = 1  # prompts prefilled between two decode steps while other sequences run
 
 
 class GenerationCancelled(Exception):
@@ -55,6 +67,21 @@ class SequenceInput:
     def prompt_tokens(self) -> int:
         return int(self.input_ids.shape[1])
 
+    def to(self, device: torch.device) -> SequenceInput:
+        """The tensors on ``device``, copied by the thread that runs the model: on CUDA, a copy made on
+        another thread's stream could still be in flight, or its memory reused, while this one reads it."""
+
+        def moved(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device)
+
+        return replace(
+            self,
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            audio_input_ids=moved(self.audio_input_ids),
+            audio_input_ids_mask=moved(self.audio_input_ids_mask),
+        )
+
 
 @dataclass(frozen=True)
 class SequenceResult:
@@ -66,13 +93,15 @@ class SequenceHandle:
     """The consumer's side of one sequence: its growing rows, its result, and a way to cancel it.
 
     Rows are published after every step as a view of the sequence's buffer (rows already written never
-    change), so a streaming consumer can wait for newer rows without copying.
+    change), so a streaming consumer can wait for newer rows without copying. A consumer that waits for a
+    number of rows (``wait_rows``) is woken once they are there, not at every step.
     """
 
     def __init__(self, cancel: threading.Event | None = None) -> None:
         self._condition = threading.Condition()
         self._rows: torch.Tensor | None = None
         self._version = 0
+        self._wanted = 0  # rows the consumer waits for: publishing fewer wakes no one
         self._result: SequenceResult | None = None
         self._error: BaseException | None = None
         self.cancel_event = cancel or threading.Event()
@@ -95,6 +124,24 @@ class SequenceHandle:
                 raise self._error
             return self._version, self._rows, self._result
 
+    def wait_rows(self, count: int) -> tuple[torch.Tensor | None, SequenceResult | None]:
+        """Block until at least ``count`` rows or the end; raise the sequence's error. For one consumer."""
+
+        def ready() -> bool:
+            return (
+                (self._rows is not None and self._rows.shape[0] >= count)
+                or self._result is not None
+                or self._error is not None
+            )
+
+        with self._condition:
+            self._wanted = count
+            self._condition.wait_for(ready)
+            self._wanted = 0
+            if self._error is not None:
+                raise self._error
+            return self._rows, self._result
+
     def result(self, timeout: float | None = None) -> SequenceResult:
         with self._condition:
             if not self._condition.wait_for(
@@ -111,7 +158,8 @@ class SequenceHandle:
         with self._condition:
             self._rows = rows
             self._version += 1
-            self._condition.notify_all()
+            if rows.shape[0] >= self._wanted:
+                self._condition.notify_all()
 
     def finish(self, result: SequenceResult) -> None:
         with self._condition:
@@ -184,32 +232,36 @@ class SchedulerLimits:
 
 
 class _Sequence:
-    """A sequence in a slot: its sampler, its row buffer and its handle."""
+    """A sequence in a slot: its row buffer and its handle (its sampling state lives in the SlotSampler)."""
 
-    def __init__(self, position: int, sampler: SequenceSampler, handle: SequenceHandle, width: int) -> None:
+    def __init__(
+        self, position: int, max_new_tokens: int, handle: SequenceHandle, num_codebooks: int
+    ) -> None:
         self.position = position  # where the next row's keys and values go
-        self.sampler = sampler
         self.handle = handle
-        self.rows = torch.empty(sampler.config.max_new_tokens, width, dtype=torch.long)
+        self.rows = torch.empty(max_new_tokens, num_codebooks, dtype=torch.long)
         self.count = 0
+        self.finished = False  # the last row was all stream EOS
 
-    def append(self, row: torch.Tensor) -> None:
+    def append(self, row: torch.Tensor, finished: bool) -> None:
         self.rows[self.count] = row
         self.count += 1
+        self.finished = finished
         self.handle.publish(self.rows[: self.count])
 
     @property
     def done(self) -> bool:
-        return self.sampler.finished or self.count >= self.sampler.config.max_new_tokens
-
-    def last_row(self) -> torch.Tensor:
-        return self.rows[self.count - 1]
+        return self.finished or self.count >= self.rows.shape[0]
 
 
 class Scheduler:
     """Runs every submitted sequence on one thread with continuous batching (see the module docstring)."""
 
-    def __init__(self, model, limits: SchedulerLimits, *, cuda_graphs: bool = False) -> None:
+    def __init__(
+        self, model, limits: SchedulerLimits, *, cuda_graphs: bool = False, capture: Capture | None = None
+    ) -> None:
+        """``cuda_graphs``: replay the decode step from graphs captured before this returns (``capture``
+        records them; by default a CUDA graph on the scheduler's own stream)."""
         self._model = model
         self.limits = limits
         self.device = next(model.parameters()).device
@@ -217,15 +269,33 @@ class Scheduler:
         self._tokens = StreamTokens.from_config(model.config)
         _check_memory(model.config, limits, self.device, dtype)
         self._cache = SlotCache(model.config, limits.slots, limits.max_tokens, self.device, dtype)
+        self._sampler = SlotSampler(limits.slots, self._tokens, self.device)
+        # The next step's inputs stay on the device: each slot's last row and where its next keys and values
+        # go (advanced by ``_running``: 1 for a slot with a sequence, 0 for a free one, which stays at 0).
+        self._rows = torch.zeros(
+            limits.slots, self._tokens.num_codebooks, dtype=torch.long, device=self.device
+        )
+        self._positions = torch.zeros(limits.slots, dtype=torch.long, device=self.device)
+        self._running = torch.zeros(limits.slots, dtype=torch.long, device=self.device)
+        # Its own stream: replays and prefills do not queue behind the codec's work on the default stream.
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         step = DecodeStep(model, self._cache)
-        self._step = GraphedDecodeStep(step, self._cache, self.device) if cuda_graphs else step
+        self._graphed: GraphedDecodeStep | None = None
+        if cuda_graphs:
+            if capture is None and self._stream is None:
+                raise ValueError("CUDA graphs need the model on a CUDA device")
+            capture = capture or CudaCapture(self._stream)  # type: ignore[arg-type]
+            self._graphed = GraphedDecodeStep(step, self._cache, self.device, capture)
+        self._step = self._graphed or step
         self.cuda_graphs = cuda_graphs
+        self._ready = threading.Event()  # set once the thread has captured its graphs and serves
         self._submissions = Submissions()
         self._active: dict[int, _Sequence] = {}  # slot → sequence
         self._pending: list[tuple[SequenceInput, SequenceHandle]] = []  # taken from the queue, not admitted
         self.steps = 0  # decode steps run so far (for benchmarks and tests)
         self._thread = threading.Thread(target=self._run, name="higgs-scheduler", daemon=True)
         self._thread.start()
+        self._ready.wait()
 
     def submit(self, sequence: SequenceInput, cancel: threading.Event | None = None) -> SequenceHandle:
         """Queue one sequence; it joins the running batch at the next step with a free slot."""
@@ -246,9 +316,20 @@ class Scheduler:
 
     # -- the scheduler thread -----------------------------------------------------------------------------
     def _run(self) -> None:
-        device = torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
+        cuda = self._stream is not None
+        device = torch.cuda.device(self.device) if cuda else nullcontext()
+        stream = torch.cuda.stream(self._stream) if cuda else nullcontext()
         try:
-            with device, torch.inference_mode():  # every tensor the thread makes is an inference tensor
+            with (
+                device,
+                stream,
+                torch.inference_mode(),
+            ):  # every tensor the thread makes is an inference tensor
+                try:
+                    if self._graphed is not None:
+                        self._graphed.prepare()
+                finally:
+                    self._ready.set()
                 self._loop()
         except BaseException as error:  # never leave a caller waiting on a thread that is gone
             logger.exception("the scheduler thread stopped")
@@ -266,8 +347,11 @@ class Scheduler:
             for item in [item for item in pending if item[1].cancelled]:
                 pending.remove(item)
                 item[1].fail(GenerationCancelled("cancelled before it started"))
-            while pending and len(self._active) < self.limits.slots:
+            # Between two steps of running sequences, ADMISSIONS_PER_STEP prefills at most (module docstring).
+            admissions = len(pending) if not self._active else ADMISSIONS_PER_STEP
+            while pending and admissions and len(self._active) < self.limits.slots:
                 self._admit(*pending.pop(0))
+                admissions -= 1
             self._retire()
             if self._active:
                 self._advance()
@@ -291,6 +375,7 @@ class Scheduler:
         """Prefill the prompt into the lowest free slot and choose the first row from its logits."""
         slot = min(set(range(self.limits.slots)) - set(self._active))
         try:
+            sequence = sequence.to(self.device)
             cache = DynamicCache(config=self._model.config)
             output = self._model(
                 input_ids=sequence.input_ids,
@@ -303,16 +388,19 @@ class Scheduler:
             )
             length = self._cache.load_prefill(slot, cache)
             audio = sequence.audio_input_ids
-            sampler = SequenceSampler.start(
+            self._sampler.admit(
+                slot,
                 sequence.sampling,
-                self._tokens,
                 prompt_ids=sequence.input_ids[0].cpu(),
                 prompt_audio_rows=audio[0].cpu() if audio is not None else None,
-                device=self.device,
             )
             logits = output.logits[:, -1].float().view(1, *self._step_shape())
-            active = _Sequence(length, sampler, handle, self._tokens.num_codebooks)
-            active.append(next_rows(logits, [sampler], self._tokens)[0])
+            active = _Sequence(length, sequence.sampling.max_new_tokens, handle, self._tokens.num_codebooks)
+            on_device, on_host = self._sampler.next_rows(logits, slot, [slot])
+            active.append(on_host[0], self._ended(on_host)[0])
+            self._rows[slot] = on_device[0]
+            self._positions[slot] = length
+            self._running[slot] = 1
         except Exception as error:  # a bad prompt fails its own sequence, not the scheduler
             logger.exception("prefill failed")
             handle.fail(error)
@@ -325,41 +413,66 @@ class Scheduler:
     def _advance(self) -> None:
         """One decode step over slots ``[0, highest active + 1)``; free slots in between compute padding."""
         width = max(self._active) + 1
-        rows = torch.zeros(width, self._tokens.num_codebooks, dtype=torch.long)
-        positions = torch.zeros(width, dtype=torch.long)
-        for slot, sequence in self._active.items():
-            rows[slot] = sequence.last_row()
-            positions[slot] = sequence.position
-        span = int(positions.max()) + 1
-        uniform = len(self._active) == width and bool((positions == span - 1).all())
+        positions = [sequence.position for sequence in self._active.values()]
+        span = max(positions) + 1
+        uniform = len(self._active) == width and min(positions) == span - 1
         order = sorted(self._active)
         try:
-            logits = self._step(rows.to(self.device), positions.to(self.device), span, masked=not uniform)
-            chosen = next_rows(logits[order], [self._active[s].sampler for s in order], self._tokens)
+            logits = self._step(self._rows[:width], self._positions[:width], span, masked=not uniform)
+            on_device, chosen = self._sampler.next_rows(logits, 0, order)
+            self._rows[:width] = on_device
+            self._positions[:width] += self._running[:width]
         except Exception as error:
             logger.exception("a decode step failed; failing the %d sequences in it", len(order))
             for slot in order:
-                self._active.pop(slot).handle.fail(error)
+                self._free(slot).handle.fail(error)
             return
         self.steps += 1
-        for index, slot in enumerate(order):
+        ended = self._ended(chosen)
+        for slot in order:
             sequence = self._active[slot]
             sequence.position += 1
-            sequence.append(chosen[index])
+            sequence.append(chosen[slot], ended[slot])
+
+    def _ended(self, rows: torch.Tensor) -> list[bool]:
+        """Which of these rows (on the CPU) close their clip: all stream EOS."""
+        return (rows == self._tokens.stream_eos).all(dim=-1).tolist()
+
+    def _free(self, slot: int) -> _Sequence:
+        """Take the sequence out of its slot; the slot computes padding at position 0 until it is taken."""
+        self._running[slot] = 0
+        self._positions[slot] = 0
+        return self._active.pop(slot)
 
     def _retire(self) -> None:
         for slot in [s for s, seq in self._active.items() if seq.done or seq.handle.cancelled]:
-            sequence = self._active.pop(slot)
+            sequence = self._free(slot)
             if sequence.handle.cancelled and not sequence.done:
                 logger.info("sequence cancelled after %d rows; slot %d is free", sequence.count, slot)
                 sequence.handle.fail(GenerationCancelled("cancelled"))
             else:
                 rows = sequence.rows[: sequence.count].clone()
-                sequence.handle.finish(SequenceResult(rows=rows, finished=sequence.sampler.finished))
+                sequence.handle.finish(SequenceResult(rows=rows, finished=sequence.finished))
 
 
 # Memory kept free beside the KV cache for prefill activations, the codec and CUDA graphs' pools.
 HEADROOM_FRACTION = 0.1
+
+
+KV_SHARE = 0.5  # of the memory free beside the model (less the headroom) that sized slots may take
+MAX_SIZED_SLOTS = 64  # beyond this a step's sampling and publishing, not memory, limit what a GPU gives
+
+
+def sized_slots(config, max_tokens: int, dtype: torch.dtype, free: int, total: int) -> int:
+    """How many slots to run when the settings do not say: what half the GPU memory still free beside the
+    loaded model (less the headroom) holds in KV cache, 1 to ``MAX_SIZED_SLOTS``.
+
+    For the 3B model in bf16 with 6144-token slots (0.7 GB each) that is about 8 on a 24 GB card and 40–64 on
+    an 80–141 GB one; the other half stays for prefill activations, the codec, and the CUDA graphs' pool.
+    """
+    per_slot = SlotCache.bytes_needed(config, 1, max_tokens, dtype)
+    usable = KV_SHARE * (free - HEADROOM_FRACTION * total)
+    return max(1, min(MAX_SIZED_SLOTS, int(usable // per_slot)))
 
 
 class SchedulerMemoryError(ValueError):

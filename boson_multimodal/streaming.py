@@ -1,8 +1,9 @@
 """Streaming speech: audio chunks while the frames are still being generated.
 
 The sequence runs on the engine's generation thread beside every other sequence in flight; its handle
-publishes the rows after every step, and the consumer (the caller's thread) reverts the delay pattern and
-decodes the frames in chunks. Two facts shape the decoding:
+publishes the rows after every step, and the consumer (the caller's thread) sleeps until the rows of its next
+chunk are there, reverts the delay pattern of the new rows only (``FrameStream``) and decodes the frames in
+chunks. Two facts shape the decoding:
 
 * The codec decoder is non-causal: each output sample depends on the frames up to ``decoder_reach(codec)``
   frames either side (12 for Higgs Audio V2's DAC decoder). Decoding a chunk alone would differ from the
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from boson_multimodal.codes import decode_frames
-from boson_multimodal.engine import HiggsAudioEngine, Speech, SpeechCodes, SpeechRequest
+from boson_multimodal.engine import HiggsAudioEngine, Speech, SpeechRequest
 
 
 @dataclass(frozen=True)
@@ -146,24 +147,27 @@ def stream_speech(
     lookahead = decoder.reach if schedule.lookahead_frames is None else schedule.lookahead_frames
     sizes = schedule.sizes()
     handle = engine.submit(request)
-    index, emitted, size, version = 0, 0, next(sizes), 0
-    codes: SpeechCodes | None = None
+    stream = engine.frame_stream()
+    index, emitted, size = 0, 0, next(sizes)
     try:
-        while codes is None:
-            version, rows, result = handle.wait_newer(version)
-            codes = engine.to_codes(result.rows) if result is not None else None
-            if codes is None:
-                assert rows is not None  # a sequence still running always has rows to publish
-                frames = engine.to_codes(rows).frames
+        while True:
+            # Sleep until the rows that complete the next chunk and its lookahead are there (or the end).
+            rows, result = handle.wait_rows(stream.rows_for(emitted + size + lookahead))
+            if result is not None:
+                stream.update(result.rows)
             else:
-                frames = codes.frames
+                assert rows is not None  # a sequence still running always has rows to publish
+                stream.update(rows)
+            frames = stream.frames
             # While generating, a chunk waits for `lookahead` frames after it; at the end the last is final.
-            ready = frames.shape[0] - (lookahead if codes is None else 1)
+            ready = frames.shape[0] - (lookahead if result is None else 1)
             while emitted + size <= ready:
                 yield decoder.chunk(frames, index, emitted, emitted + size, final=False, finished=False)
                 index, emitted, size = index + 1, emitted + size, next(sizes)
-        end = int(codes.frames.shape[0])
-        yield decoder.chunk(codes.frames, index, emitted, end, final=True, finished=codes.finished)
+            if result is not None:
+                break
+        end = int(frames.shape[0])
+        yield decoder.chunk(frames, index, emitted, end, final=True, finished=stream.finished)
     finally:
         handle.cancel()  # a no-op once finished; otherwise frees the slot at the next step
 

@@ -30,3 +30,9 @@ def write_atomic(path: Path, data: bytes, *, temp_prefix: str, sync_directory: b
             os.fsync(directory)
         finally:
             os.close(directory)
+
+
+def publish(path: Path, data: bytes) -> None:
+    """``write_atomic`` with a hidden temporary name (``.<name>.…``), so a folder listing (voices, presets)
+    never shows a file that is still being written."""
+    write_atomic(path, data, temp_prefix=f".{path.name}.")

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
+from higgs_worker.errors import AudioDecodeError
+
 MIN_SAMPLE_RATE = 8_000
 MAX_SAMPLE_RATE = 48_000
 MIN_SPEED = 0.25
@@ -26,10 +28,6 @@ MAX_SPEED = 4.0
 
 _MPEG_RATES = (8_000, 11_025, 12_000, 16_000, 22_050, 24_000, 32_000, 44_100, 48_000)
 _OPUS_RATES = (8_000, 12_000, 16_000, 24_000, 48_000)
-
-
-class AudioDecodeError(ValueError):
-    """Bytes that were supposed to be audio could not be decoded; the message says why, for the user."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +39,8 @@ class AudioFormat:
     sf_format: str
     sf_subtype: str
     lossless: bool
+    # its encoder never goes back to the header, so one file can be sent while it grows (stream_encoding)
+    streamable: bool
     sample_rates: tuple[int, ...] | None = None  # None: any rate from MIN_SAMPLE_RATE to MAX_SAMPLE_RATE
 
     def check_sample_rate(self, rate: int) -> None:
@@ -59,17 +59,29 @@ class AudioFormat:
 
 
 FORMATS: dict[str, AudioFormat] = {
-    "wav": AudioFormat("wav", "audio/wav", "WAV", "PCM_16", lossless=True),
-    "flac": AudioFormat("flac", "audio/flac", "FLAC", "PCM_16", lossless=True),
+    "wav": AudioFormat("wav", "audio/wav", "WAV", "PCM_16", lossless=True, streamable=True),
+    "flac": AudioFormat("flac", "audio/flac", "FLAC", "PCM_16", lossless=True, streamable=False),
     "mp3": AudioFormat(
-        "mp3", "audio/mpeg", "MP3", "MPEG_LAYER_III", lossless=False, sample_rates=_MPEG_RATES
+        "mp3",
+        "audio/mpeg",
+        "MP3",
+        "MPEG_LAYER_III",
+        lossless=False,
+        streamable=True,
+        sample_rates=_MPEG_RATES,
     ),
-    "ogg": AudioFormat("ogg", "audio/ogg", "OGG", "VORBIS", lossless=False),
+    "ogg": AudioFormat("ogg", "audio/ogg", "OGG", "VORBIS", lossless=False, streamable=False),
     "opus": AudioFormat(
-        "opus", "audio/ogg; codecs=opus", "OGG", "OPUS", lossless=False, sample_rates=_OPUS_RATES
+        "opus",
+        "audio/ogg; codecs=opus",
+        "OGG",
+        "OPUS",
+        lossless=False,
+        streamable=True,
+        sample_rates=_OPUS_RATES,
     ),
     # OpenAI's "pcm": headerless 16-bit little-endian mono samples, for players that want no container.
-    "pcm": AudioFormat("pcm", "audio/pcm", "RAW", "PCM_16", lossless=True),
+    "pcm": AudioFormat("pcm", "audio/pcm", "RAW", "PCM_16", lossless=True, streamable=True),
 }
 
 

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from higgs_worker.audio_encoding import FORMATS, EncodedAudio, supported_formats
+from higgs_worker.errors import DeliveryError
 
 if TYPE_CHECKING:
     from botocore.config import Config
@@ -46,10 +47,6 @@ _BUCKET_SHAPE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _IPV4_SHAPE = re.compile(r"\d+\.\d+\.\d+\.\d+")
 _RESERVED_BUCKET_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
 _RESERVED_BUCKET_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
-
-
-class DeliveryError(RuntimeError):
-    """The clip could not reach the user; the message is meant for the user and holds no secrets."""
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,7 @@ from boson_multimodal.prompt import (
 from boson_multimodal.transcript import speakers_in
 from higgs_worker.quality.plan import quality_plan
 from higgs_worker.references import DescribedVoice, ResolvedVoice
-from higgs_worker.rendering import chunking_for, prompt_request
-from higgs_worker.schema import TTSRequest
+from higgs_worker.request_plan import Plan
 from higgs_worker.settings import Settings
 
 TEMPLATE_FILE = "chat_template.jinja"
@@ -39,10 +38,9 @@ TEMPLATE_FILE = "chat_template.jinja"
 SPECIAL_TOKENS = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "pad_token": "<|end_of_text|>"}
 
 
-def dry_run(request: TTSRequest, voices: list[ResolvedVoice], settings: Settings) -> dict[str, Any]:
-    """The dry-run output for a validated request whose ``ref_audio`` entries are resolved (``voices``)."""
-    prompt = prompt_request(request, voices)
-    chunking = chunking_for(request, prompt.text, settings.longform_chunk_chars)
+def dry_run(plan: Plan, settings: Settings) -> dict[str, Any]:
+    """The dry-run output: the job's plan (:mod:`higgs_worker.request_plan`), as generation would read it."""
+    prompt, chunking, voices = plan.speech, plan.chunking, plan.references
     template, template_source = _chat_template(settings.model_path)
     pieces = _pieces(prompt, chunking)
     rendered = [_render(piece, template, settings.model_path) for piece in pieces]
@@ -55,7 +53,7 @@ def dry_run(request: TTSRequest, voices: list[ResolvedVoice], settings: Settings
         "pieces": rendered,
         "prompt": rendered[0]["prompt"] if rendered else "",
         "chat_template": template_source,
-        "quality": quality_plan(request, settings, len(pieces)),
+        "quality": quality_plan(plan.request, settings, len(pieces)),
     }
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from higgs_worker.atomic_file import write_atomic
+from higgs_worker.errors import ModelStoreError
 from higgs_worker.volume_lock import VolumeLock
 
 # huggingface_hub is imported where the hub is asked, never at import: it costs about half a second of every
@@ -60,10 +61,6 @@ class StoredRepo:
     path: Path  # the directory to load from
     source: Source
     seconds: float  # time spent in ensure_repo
-
-
-class ModelStoreError(RuntimeError):
-    """The repo could not be made available; the message is meant for the user and never holds the token."""
 
 
 @dataclass(frozen=True)
@@ -138,7 +135,10 @@ def ensure_repo(
         with VolumeLock(
             lock_dir / lock_name, stale_after_s=stale_lock_s, purpose=f"download of {spec.repo_id}"
         ):
-            _drop_local_build(spec, accept_local)
+            local = read_marker(spec)
+            if local is not None and local.commit == LOCAL_BUILD and not accept_local:
+                marker = _replace_local_build(spec, token, endpoint)
+                return done(marker.commit, spec.local_dir, "download")
             marker = _read_marker(spec)  # another worker may have completed the store while we waited
             if marker is not None:
                 marker, damaged = _audit(spec.local_dir, marker, full=verify == "full")
@@ -200,17 +200,24 @@ def publish_local(spec: RepoSpec) -> StoreMarker:
     return marker
 
 
-def _drop_local_build(spec: RepoSpec, accept_local: bool) -> None:
-    """Before the hub's files go in, remove a local build's files (exactly those its marker lists)."""
-    marker = read_marker(spec)
-    if accept_local or marker is None or marker.commit != LOCAL_BUILD:
-        return
+def _replace_local_build(spec: RepoSpec, token: str | None, endpoint: str | None) -> StoreMarker:
+    """The hub's files for a store that holds a local build (the demo model), the caller holding the lock.
+
+    The old is never removed before the new is complete: the hub's files are fetched into a folder beside
+    the store, and only once its marker is written do the two swap, so a hub that is down or a download cut
+    short leaves the local build as it was.
+    """
     logger.info(
-        "%s holds a checkpoint built locally (the demo model): replacing it with the hub's", spec.local_dir
+        "%s holds a checkpoint built locally (the demo model): fetching the hub's beside it", spec.local_dir
     )
-    (spec.local_dir / MARKER_NAME).unlink(missing_ok=True)
-    for record in marker.files:
-        (spec.local_dir / record.path).unlink(missing_ok=True)
+    incoming = spec.local_dir.with_name(f".{spec.local_dir.name}.incoming")
+    marker = _download(replace(spec, local_dir=incoming), spec.revision, token, endpoint)
+    retired = spec.local_dir.with_name(f".{spec.local_dir.name}.retired")
+    shutil.rmtree(retired, ignore_errors=True)
+    spec.local_dir.rename(retired)
+    incoming.rename(spec.local_dir)  # a reader between the two renames finds no store and waits for the lock
+    shutil.rmtree(retired, ignore_errors=True)
+    return marker
 
 
 def _check_spec(spec: RepoSpec) -> None:
@@ -312,12 +319,12 @@ def _runpod_cached_snapshot(spec: RepoSpec, hub_dir: Path | None) -> tuple[str, 
 def _download(spec: RepoSpec, revision: str, token: str | None, endpoint: str | None) -> StoreMarker:
     """Fetch what ``local_dir`` lacks of ``revision`` (the caller holds the lock); write the marker last."""
     local_dir = spec.local_dir
-    (local_dir / MARKER_NAME).unlink(missing_ok=True)
-    _remove_leftovers(local_dir)
     from huggingface_hub import HfApi, snapshot_download
 
     api = HfApi(endpoint=endpoint, token=token)
-    info = api.model_info(spec.repo_id, revision=revision, files_metadata=True)
+    info = api.model_info(spec.repo_id, revision=revision, files_metadata=True)  # the hub answers first
+    (local_dir / MARKER_NAME).unlink(missing_ok=True)
+    _remove_leftovers(local_dir)
     assert info.sha is not None and info.siblings is not None, "the hub always sends sha and siblings"
     expected = {s.rfilename: (s.lfs.size if s.lfs else s.size, s) for s in info.siblings}
     total = sum(size or 0 for size, _ in expected.values())

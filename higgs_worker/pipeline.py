@@ -1,10 +1,11 @@
-"""The job pipeline: validate → plan → references → cache → generate → encode → deliver, for one job.
+"""The job pipeline: validate → plan → cache → generate → encode → deliver, for one job.
 
-Both doors (``serverless_handler.py`` for RunPod's queue, ``http_api`` for load-balancer endpoints) only
-translate their protocol into calls here and back; nothing here knows which door a job came through. The
-stages are public so a door can stop where its protocol needs to: the queue and ``POST /generate`` take the
-JSON output of :meth:`Pipeline.run` / :meth:`Pipeline.stream`, while ``/v1/audio/speech`` takes the audio of
-:meth:`Pipeline.clip` or the chunks of :meth:`Pipeline.chunks` and encodes them as they come.
+Both doors (:mod:`queue_api` for RunPod's queue, :mod:`http_api` for load-balancer endpoints) only translate
+their protocol into calls here and back; nothing here knows which door a job came through. A job is planned
+once (:mod:`higgs_worker.request_plan`): every stage after reads the plan. The queue and ``POST /generate``
+take the JSON output of :meth:`Pipeline.run` / :meth:`Pipeline.stream`; ``/v1/audio/speech`` takes the clip
+of :meth:`Pipeline.clip` or the encoded pieces of :meth:`Pipeline.stream_audio`, the one stream both doors
+send.
 """
 
 from __future__ import annotations
@@ -13,33 +14,31 @@ import base64
 import logging
 import threading
 from collections.abc import Callable, Generator, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from boson_multimodal.errors import SpeechRequestError
-from boson_multimodal.transcript import normalize_transcript
 from higgs_worker.audio_encoding import EncodedAudio, change_tempo, encode_audio
-from higgs_worker.delivery import DeliveryError, DeliveryPolicy, InlineBudget, S3Target, deliver
+from higgs_worker.delivery import DeliveryPolicy, InlineBudget, deliver
 from higgs_worker.dry_run import dry_run
-from higgs_worker.model_store import ModelStoreError
+from higgs_worker.errors import JobAbandoned, JobError, SpeechNotPossible
 from higgs_worker.quality.captions import upload_captions
 from higgs_worker.quality.finishing import finish, finished_chunks, finishing_for
-from higgs_worker.quality.service import OUTPUT_KEYS, NotVerified, Quality, StreamWords
-from higgs_worker.references import ReferenceAudioError, ResolvedVoice, resolve_reference
-from higgs_worker.rendering import chunking_for, prompt_request
-from higgs_worker.request_plan import RequestPlanError, cache_identity, s3_target_for
+from higgs_worker.quality.service import OUTPUT_KEYS, Quality, StreamWords
+from higgs_worker.references import ResolvedVoice, resolve_reference
+from higgs_worker.request_plan import Plan, StreamKind, plan_job
 from higgs_worker.result_cache import ResultCache, cache_key
-from higgs_worker.runtime import Models, Runtime, RuntimeConfigError
-from higgs_worker.schema import RequestError, RequestLimits, TTSRequest, parse_request
+from higgs_worker.runtime import Models, Runtime
+from higgs_worker.schema import RequestLimits, TTSRequest, parse_request
 from higgs_worker.settings import Settings
+from higgs_worker.stream_encoding import StreamEncoder
 from higgs_worker.timings import Timings
 
 if TYPE_CHECKING:  # torch is imported only when a job needs the engine
     from boson_multimodal.engine import HiggsAudioEngine, Speech, SpeechRequest
-    from boson_multimodal.longform import Chunking
     from boson_multimodal.streaming import AudioChunk
 
 logger = logging.getLogger("higgs_worker.pipeline")
@@ -49,41 +48,21 @@ Progress = Callable[[int, int], None]  # (pieces done, pieces in all) of a long-
 NO_AUDIO = "the model ended the clip before producing any audio; try again with another seed or temperature"
 
 
-class JobError(Exception):
-    """A job that cannot complete; the message goes to the client as the job's error."""
-
-
-class JobAbandoned(Exception):
-    """The client went away; the generation was stopped and nobody is waiting for an answer."""
-
-
-# Errors the client can act on: their message is the answer. Anything else is an internal error.
-USER_ERRORS = (
-    RequestError,
-    ReferenceAudioError,
-    RequestPlanError,
-    ModelStoreError,
-    DeliveryError,
-    JobError,
-    SpeechRequestError,
-    RuntimeConfigError,
-    NotVerified,
-)
-
-
 @dataclass
 class PreparedJob:
     """One job after everything that comes before generation."""
 
     job_id: str
-    request: TTSRequest
-    target: S3Target | None
-    references: list[ResolvedVoice]
+    plan: Plan
     models: Models
     timings: Timings
     cache_key: str | None  # set for deterministic requests when the result cache is on
     budget: InlineBudget  # what the job's result may still carry inline, shared by every delivery path
     quality: dict[str, Any] = field(default_factory=dict)  # what generation found out (verification)
+
+    @property
+    def request(self) -> TTSRequest:
+        return self.plan.request
 
 
 @dataclass(frozen=True)
@@ -100,6 +79,18 @@ class Clip:
         return {"num_frames": self.num_frames, "truncated": self.truncated, **self.quality}
 
 
+@dataclass(frozen=True)
+class StreamPiece:
+    """One piece of a stream, encoded as the plan says (see :class:`higgs_worker.request_plan.StreamPlan`)."""
+
+    chunk: AudioChunk
+    data: bytes  # "files": this chunk as a playable file; "bytes": the next bytes of the one file
+    audio: EncodedAudio | None  # "files": this chunk's file (None for an empty chunk); "bytes": None
+    clip: Clip | None  # on the final piece: the whole clip, encoded once when S3 or the cache needs it
+    words: list[dict[str, Any]] = field(default_factory=list)  # the words this chunk said (timestamps "word")
+    quality: dict[str, Any] = field(default_factory=dict)  # on the final piece: words, captions, verification
+
+
 class Pipeline:
     """One per process; every method may be called from any number of job threads at once."""
 
@@ -114,38 +105,37 @@ class Pipeline:
         )
         self.quality = Quality(settings)
 
-    # -- validate, plan, references, cache key ------------------------------------------------------------
-    def validate(self, raw_input: Any) -> TTSRequest:
-        return parse_request(raw_input, self.limits)
+    # -- validate, plan, prepare ------------------------------------------------------------------------
+    def validate(self, raw_input: Any, *, openai_names: bool = False) -> TTSRequest:
+        """The checked request; ``openai_names`` for OpenAI's route (errors say ``input``, ``voice``…)."""
+        return parse_request(raw_input, self.limits, openai_names=openai_names)
+
+    def plan(self, job_id: str, request: TTSRequest, stream: StreamKind | None = None) -> Plan:
+        """Everything decided before the models: voices, prompt, pieces, streaming, S3 target, identity."""
+        return plan_job(request, self._references(request), job_id, self.settings, stream)
 
     def dry_run(self, request: TTSRequest) -> dict[str, Any]:
         """How the request would be read — transcript, voices, pieces, prompt — without models or a GPU."""
-        return dry_run(request, self._references(request), self.settings)
+        return dry_run(self.plan("dry-run", request), self.settings)
 
-    def prepare(self, job_id: str, request: TTSRequest, timings: Timings | None = None) -> PreparedJob:
-        """Everything before generation: delivery target, references, models on the volume, cache key."""
+    def prepare(
+        self,
+        job_id: str,
+        request: TTSRequest,
+        stream: StreamKind | None = None,
+        timings: Timings | None = None,
+    ) -> PreparedJob:
+        """The plan, the models on the volume, the cache key: everything before generation."""
         timings = timings or Timings()
-        target = s3_target_for(request, job_id, self.settings)
         with timings.phase("reference"):
-            references = self._references(request)
+            plan = self.plan(job_id, request, stream)
         with timings.phase("download"):
             models, _ = self.runtime.models()
         key = None
-        if self.cache is not None:
-            long_pieces = self.is_long(request) and self.settings.longform_chunk_chars
-            identity = cache_identity(request, references, long_pieces)
-            key = cache_key(identity, models.revisions()) if identity is not None else None
+        if self.cache is not None and plan.identity is not None:
+            key = cache_key(plan.identity, models.revisions())
         budget = InlineBudget(self.settings.max_inline_bytes)
-        return PreparedJob(job_id, request, target, references, models, timings, key, budget)
-
-    def chunking(self, request: TTSRequest) -> Chunking | None:
-        """How the transcript is cut into pieces, or None for one generation (see higgs_worker.rendering)."""
-        text = normalize_transcript(request.transcript)
-        return chunking_for(request, text, self.settings.longform_chunk_chars)
-
-    def is_long(self, request: TTSRequest) -> bool:
-        """Long transcripts are generated piece by piece, then joined."""
-        return self.chunking(request) is not None
+        return PreparedJob(job_id, plan, models, timings, key, budget)
 
     def _references(self, request: TTSRequest) -> list[ResolvedVoice]:
         many, name = len(request.references) > 1, request.sent_name("ref_audio")
@@ -187,12 +177,11 @@ class Pipeline:
         a long transcript (then :class:`JobAbandoned` is raised).
         """
         engine = self.engine(prepared)
-        speech_request = _speech_request(prepared.request, prepared.references)
+        plan = prepared.plan
         _check(cancel)
-        chunking = self.chunking(prepared.request)  # the check and the pieces from one computation
-        verifier = self.quality.verifier(prepared.request, prepared.timings)
-        with prepared.timings.phase("generate"):
-            if chunking is not None:
+        verifier = self.quality.verifier(plan.request, prepared.timings)
+        with prepared.timings.phase("generate"), _engine_refusals():
+            if plan.chunking is not None:
                 from boson_multimodal.longform import generate_long
 
                 def on_progress(done: int, total: int) -> None:
@@ -201,73 +190,119 @@ class Pipeline:
                         progress(done, total)
 
                 piece = verifier.generate(engine.generate) if verifier is not None else None
-                speech = generate_long(engine, speech_request, chunking, on_progress, generate_piece=piece)
+                speech = generate_long(engine, plan.speech, plan.chunking, on_progress, generate_piece=piece)
             else:
 
                 def whole(request: SpeechRequest) -> Speech:
                     return engine.generate(request, cancel=cancel)
 
                 one = verifier.generate(whole) if verifier is not None else whole
-                speech = _abandoned_if_cancelled(lambda: one(speech_request))
+                request = plan.speech
+                speech = _abandoned_if_cancelled(lambda: one(request))
         if verifier is not None:  # checked on the clip as generated; speed and finishing keep its words
             prepared.quality["verification"] = verifier.report()
-            self.quality.check_required(prepared.request, prepared.quality["verification"])
+            self.quality.check_required(plan.request, prepared.quality["verification"])
         if speech.num_frames == 0:
             raise JobError(NO_AUDIO)
-        if prepared.request.speed != 1.0:
+        if plan.request.speed != 1.0:
             with prepared.timings.phase("encode"):
-                waveform = change_tempo(speech.waveform, speech.sample_rate, prepared.request.speed)
+                waveform = change_tempo(speech.waveform, speech.sample_rate, plan.request.speed)
             speech = replace(speech, waveform=waveform)
-        finishing = finishing_for(prepared.request)
+        finishing = finishing_for(plan.request)
         if finishing.active:  # after the tempo change: the clip as it will sound
             with prepared.timings.phase("finish"):
                 speech = replace(speech, waveform=finish(speech.waveform, speech.sample_rate, finishing))
         return speech
 
-    def chunks(self, prepared: PreparedJob) -> Generator[AudioChunk, None, None]:
+    def _chunks(self, prepared: PreparedJob) -> Generator[AudioChunk, None, None]:
         """The clip in chunks while it is generated; closing the iterator cancels the generation.
 
-        A long transcript streams piece by piece (the next piece starts when the previous one ends). A changed
-        speed needs the whole clip first: it is generated whole, then sent in chunks, so its first audio
-        arrives only when the clip is done. An empty clip raises JobError.
+        A long transcript streams piece by piece (the next piece starts when the previous one ends). A plan
+        that is not live (a changed speed) generates the whole clip first, then sends it in chunks. An empty
+        clip raises JobError.
         """
         from boson_multimodal.longform import stream_long
         from boson_multimodal.streaming import chunk_speech, stream_speech
 
         engine = self.engine(prepared)
-        request = prepared.request
-        speech_request = _speech_request(request, prepared.references)
-        chunking = self.chunking(request)
-        with prepared.timings.phase("first_chunk"):
-            whole = request.speed != 1.0 or (request.verify and chunking is None)
-            if whole:  # the whole clip first (a tempo change, a check); generate() finished it
+        plan = prepared.plan
+        assert plan.stream is not None, "only a plan that streams is streamed"
+        with prepared.timings.phase("first_chunk"), _engine_refusals():
+            if not plan.stream.live:  # the whole clip first; generate() finished it
                 chunks = chunk_speech(self.generate(prepared), engine.frame_rate)
-            elif chunking is not None:  # with verify: each piece checked before any of it is sent
-                verifier = self.quality.verifier(request, prepared.timings)
+            elif plan.chunking is not None:  # with verify: each piece checked before any of it is sent
+                verifier = self.quality.verifier(plan.request, prepared.timings)
                 piece = verifier.generate(engine.generate) if verifier is not None else None
-                generated = stream_long(engine, speech_request, chunking, generate_piece=piece)
+                generated = stream_long(engine, plan.speech, plan.chunking, generate_piece=piece)
                 if verifier is not None:
                     generated = self.quality.checked_pieces(
-                        generated, verifier, prepared.request, prepared.quality
+                        generated, verifier, plan.request, prepared.quality
                     )
-                chunks = finished_chunks(generated, finishing_for(request))
+                chunks = finished_chunks(generated, finishing_for(plan.request))
             else:
-                chunks = finished_chunks(stream_speech(engine, speech_request), finishing_for(request))
+                chunks = finished_chunks(stream_speech(engine, plan.speech), finishing_for(plan.request))
         try:  # closing this generator closes the engine's stream, which stops the generation
-            with prepared.timings.phase("first_chunk"):
+            with prepared.timings.phase("first_chunk"), _engine_refusals():
                 first = next(chunks)
             if first.final and first.end_frame == 0:
                 raise JobError(NO_AUDIO)
             yield first
             if first.final:
                 return
-            with prepared.timings.phase("generate"):  # the rest of the clip, after the first chunk
+            with prepared.timings.phase("generate"), _engine_refusals():  # the rest, after the first chunk
                 for chunk in chunks:
                     if chunk.final and chunk.end_frame == 0:
                         raise JobError(NO_AUDIO)
                     yield chunk
         finally:
             chunks.close()
+
+    def stream_audio(self, prepared: PreparedJob) -> Generator[StreamPiece, None, None]:
+        """The one stream both doors send: each chunk encoded as the plan says, while it is generated.
+
+        The final piece carries the whole clip, encoded once, when the plan has an S3 target or the result
+        cache is on (and it is then cached, like a one-shot clip). Closing the iterator stops the generation.
+        """
+        plan = prepared.plan
+        assert plan.stream is not None, "only a plan that streams is streamed"
+        encoder: StreamEncoder | None = None
+        words: StreamWords | None = None
+        waveforms: list[np.ndarray] = []
+        chunks = self._chunks(prepared)
+        try:
+            for chunk in chunks:
+                if not waveforms:
+                    words = self.quality.stream_words(plan.request, chunk.sample_rate, prepared.timings)
+                waveforms.append(chunk.waveform)
+                said = words.chunk(chunk.waveform, chunk.final) if words is not None else []
+                audio = None
+                with prepared.timings.phase("encode"):
+                    if plan.stream.kind == "files":
+                        if chunk.waveform.size:
+                            audio = self.encode(prepared, chunk.waveform, chunk.sample_rate)
+                        data = audio.data if audio is not None else b""
+                    else:
+                        encoder = encoder or StreamEncoder(plan.request.output_format, chunk.sample_rate)
+                        data = encoder.encode(chunk.waveform) + (encoder.finish() if chunk.final else b"")
+                clip, quality = None, {}
+                if chunk.final:  # all the words, the captions and the verification
+                    quality = prepared.quality | (words.summary() if words is not None else {})
+                    if plan.target is not None or prepared.cache_key is not None:
+                        clip = self._whole_stream(prepared, waveforms, chunk, quality)
+                said = said if plan.request.timestamps == "word" else []
+                yield StreamPiece(chunk, data, audio, clip, said, quality)
+        finally:
+            chunks.close()
+
+    def _whole_stream(
+        self, prepared: PreparedJob, waveforms: list[np.ndarray], final: AudioChunk, quality: dict[str, Any]
+    ) -> Clip:
+        """The whole clip of a finished stream, encoded once (for S3 and the cache)."""
+        with prepared.timings.phase("encode"):
+            audio = self.encode(prepared, np.concatenate(waveforms), final.sample_rate)
+        clip = Clip(audio, final.end_frame, not final.finished, cache_hit=False, quality=quality)
+        self.remember(prepared, clip)
+        return clip
 
     # -- encode -----------------------------------------------------------------------------------------
     def encode(self, prepared: PreparedJob, waveform: np.ndarray, sample_rate: int) -> EncodedAudio:
@@ -294,23 +329,13 @@ class Pipeline:
         self.remember(prepared, clip)
         return clip
 
-    def streamed_clip(
-        self, prepared: PreparedJob, pieces: list[np.ndarray], final: AudioChunk, quality: dict[str, Any]
-    ) -> Clip:
-        """The whole clip of a finished stream, encoded once (for S3 and the cache)."""
-        with prepared.timings.phase("encode"):
-            audio = self.encode(prepared, np.concatenate(pieces), final.sample_rate)
-        clip = Clip(audio, final.end_frame, not final.finished, cache_hit=False, quality=quality)
-        self.remember(prepared, clip)
-        return clip
-
     # -- deliver ----------------------------------------------------------------------------------------
     def output(self, prepared: PreparedJob, clip: Clip, *, delivered_inline: bool = False) -> dict[str, Any]:
         """The job's JSON output: where the audio is (S3 and/or inline), what it is, how it was made.
 
         ``delivered_inline``: the client already has the audio (a stream's chunks): nothing goes inline again.
         """
-        target = prepared.target
+        target = prepared.plan.target
         policy = DeliveryPolicy(
             max_inline_bytes=self.settings.max_inline_bytes,
             presign_expiry_s=self.settings.s3_presign_expiry_s,
@@ -344,7 +369,8 @@ class Pipeline:
 
     def stream(self, job_id: str, raw_input: Any) -> Iterator[dict[str, Any]]:
         """A job's output as chunks while they are generated, each a playable file; the final one carries
-        the summary (and the S3 location of the whole clip when there is a target).
+        the summary (and the S3 location of the whole clip when there is a target). A cached result is one
+        final chunk.
 
         Every chunk draws on the job's inline budget: ``/run`` and ``/runsync`` return all chunks in one
         result, which RunPod drops when it is too large. Past the budget, the whole clip goes to S3 if there
@@ -354,51 +380,46 @@ class Pipeline:
         if request.dry_run:  # before the models: a dry run never downloads, loads or generates
             yield self.dry_run(request)
             return
-        prepared = self.prepare(job_id, request)
-        pieces: list[np.ndarray] = []
+        prepared = self.prepare(job_id, request, stream="files")
+        hit = self.cached(prepared)
+        if hit is not None:
+            output = self.output(prepared, hit)
+            facts = {
+                key: output.pop(key)
+                for key in ("num_frames", "truncated", "cache_hit", "timings_ms", "model")
+            }
+            yield {"index": 0, "final": True, "start_s": 0.0, **output, "summary": facts}
+            return
         all_inline = True
-        words: StreamWords | None = None
-        for chunk in self.chunks(prepared):
-            if not pieces:
-                words = self.quality.stream_words(request, chunk.sample_rate, prepared.timings)
-            pieces.append(chunk.waveform)
-            item, inline = self._stream_item(prepared, chunk)
+        for piece in self.stream_audio(prepared):
+            item, inline = self._stream_item(prepared, piece)
             all_inline = all_inline and inline
-            if words is not None:
-                said = words.chunk(chunk.waveform, chunk.final)
-                if request.timestamps == "word":
-                    item["words"] = said
+            chunk = piece.chunk
             if not chunk.final:
                 yield item
                 continue
-            quality = self.streamed_quality(prepared, words)
             summary: dict[str, Any] = {"num_frames": chunk.end_frame, "truncated": not chunk.finished}
-            summary |= quality
-            if prepared.target is not None or prepared.cache_key is not None:
-                clip = self.streamed_clip(prepared, pieces, chunk, quality)
-                if prepared.target is not None:
-                    summary |= self.output(prepared, clip, delivered_inline=all_inline)
+            summary |= piece.quality
+            if prepared.plan.target is not None and piece.clip is not None:
+                summary |= self.output(prepared, piece.clip, delivered_inline=all_inline)
             yield item | {"summary": summary | self.summary(prepared)}
 
-    def streamed_quality(self, prepared: PreparedJob, words: StreamWords | None) -> dict[str, Any]:
-        """What a finished stream's summary adds: all its words, its captions, its verification."""
-        return prepared.quality | (words.summary() if words is not None else {})
-
-    def _stream_item(self, prepared: PreparedJob, chunk: AudioChunk) -> tuple[dict[str, Any], bool]:
+    def _stream_item(self, prepared: PreparedJob, piece: StreamPiece) -> tuple[dict[str, Any], bool]:
         """One stream chunk as a playable file; False when its audio could not go inline."""
+        chunk = piece.chunk
         item: dict[str, Any] = {
             "index": chunk.index,
             "final": chunk.final,
             "start_s": round(chunk.start_s, 3),
         }
-        if not chunk.waveform.size:
+        if prepared.request.timestamps == "word":
+            item["words"] = piece.words
+        if piece.audio is None:
             return item, True
-        with prepared.timings.phase("encode"):
-            audio = self.encode(prepared, chunk.waveform, chunk.sample_rate)
-        encoded = base64.b64encode(audio.data).decode()
+        encoded = base64.b64encode(piece.audio.data).decode()
         if prepared.budget.spend(len(encoded)):
-            return item | {"audio_base64": encoded, **describe_audio(audio)}, True
-        if prepared.target is not None:
+            return item | {"audio_base64": encoded, **describe_audio(piece.audio)}, True
+        if prepared.plan.target is not None:
             return item | {"audio_omitted": "over the inline result limit: the whole clip goes to S3"}, False
         raise JobError(
             f"the streamed audio passed the {self.settings.max_inline_bytes / 1e6:.1f} MB result limit at "
@@ -421,6 +442,15 @@ def _check(cancel: threading.Event | None) -> None:
         raise JobAbandoned("the client went away")
 
 
+@contextmanager
+def _engine_refusals() -> Iterator[None]:
+    """The engine's refusals (``boson_multimodal.errors``, which knows nothing of doors) as the worker's."""
+    try:
+        yield
+    except SpeechRequestError as error:
+        raise SpeechNotPossible(str(error)) from error
+
+
 def _abandoned_if_cancelled(generate: Callable[[], Speech]) -> Speech:
     """The engine's cancellation, as the pipeline's: the client went away and nobody waits for the clip."""
     from boson_multimodal.engine import GenerationCancelled
@@ -429,18 +459,3 @@ def _abandoned_if_cancelled(generate: Callable[[], Speech]) -> Speech:
         return generate()
     except GenerationCancelled as error:
         raise JobAbandoned("the client went away") from error
-
-
-def _speech_request(request: TTSRequest, references: list[ResolvedVoice]) -> SpeechRequest:
-    from boson_multimodal.engine import SamplingConfig, SpeechRequest
-
-    return SpeechRequest(
-        **vars(prompt_request(request, references)),
-        sampling=SamplingConfig(
-            temperature=request.temperature,
-            top_p=request.top_p,
-            top_k=request.top_k,
-            max_new_tokens=request.max_new_tokens,
-            seed=request.seed,
-        ),
-    )

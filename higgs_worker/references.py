@@ -26,9 +26,17 @@ from urllib.parse import urlsplit
 import numpy as np
 import yaml
 
-from higgs_worker.atomic_file import write_atomic
-from higgs_worker.audio_encoding import AudioDecodeError, decode_audio
-from higgs_worker.safe_fetch import FetchError, FetchPolicy, fetch, public_url
+from higgs_worker.atomic_file import publish
+from higgs_worker.audio_encoding import decode_audio
+from higgs_worker.errors import (
+    AudioDecodeError,
+    FetchError,
+    InvalidVoiceValue,
+    ReferenceAudioError,
+    UnknownVoiceError,
+    WorkerError,
+)
+from higgs_worker.safe_fetch import FetchPolicy, fetch, public_url
 from higgs_worker.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -83,21 +91,13 @@ LISTED_PRESETS = 20
 MIN_REFERENCE_SECONDS = 0.5
 
 
-class ReferenceAudioError(ValueError):
-    """A reference value the worker cannot use; the message starts with the job field's name."""
-
-
-class UnknownVoiceError(ReferenceAudioError):
-    """No preset or saved voice has that name (the HTTP door answers 404)."""
-
-
 @dataclass(frozen=True)
 class ReferenceAudio:
     waveform: np.ndarray  # float32 mono, at the file's own rate
     sample_rate: int
     text: str | None  # transcript of the reference audio, when known
     description: str  # where it came from, safe to log and to show the user
-    kind: Literal["reference", "preset"] = "reference"
+    kind: Literal["reference", "preset", "saved"] = "reference"
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def resolve_reference(
     well). For a preset voice the preset's own transcript is used unless the job gives one.
     """
     if not isinstance(value, str) or not value:
-        raise ReferenceAudioError(f"{field}: must be {ALLOWED_FORMS}")
+        raise InvalidVoiceValue(f"{field}: must be {ALLOWED_FORMS}")
     if value in OPENAI_VOICES:
         return _from_openai_name(value, ref_text, field, settings)
     if value.startswith(PROFILE_PREFIX):
@@ -133,8 +133,8 @@ def resolve_reference(
     if scheme in {"http", "https"}:
         return _from_url(value, ref_text, field, settings)
     if PRESET_NAME.fullmatch(value):
-        return _from_preset(value, ref_text, field, settings)
-    raise ReferenceAudioError(
+        return _from_name(value, ref_text, field, settings)
+    raise InvalidVoiceValue(
         f"{field}: {_shown(value)} is not allowed (a preset voice name has only letters, digits, '_' and "
         f"'-', at most 64 characters); use {ALLOWED_FORMS}"
     )
@@ -173,7 +173,7 @@ def _decoded(
 def _data_uri_bytes(value: str, field: str, settings: Settings) -> bytes:
     header = DATA_URI.match(value)
     if header is None:
-        raise ReferenceAudioError(
+        raise InvalidVoiceValue(
             f"{field}: a data URI must look like 'data:audio/<type>;base64,<payload>' "
             "(or 'data:application/octet-stream;base64,<payload>')"
         )
@@ -186,7 +186,7 @@ def _data_uri_bytes(value: str, field: str, settings: Settings) -> bytes:
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        raise ReferenceAudioError(
+        raise InvalidVoiceValue(
             f"{field}: the data URI's payload is not valid base64 (standard alphabet, padded, no whitespace)"
         ) from None
 
@@ -206,27 +206,73 @@ def _from_url(url: str, text: str | None, field: str, settings: Settings) -> Ref
     return _decoded(data, text, public_url(url), field, settings)
 
 
+def _from_name(name: str, text: str | None, field: str, settings: Settings) -> ReferenceAudio:
+    """A voice by name: a saved voice (the library's own folder) first, else a preset.
+
+    Saved voices cannot shadow what this worker already knows by that name: the library refuses OpenAI's
+    names, the presets OpenAI's names stand for, and presets on the volume. A name that is neither says so.
+    """
+    saved = _from_saved(name, text, field, settings)
+    if saved is not None:
+        return saved
+    try:
+        return _from_preset(name, text, field, settings)
+    except UnknownVoiceError:
+        raise UnknownVoiceError(
+            f"{field}: no saved voice or preset voice named {name!r}{_available(settings)}"
+        ) from None
+    except ReferenceAudioError as error:
+        reason = str(error).removeprefix(f"{field}: ")
+        raise ReferenceAudioError(f"{field}: no saved voice named {name!r}, and {reason}") from None
+
+
+def _from_saved(name: str, text: str | None, field: str, settings: Settings) -> ReferenceAudio | None:
+    folder = settings.saved_voices_dir
+    try:
+        audio = (folder / f"{name}.wav").read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if text is None:
+        text = _stored_text(folder / f"{name}.txt")
+    return replace(_decoded(audio, text, f"saved voice {name!r}", field, settings), kind="saved")
+
+
 def _from_preset(name: str, text: str | None, field: str, settings: Settings) -> ReferenceAudio:
     voices = settings.voices_dir.resolve()
     wav_path = (voices / f"{name}.wav").resolve()
     txt_path = (voices / f"{name}.txt").resolve()
     # The name pattern already forbids leaving the directory; checking the resolved paths is belt and braces.
     if wav_path.parent != voices or txt_path.parent != voices:
-        raise ReferenceAudioError(f"{field}: preset voice {name!r} is not a plain name")
+        raise InvalidVoiceValue(f"{field}: preset voice {name!r} is not a plain name")
     description = f"preset voice {name!r}"
     if not wav_path.is_file():
         _download_preset(name, voices, field, settings)
-    if text is None and txt_path.is_file():
-        text = txt_path.read_text(encoding="utf-8").strip() or None
+    if text is None:
+        text = _stored_text(txt_path)
     return replace(_decoded(wav_path.read_bytes(), text, description, field, settings), kind="preset")
 
 
+def _stored_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8").strip() or None
+    except FileNotFoundError:
+        return None
+
+
 def _from_openai_name(name: str, text: str | None, field: str, settings: Settings) -> ResolvedVoice:
-    """One of OpenAI's voice names: its preset or profile, else its own description (never an error)."""
+    """One of OpenAI's voice names: its preset or profile, else its own description (never an error).
+
+    Its preset is always the preset, never a saved voice that happens to share the name.
+    """
     voice = OPENAI_VOICES[name]
     try:
-        resolved = resolve_reference(voice.target, text, field=field, settings=settings)
-    except ReferenceAudioError as error:
+        if voice.target.startswith(PROFILE_PREFIX):
+            resolved: ResolvedVoice = _from_profile(
+                voice.target.removeprefix(PROFILE_PREFIX), field, settings
+            )
+        else:
+            resolved = _from_preset(voice.target, text, field, settings)
+    except WorkerError as error:  # not fetched, not found, not audio: its description stands in
         logger.warning("OpenAI voice %r: %s; using its description instead", name, error)
         return DescribedVoice(voice.fallback, f"OpenAI voice {name!r}, described", kind="description")
     return replace(resolved, description=f"OpenAI voice {name!r}: {resolved.description}")
@@ -234,13 +280,13 @@ def _from_openai_name(name: str, text: str | None, field: str, settings: Setting
 
 def _from_profile(name: str, field: str, settings: Settings) -> DescribedVoice:
     if not PRESET_NAME.fullmatch(name):
-        raise ReferenceAudioError(
+        raise InvalidVoiceValue(
             f"{field}: profile name {_shown(name)} is not allowed (letters, digits, '_' and '-', at most 64)"
         )
     profiles = _profiles(field, settings)
     if name not in profiles:
         known = ", ".join(sorted(profiles)[:LISTED_PRESETS])
-        raise ReferenceAudioError(f"{field}: unknown profile {name!r}; profiles: {known}")
+        raise UnknownVoiceError(f"{field}: unknown profile {name!r}; profiles: {known}")
     return DescribedVoice(profiles[name], f"profile {name!r}")
 
 
@@ -256,7 +302,7 @@ def _profiles(field: str, settings: Settings) -> dict[str, str]:
         raise ReferenceAudioError(f"{field}: voice profiles could not be fetched: {error}") from None
     profiles = _parsed_profiles(data, field, f"{public_url(base)}/{PROFILES_FILE}")
     settings.voices_dir.mkdir(parents=True, exist_ok=True)
-    _publish(path, data)
+    publish(path, data)
     return profiles
 
 
@@ -298,7 +344,7 @@ def _download_preset(name: str, voices: Path, field: str, settings: Settings) ->
         audio = fetch(f"{base}/{name}.wav", policy)
     except FetchError as error:
         if error.status == 404:
-            raise UnknownVoiceError(f"{field}: unknown preset voice {name!r}{_available(voices)}") from None
+            raise UnknownVoiceError(f"{field}: unknown preset voice {name!r}") from None
         raise ReferenceAudioError(f"{field}: preset voice {name!r} could not be fetched: {error}") from None
     try:
         decode_audio(audio)
@@ -316,18 +362,16 @@ def _download_preset(name: str, voices: Path, field: str, settings: Settings) ->
         transcript = None
     voices.mkdir(parents=True, exist_ok=True)
     if transcript is not None:
-        _publish(voices / f"{name}.txt", transcript)
-    _publish(voices / f"{name}.wav", audio)
+        publish(voices / f"{name}.txt", transcript)
+    publish(voices / f"{name}.wav", audio)
 
 
-def _publish(path: Path, data: bytes) -> None:
-    write_atomic(path, data, temp_prefix=f".{path.name}.")  # hidden: never listed as a preset
-
-
-def _available(voices: Path) -> str:
-    wavs = voices.glob("*.wav") if voices.is_dir() else []
-    names = sorted(path.stem for path in wavs if PRESET_NAME.fullmatch(path.stem))
-    if not names:
-        return ""
-    shown = ", ".join(names[:LISTED_PRESETS]) + (", ..." if len(names) > LISTED_PRESETS else "")
-    return f"; presets on this worker: {shown}"
+def _available(settings: Settings) -> str:
+    """The voices this worker has, for an error about a name it has not: saved ones, then presets."""
+    parts = []
+    for what, folder in (("saved voices", settings.saved_voices_dir), ("presets", settings.voices_dir)):
+        names = sorted(p.stem for p in folder.glob("*.wav") if PRESET_NAME.fullmatch(p.stem))
+        if names:
+            shown = ", ".join(names[:LISTED_PRESETS]) + (", ..." if len(names) > LISTED_PRESETS else "")
+            parts.append(f"{what} on this worker: {shown}")
+    return "".join(f"; {part}" for part in parts)

@@ -1,26 +1,102 @@
-"""Decisions about a validated request that need the worker's settings or resolved references.
+"""The plan of a job: everything decided about a validated request before the models, computed once.
 
+Every later stage reads the plan and decides nothing again: generation reads the prompt and the pieces, the
+doors read whether and how the job streams, delivery reads the S3 target, the cache reads the identity. A
+dry run shows the same plan, so it shows what generation would do. Nothing here imports torch.
+
+* what the model reads: the normalised text, the scene and one voice per speaker (the prompt), and how a long
+  text is cut into pieces;
+* whether the audio streams, and how: each chunk a playable file (the queue), or one file sent as it grows
+  (HTTP: only formats whose encoder never goes back to the header);
 * where the audio goes (an S3 target, from the job or the default bucket, with a checked key);
-* what identifies the result for the cache — only for deterministic requests, and with the reference audio
-  itself (its hash), not the URL or preset name that pointed at it, so a changed reference is a new result.
+* what identifies the result for the cache: only for deterministic requests, with the reference audio itself
+  (its hash), not the URL or name that pointed at it, and with the prompt's version.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 
+from boson_multimodal.longform import Chunking
+from boson_multimodal.prompt import PROMPT_VERSION
+from boson_multimodal.speech_request import SamplingConfig, SpeechRequest
 from higgs_worker.delivery import S3Target, default_s3_key, validate_bucket_name, validate_s3_key
+from higgs_worker.errors import RequestPlanError
 from higgs_worker.references import DescribedVoice, ResolvedVoice
+from higgs_worker.rendering import chunking_for, prompt_request
 from higgs_worker.schema import TTSRequest
 from higgs_worker.settings import Settings
+from higgs_worker.stream_encoding import STREAMABLE
+
+# "files": every chunk is a playable file of its own (the queue's /stream); "bytes": one file whose bytes
+# are sent as they are encoded (an HTTP response body).
+StreamKind = Literal["files", "bytes"]
 
 
-class RequestPlanError(ValueError):
-    """The request is valid JSON but cannot be carried out as asked; the message names the field."""
+@dataclass(frozen=True)
+class StreamPlan:
+    kind: StreamKind
+    live: bool  # chunks leave while the clip is generated; False: the whole clip first (speed, verify)
+
+
+@dataclass(frozen=True)
+class Plan:
+    request: TTSRequest
+    references: list[ResolvedVoice]  # the ref_audio entries, resolved, in order
+    speech: SpeechRequest  # what the model reads (normalised text, scene, voices) and how it samples
+    chunking: Chunking | None  # how a long text is cut into pieces; None: one generation
+    stream: StreamPlan | None  # None: the clip is delivered whole
+    target: S3Target | None
+    identity: dict[str, Any] | None  # the result's identity for the cache; None: not deterministic
+
+
+def plan_job(
+    request: TTSRequest,
+    references: list[ResolvedVoice],
+    job_id: str,
+    settings: Settings,
+    stream: StreamKind | None = None,
+) -> Plan:
+    """The plan for ``request`` whose voices are resolved; ``stream``: how the door would stream it."""
+    prompt = prompt_request(request, references)
+    sampling = SamplingConfig(
+        temperature=request.temperature,
+        top_p=request.top_p,
+        top_k=request.top_k,
+        max_new_tokens=request.max_new_tokens,
+        seed=request.seed,
+    )
+    chunking = chunking_for(request, prompt.text, settings.longform_chunk_chars)
+    return Plan(
+        request=request,
+        references=references,
+        speech=SpeechRequest(**vars(prompt), sampling=sampling),
+        chunking=chunking,
+        stream=stream_plan(request, stream, long=chunking is not None),
+        target=s3_target_for(request, job_id, settings),
+        identity=cache_identity(request, references, chunking),
+    )
+
+
+def stream_plan(request: TTSRequest, kind: StreamKind | None, *, long: bool = False) -> StreamPlan | None:
+    """How the job streams through a door that streams ``kind``, or None when it is sent whole.
+
+    One growing file streams only where its encoder never rewrites the header (see
+    :mod:`higgs_worker.stream_encoding`) and at the model's own rate; chunks as files stream in any format.
+    """
+    if kind is None:
+        return None
+    if kind == "bytes" and (request.output_format not in STREAMABLE or request.sample_rate is not None):
+        return None
+    # A tempo change needs the whole clip. Verification checks a clip before it is sent: a long text's pieces
+    # are each checked before they leave (the stream goes on piece by piece); a short text is one piece.
+    return StreamPlan(kind, live=request.speed == 1.0 and (long or not request.verify))
 
 
 def s3_target_for(request: TTSRequest, job_id: str, settings: Settings) -> S3Target | None:
@@ -58,16 +134,17 @@ def _reference_identity(reference: ResolvedVoice) -> dict[str, Any]:
 
 
 def cache_identity(
-    request: TTSRequest, references: Sequence[ResolvedVoice], longform_chars: int | bool = False
+    request: TTSRequest, references: Sequence[ResolvedVoice], chunking: Chunking | None = None
 ) -> dict[str, Any] | None:
     """Everything that shapes the audio, or None when the request is not deterministic (sampling, no seed).
 
-    ``longform_chars`` is the piece length a long transcript is split at (it changes the audio), or False.
+    ``chunking`` is how a long transcript is cut (it changes the audio), or None for one generation.
     """
-    greedy = request.temperature == 0
-    if not greedy and request.seed is None:
+    sampling = SamplingConfig(temperature=request.temperature, seed=request.seed)
+    if not sampling.deterministic:
         return None
     identity: dict[str, Any] = {
+        "prompt_version": PROMPT_VERSION,
         "transcript": request.transcript,
         "scene_prompt": request.scene_prompt,
         "references": [_reference_identity(r) for r in references],
@@ -75,11 +152,9 @@ def cache_identity(
         "output_format": request.output_format,
         "sample_rate": request.sample_rate,
         "speed": request.speed,
-        "longform_chars": longform_chars,
+        "pieces": None if chunking is None else dataclasses.asdict(chunking),
         "voice_description": request.voice_descriptions,
         "ref_audio_in_system_message": request.ref_audio_in_system_message,
-        "chunking": [request.chunk_method, request.chunk_max_words, request.chunk_max_turns],
-        "chunk_buffer": request.chunk_buffer,
     }
     # The quality fields (finishing changes the audio; words, captions and verification the result), only
     # when asked for: a request without them keeps the identity, and the cache entry, it had before them.
@@ -93,7 +168,7 @@ def cache_identity(
         for name, values in quality.items()
         if any(v not in (None, False, "none") for v in values)
     }
-    if not greedy:
+    if not sampling.greedy:
         identity |= {"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k}
         identity["seed"] = request.seed
     return identity

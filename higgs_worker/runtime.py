@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from higgs_worker.errors import RuntimeConfigError
 from higgs_worker.model_store import RepoSpec, StoredRepo, ensure_repo
 from higgs_worker.redaction import redact
 from higgs_worker.settings import Settings
@@ -41,10 +42,6 @@ class Models:
 
 def _describe_repo(repo: StoredRepo) -> dict[str, str]:
     return {"repo": repo.repo_id, "revision": repo.revision, "commit": repo.commit}
-
-
-class RuntimeConfigError(Exception):
-    """The settings ask for something this machine cannot give (the message names the settings)."""
 
 
 class Readiness(enum.Enum):

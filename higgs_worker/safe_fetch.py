@@ -24,6 +24,8 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
+from higgs_worker.errors import FetchError
+
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 READ_CHUNK_BYTES = 64 * 1024
 
@@ -34,18 +36,6 @@ METADATA_ADDRESSES = frozenset(
     for address in ("169.254.169.254", "169.254.170.2", "100.100.100.200", "192.0.0.192", "fd00:ec2::254")
 )
 _NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
-
-
-class FetchError(Exception):
-    """The URL could not be fetched under the policy. The message never holds a query string or credentials.
-
-    ``status`` is the HTTP status when the server answered with an error, so callers can tell "not found"
-    from other failures.
-    """
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)

@@ -19,21 +19,30 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 
-from higgs_worker.audio_encoding import FORMATS
+from boson_multimodal.speech_request import SamplingConfig
+from higgs_worker.audio_encoding import FORMATS, MAX_SPEED, MIN_SPEED
+from higgs_worker.errors import RequestError
 from higgs_worker.quality.finishing import MAX_LOUDNESS_LUFS, MIN_LOUDNESS_LUFS
 from higgs_worker.quality.verification import MAX_ATTEMPTS as MAX_VERIFY_ATTEMPTS
+from higgs_worker.references import PROFILE_PREFIX
 
-OutputFormat = Literal["wav", "flac", "mp3", "ogg", "opus", "pcm"]
 ChunkMethod = Literal["sentence", "speaker", "word", "none"]
 MAX_DESCRIPTION_CHARS = 2000
 DEFAULT_CHUNK_MAX_WORDS = 200  # the upstream script's defaults
 DEFAULT_CHUNK_MAX_TURNS = 1
 DEFAULT_CHUNK_BUFFER = 2  # the upstream README's long-form example; the script's own default is unbounded
 MAX_CHUNK_BUFFER = 8
-PROFILE_PREFIX = "profile:"
 MAX_SCENE_CHARS = 2000
 MAX_REF_TEXT_CHARS = 2000
 MAX_SPEAKERS = 8
@@ -55,10 +64,6 @@ class RequestLimits:
     max_new_tokens: int
 
 
-class RequestError(ValueError):
-    """The job input is invalid; the message names every offending field and what is allowed."""
-
-
 class TTSRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, frozen=True)
 
@@ -66,14 +71,15 @@ class TTSRequest(BaseModel):
     ref_audio: str | list[str] | None = None
     ref_text: str | list[str | None] | None = None
     scene_prompt: str | None = Field(default=None, max_length=MAX_SCENE_CHARS)
-    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
-    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=50, ge=1, le=1024)
+    # sampling: the engine's own defaults (boson_multimodal.speech_request.SamplingConfig)
+    temperature: float = Field(default=SamplingConfig.temperature, ge=0.0, le=2.0)
+    top_p: float = Field(default=SamplingConfig.top_p, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=SamplingConfig.top_k, ge=1, le=1024)
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
-    max_new_tokens: int = Field(default=1024, ge=16)
-    output_format: OutputFormat = "wav"
+    max_new_tokens: int = Field(default=SamplingConfig.max_new_tokens, ge=16)
+    output_format: str = "wav"  # one of FORMATS (higgs_worker.audio_encoding), checked below
     sample_rate: int | None = None
-    speed: float = Field(default=1.0, ge=0.25, le=4.0)
+    speed: float = Field(default=1.0, ge=MIN_SPEED, le=MAX_SPEED)
     s3_bucket: str | None = Field(default=None, min_length=3, max_length=63)
     s3_key: str | None = Field(default=None, min_length=1, max_length=1024)
     return_base64: bool = False
@@ -95,6 +101,13 @@ class TTSRequest(BaseModel):
     max_attempts: int | None = Field(default=None, ge=1, le=MAX_VERIFY_ATTEMPTS)
     require_verified: bool = False
     _sent_as: dict[str, str] = PrivateAttr(default_factory=dict)  # field → the alias the client used
+
+    @field_validator("output_format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        if value not in FORMATS:
+            raise ValueError(f"output_format: must be one of {', '.join(FORMATS)}")
+        return value
 
     @model_validator(mode="after")
     def _check_cross_field(self) -> TTSRequest:
@@ -289,13 +302,20 @@ def _describe_unknown(names: list[str]) -> str:
     return f"{shown}{more}: {noun}; allowed fields are {', '.join(ALLOWED_FIELDS)}"
 
 
-def parse_request(raw: Any, limits: RequestLimits) -> TTSRequest:
-    """Validate a job's ``input``; raises RequestError naming every offending field."""
+def parse_request(raw: Any, limits: RequestLimits, *, openai_names: bool = False) -> TTSRequest:
+    """Validate a job's ``input``; raises RequestError naming every offending field.
+
+    ``openai_names``: the body came through OpenAI's route, so a field the client did not send at all is
+    named as OpenAI names it (a missing ``input``, not ``transcript``). A field sent under either name is
+    always named as it was sent.
+    """
     if not isinstance(raw, dict):
         raise RequestError(
             f"input: must be a JSON object with at least a transcript, got {type(raw).__name__}"
         )
     data, problems, sent_as = _apply_aliases(raw)
+    if openai_names:
+        sent_as = {field: alias for alias, field in ALIASES.items() if field not in raw} | sent_as
     try:
         request = TTSRequest.model_validate(data)
     except ValidationError as error:

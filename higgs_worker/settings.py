@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from higgs_worker.delivery import MAX_PRESIGN_EXPIRY_S, OUTPUT_OVERHEAD_BYTES, validate_bucket_name
+from higgs_worker.errors import SettingsError
 
 DEFAULT_MODEL_REPO = "bosonai/higgs-audio-v2-generation-3B-base"
 DEFAULT_TOKENIZER_REPO = "bosonai/higgs-audio-v2-tokenizer"
@@ -32,10 +33,6 @@ DEFAULT_RECOGNISER_REVISION = "main"
 DEFAULT_VOICES_BASE_URL = "https://raw.githubusercontent.com/boson-ai/higgs-audio/main/examples/voice_prompts"
 RUNPOD_VOLUME = Path("/runpod-volume")
 ENDPOINT_TYPES = ("QUEUE", "LOAD_BALANCER")  # RunPod's own names for the two kinds of serverless endpoint
-
-
-class SettingsError(ValueError):
-    """An environment variable holds a value the worker cannot use."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +87,11 @@ class Settings:
     @property
     def lock_dir(self) -> Path:
         return self.volume_path / ".locks"
+
+    @property
+    def saved_voices_dir(self) -> Path:
+        """Voices saved through the library: a folder of their own, so no preset file is ever theirs."""
+        return self.voices_dir / "saved"
 
 
 def _str(env: Mapping[str, str], name: str, default: str) -> str:

@@ -22,7 +22,7 @@ import soundfile as sf
 
 from higgs_worker.audio_encoding import FORMATS
 
-STREAMABLE = ("pcm", "wav", "mp3", "opus")
+STREAMABLE = tuple(name for name, audio_format in FORMATS.items() if audio_format.streamable)
 MP3_STREAM_QUALITY = 0.5  # libsndfile's compression level: 80 kbps CBR at 24 kHz, plenty for speech
 
 _MPEG_RATES = {3: (44_100, 48_000, 32_000), 2: (22_050, 24_000, 16_000), 0: (11_025, 12_000, 8_000)}

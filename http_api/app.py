@@ -25,9 +25,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
-from higgs_worker.pipeline import Clip, JobAbandoned, Pipeline, PreparedJob
+from higgs_worker.errors import JobAbandoned, answer
+from higgs_worker.pipeline import Clip, Pipeline, PreparedJob
+from higgs_worker.request_plan import StreamKind
 from higgs_worker.runtime import Readiness
-from higgs_worker.stream_encoding import STREAMABLE, StreamEncoder
 from higgs_worker.thread_iteration import iterate_in_threads
 from higgs_worker.voice_library import VoiceLibrary
 from http_api.captioned import captioned_body, captioned_json, captioned_lines, words_without_a_place
@@ -90,6 +91,7 @@ def create_app(pipeline: Pipeline, *, with_health: bool = True) -> FastAPI:
     # Threads for generations (one per slot) plus room for the short blocking steps around them.
     threads = ThreadPoolExecutor(settings.concurrency + 4, thread_name_prefix="http-job")
     voices = VoiceLibrary(settings)
+    voices.adopt_earlier_uploads()
     app = FastAPI(title="Higgs Audio V2 text-to-speech", docs_url=None, redoc_url=None)
 
     def take_slot() -> Response | None:
@@ -139,7 +141,8 @@ def create_app(pipeline: Pipeline, *, with_health: bool = True) -> FastAPI:
             return error_response(400, unsent, param=unsent.split(":")[0])
         if body.get("dry_run") is True:  # no models, no slot: how the request would be read, as JSON
             try:
-                return JSONResponse(await in_thread(lambda: pipeline.dry_run(pipeline.validate(body))))
+                request_ = pipeline.validate(body, openai_names=True)
+                return JSONResponse(await in_thread(lambda: pipeline.dry_run(request_)))
             except Exception as error:
                 return failure_response(error, "dry run")
         refusal = take_slot()
@@ -148,10 +151,10 @@ def create_app(pipeline: Pipeline, *, with_health: bool = True) -> FastAPI:
         job_id = f"speech-{uuid.uuid4().hex[:12]}"
         handed_over = False  # once a response body owns the slot, it gives it back
         try:
-            prepared = await in_thread(lambda: pipeline.prepare(job_id, pipeline.validate(body)))
+            request_ = pipeline.validate(body, openai_names=True)
+            prepared = await in_thread(lambda: pipeline.prepare(job_id, request_, stream="bytes"))
             clip = pipeline.cached(prepared)
-            request_ = prepared.request
-            if clip is None and request_.output_format in STREAMABLE and request_.sample_rate is None:
+            if clip is None and prepared.plan.stream is not None:
                 found: dict[str, Any] = {}
                 encoded = _encoded_stream(pipeline, prepared, found, sse=stream_format == "sse")
                 pieces = iterate_in_threads(encoded, threads)
@@ -190,7 +193,8 @@ def create_app(pipeline: Pipeline, *, with_health: bool = True) -> FastAPI:
             return error_response(400, str(error), param=str(error).split(":")[0])
         if body.get("dry_run") is True:
             try:
-                return JSONResponse(await in_thread(lambda: pipeline.dry_run(pipeline.validate(body))))
+                request_ = pipeline.validate(body, openai_names=True)
+                return JSONResponse(await in_thread(lambda: pipeline.dry_run(request_)))
             except Exception as error:
                 return failure_response(error, "dry run")
         refusal = take_slot()
@@ -199,15 +203,19 @@ def create_app(pipeline: Pipeline, *, with_health: bool = True) -> FastAPI:
         job_id = f"captioned-{uuid.uuid4().hex[:12]}"
         handed_over = False
         try:
-            prepared = await in_thread(lambda: pipeline.prepare(job_id, pipeline.validate(body)))
-            if stream:
+            request_ = pipeline.validate(body, openai_names=True)
+            kind: StreamKind | None = "files" if stream else None
+            prepared = await in_thread(lambda: pipeline.prepare(job_id, request_, stream=kind))
+            clip = pipeline.cached(prepared)
+            if clip is None and prepared.plan.stream is not None:
                 lines = iterate_in_threads(captioned_lines(pipeline, prepared), threads)
                 first = await anext(lines, b"")
                 handed_over = True
                 return ClosingStreamingResponse(
                     _sent(first, lines, "audio", slots, {}), media_type="application/x-ndjson"
                 )
-            clip = await in_thread(pipeline.clip, prepared)
+            if clip is None:
+                clip = await in_thread(pipeline.clip, prepared)
             return JSONResponse(captioned_json(clip))
         except JobAbandoned:
             return Response(status_code=499)
@@ -231,10 +239,9 @@ def create_app(pipeline: Pipeline, *, with_health: bool = True) -> FastAPI:
         try:
             output = await in_thread(pipeline.run, job_id, body.get("input"))
         except Exception as error:
-            failed = failure_response(error, job_id)
-            message = json.loads(bytes(failed.body))["error"]["message"]
+            failed = answer(error, job_id, logger)
             return JSONResponse(
-                {"id": job_id, "status": "FAILED", "error": message}, status_code=failed.status_code
+                {"id": job_id, "status": "FAILED", "error": failed.message}, status_code=failed.status
             )
         finally:
             slots.give_back()
@@ -321,33 +328,20 @@ def _encoded_stream(
     """The clip's bytes in the requested format while it is generated (runs on job threads); with ``sse``,
     as ``speech.audio.delta`` events, each with the words its audio said when the request asks for words.
 
-    A finished stream is also put in the result cache (as one file, encoded once), like a one-shot clip;
-    what the quality layer found (words, captions, verification) is put in ``found`` before the last bytes.
+    What the quality layer found (words, captions, verification) is put in ``found`` before the last bytes.
     """
-    chunks = pipeline.chunks(prepared)
-    encoder: StreamEncoder | None = None
-    pieces = []
-    words = None
+    words = prepared.request.timestamps == "word"
+    pieces = pipeline.stream_audio(prepared)
     try:
-        for chunk in chunks:
-            if encoder is None:
-                encoder = StreamEncoder(prepared.request.output_format, chunk.sample_rate)
-                words = pipeline.quality.stream_words(prepared.request, chunk.sample_rate, prepared.timings)
-            pieces.append(chunk.waveform)
-            said = words.chunk(chunk.waveform, chunk.final) if words is not None else []
-            data = encoder.encode(chunk.waveform)
-            if chunk.final:
-                data += encoder.finish()
-                found |= pipeline.streamed_quality(prepared, words)
-                if prepared.cache_key is not None:
-                    pipeline.streamed_clip(prepared, pieces, chunk, found)
-            if sse and (data or said):
-                event = {"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()}
-                yield _sse(event | ({"words": said} if prepared.request.timestamps == "word" else {}))
-            elif data:
-                yield data
+        for piece in pieces:
+            found |= piece.quality
+            if sse and (piece.data or piece.words):
+                event = {"type": "speech.audio.delta", "audio": base64.b64encode(piece.data).decode()}
+                yield _sse(event | ({"words": piece.words} if words else {}))
+            elif piece.data:
+                yield piece.data
     finally:
-        chunks.close()
+        pieces.close()
 
 
 async def _sent(

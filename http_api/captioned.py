@@ -70,32 +70,21 @@ def captioned_json(clip: Clip) -> dict[str, Any]:
 def captioned_lines(pipeline: Pipeline, prepared: PreparedJob) -> Generator[bytes, None, None]:
     """One JSON line per chunk while it is generated (runs on job threads), with the words its audio said;
     the last line adds the captions and the verification."""
-    chunks = pipeline.chunks(prepared)
-    pieces: list[Any] = []
-    words = None
+    pieces = pipeline.stream_audio(prepared)
     try:
-        for chunk in chunks:
-            if not pieces:
-                words = pipeline.quality.stream_words(prepared.request, chunk.sample_rate, prepared.timings)
-            pieces.append(chunk.waveform)
+        for piece in pieces:
             line: dict[str, Any] = {"audio_format": prepared.request.output_format}
-            if chunk.waveform.size:
-                audio = pipeline.encode(prepared, chunk.waveform, chunk.sample_rate)
-                line["audio"] = base64.b64encode(audio.data).decode()
-            if words is not None and prepared.request.timestamps == "word":
-                line["timestamps"] = _timestamps(words.chunk(chunk.waveform, chunk.final))
-            elif words is not None:
-                words.chunk(chunk.waveform, chunk.final)
-            if chunk.final:
-                quality = pipeline.streamed_quality(prepared, words)
+            if piece.audio is not None:
+                line["audio"] = base64.b64encode(piece.audio.data).decode()
+            if prepared.request.timestamps == "word":
+                line["timestamps"] = _timestamps(piece.words)
+            if piece.chunk.final:
                 line |= {
                     key: value
-                    for key, value in quality.items()
+                    for key, value in piece.quality.items()
                     if key in ("captions", "captions_format", "verification")
                 }
-                if prepared.cache_key is not None:
-                    pipeline.streamed_clip(prepared, pieces, chunk, quality)
-            if "audio" in line or line.get("timestamps") or chunk.final:
+            if "audio" in line or line.get("timestamps") or piece.chunk.final:
                 yield (json.dumps(line) + "\n").encode()
     finally:
-        chunks.close()
+        pieces.close()

@@ -1,24 +1,17 @@
-"""Shared fixtures: a tiny real Higgs Audio V2 checkpoint, a hub stand-in serving it, spoken references."""
+"""Shared fixtures: a tiny real Higgs Audio V2 checkpoint, a hub stand-in serving it, spoken references, the
+bootstrap rig. What they are built from lives in ``tests/support``."""
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.hub_server import HubServer
-
-MODEL_REPO = "bosonai/higgs-audio-v2-generation-3B-base"
-TOKENIZER_REPO = "bosonai/higgs-audio-v2-tokenizer"
-
-
-@dataclass(frozen=True)
-class TinyCheckpoint:
-    model_dir: Path
-    codec_dir: Path
+from tests.support.bootstrap_rig import Rig, build_wheelhouse
+from tests.support.checkpoints import MODEL_REPO, TOKENIZER_REPO, TinyCheckpoint
+from tests.support.hub_server import HubServer
+from tests.support.speech import speak
 
 
 @pytest.fixture(scope="session")
@@ -40,12 +33,6 @@ def hub(tiny_checkpoint: TinyCheckpoint) -> Iterator[HubServer]:
         yield server
 
 
-def speak(text: str, path: Path, voice: str = "en") -> Path:
-    """Real speech from espeak-ng, as a 22.05 kHz WAV file."""
-    subprocess.run(["espeak-ng", "-v", voice, "-w", str(path), text], check=True, capture_output=True)
-    return path
-
-
 @pytest.fixture(scope="session")
 def spoken_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return speak(
@@ -58,3 +45,13 @@ def tiny_aligner(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from higgs_worker.quality.tiny_models import build_tiny_aligner
 
     return build_tiny_aligner(tmp_path_factory.mktemp("tiny-aligner") / "aligner")
+
+
+@pytest.fixture(scope="session")
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_wheelhouse(tmp_path_factory.mktemp("wheels"))
+
+
+@pytest.fixture
+def rig(tmp_path: Path, wheelhouse: Path) -> Rig:
+    return Rig(tmp_path, wheelhouse)

@@ -32,9 +32,9 @@ from higgs_worker.delivery import (
 )
 
 if TYPE_CHECKING:  # imported for real by pytest_plugins, so that pytest can rewrite its asserts
-    from tests.s3_server import S3Server
+    from tests.support.s3_server import S3Server
 
-pytest_plugins = ["tests.s3_server"]
+pytest_plugins = ["tests.support.s3_server"]
 
 RATE = 24_000
 BUCKET = "higgs-test-clips"

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from demo_model import DemoRefused, publish_demo
+from demo_model import DEMO_VOICE_TEXT, publish_demo, publish_demo_voices
+from higgs_worker.errors import DemoRefused, ModelStoreError
 from higgs_worker.model_store import LOCAL_BUILD, RepoSpec, ensure_repo, read_marker, read_store
+from higgs_worker.references import ReferenceAudio, resolve_reference
 from higgs_worker.settings import Settings, load_settings
-from tests.fixtures_hub import make_repo
-from tests.hub_server import HubServer
+from tests.support.fixtures_hub import make_repo
+from tests.support.hub_server import HubServer
 
 MODEL_REPO = "bosonai/higgs-audio-v2-generation-3B-base"
 
@@ -57,6 +60,27 @@ def test_without_the_demo_flag_the_hub_replaces_the_demo(tmp_path: Path) -> None
     )
 
 
+@pytest.mark.parametrize("hub_has_the_repo", [False, True], ids=["hub down", "download cut short"])
+def test_the_demo_stays_whole_until_the_hubs_model_is_complete(
+    tmp_path: Path, hub_has_the_repo: bool
+) -> None:
+    """A boot without --demo must not leave an empty store when the hub cannot replace the demo."""
+    settings = settings_for(tmp_path / "volume")
+    publish_demo(settings)
+    spec = model_spec(settings)
+    before = {p.name: p.read_bytes() for p in settings.model_path.iterdir() if p.is_file()}
+    real = make_repo(tmp_path / "real-files")
+    with HubServer({MODEL_REPO: real}) as hub:
+        endpoint = hub.url if hub_has_the_repo else "http://127.0.0.1:9"
+        if hub_has_the_repo:  # the hub lists a file it then cannot serve: the download ends incomplete
+            (real / "model.safetensors").unlink()
+        with pytest.raises(ModelStoreError):
+            ensure_repo(spec, lock_dir=settings.lock_dir, runpod_cache_hub_dir=None, endpoint=endpoint)
+    after = {p.name: p.read_bytes() for p in settings.model_path.iterdir() if p.is_file()}
+    assert after == before
+    assert read_store(spec, accept_local=True) is not None  # a --demo boot still serves it
+
+
 def test_demo_never_overwrites_real_model_files(tmp_path: Path) -> None:
     settings = settings_for(tmp_path / "volume")
     with HubServer({MODEL_REPO: make_repo(tmp_path / "real-files")}) as hub:
@@ -73,3 +97,18 @@ def test_demo_never_overwrites_real_model_files(tmp_path: Path) -> None:
     with pytest.raises(DemoRefused):
         publish_demo(partial)
     assert (partial.model_path / "model-00001-of-00002.safetensors").read_bytes() == b"half a download"
+
+
+def test_the_demo_voices_work_with_no_network_and_never_replace_a_voice(tmp_path: Path) -> None:
+    settings = load_settings(
+        {"RUNPOD_VOLUME_PATH": str(tmp_path / "volume"), "VOICES_BASE_URL": "http://127.0.0.1:9/voices"}
+    )
+    settings.voices_dir.mkdir(parents=True)
+    (settings.voices_dir / "demo_man.wav").write_bytes(b"the operator's own file")
+    publish_demo_voices(settings)
+    voice = resolve_reference("demo_woman", None, field="voice", settings=settings)
+    assert isinstance(voice, ReferenceAudio) and voice.kind == "preset" and voice.text == DEMO_VOICE_TEXT
+    assert voice.sample_rate == 24_000 and 2.5 < voice.waveform.size / voice.sample_rate < 3.5
+    spectrum = np.abs(np.fft.rfft(voice.waveform))
+    assert 150 < np.argmax(spectrum) * voice.sample_rate / voice.waveform.size < 2500  # voiced, not noise
+    assert (settings.voices_dir / "demo_man.wav").read_bytes() == b"the operator's own file"

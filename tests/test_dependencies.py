@@ -25,7 +25,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 REQUIREMENTS = REPO / "requirements"
 SETS = ("image", "runtime", "test")
-SHIPPED = ("serverless_handler.py", "demo_model.py", "higgs_worker", "http_api", "boson_multimodal")
+SHIPPED = (
+    "serverless_handler.py",
+    "demo_model.py",
+    "higgs_worker",
+    "http_api",
+    "queue_api",
+    "boson_multimodal",
+)
 SYSTEM_PACKAGES = REPO / "scripts" / "system-packages.txt"
 # Programs of Debian's essential set, on every Debian machine, so no list needs to name them.
 ESSENTIAL = {"bash", "mount", "umount"}

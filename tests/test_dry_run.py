@@ -13,13 +13,14 @@ import pytest
 
 from boson_multimodal.engine import HiggsAudioEngine, SamplingConfig, SpeechRequest
 from boson_multimodal.prompt import build_prompt
+from higgs_worker.errors import RequestError, UnknownVoiceError
 from higgs_worker.pipeline import Pipeline
 from higgs_worker.references import OPENAI_VOICES, DescribedVoice, ReferenceAudio, resolve_reference
 from higgs_worker.rendering import prompt_request
-from higgs_worker.schema import RequestError, RequestLimits, parse_request
+from higgs_worker.schema import RequestLimits, parse_request
 from higgs_worker.settings import Settings, load_settings
-from tests.loopback_http import LoopbackServer, send_body
-from tests.test_upstream_examples import EXAMPLES, SPOKEN, make_voice
+from tests.support.loopback_http import LoopbackServer, send_body
+from tests.support.speech import EXAMPLES, SPOKEN, make_voice
 
 LIMITS = RequestLimits(max_transcript_chars=20_000, max_new_tokens=4096)
 
@@ -138,7 +139,7 @@ def test_profiles_are_fetched_once_and_cached(tmp_path: Path, voices_server) -> 
     resolve_reference("profile:female_en_story", None, field="ref_audio", settings=settings)
     assert len(voices_server.requests) == before  # read from the volume
     with pytest.raises(
-        ValueError, match=r"^ref_audio\[1\]: unknown profile 'nope'; profiles: female_en_british"
+        UnknownVoiceError, match=r"^ref_audio\[1\]: unknown profile 'nope'; profiles: female_en_british"
     ):
         resolve_reference("profile:nope", None, field="ref_audio[1]", settings=settings)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -117,3 +119,22 @@ def test_the_handle_publishes_every_row_as_it_is_made(engine: HiggsAudioEngine) 
         seen.append(rows.shape[0])
     assert seen == sorted(set(seen)) and seen[-1] <= 20  # growing; a slow reader may skip versions
     assert torch.equal(rows, result.rows)  # the last published rows are the result
+
+
+def test_reference_audio_is_encoded_on_the_callers_thread_without_autograd(engine: HiggsAudioEngine) -> None:
+    """Encoding a reference voice is codec work the scheduler thread must not wait on, and needs no graph."""
+    seen: list[tuple[str, bool, bool]] = []
+
+    def record(_module, _inputs, _output) -> None:
+        thread = threading.current_thread().name
+        seen.append((thread, torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
+
+    hook = engine.codec.acoustic_encoder.register_forward_hook(record)
+    try:
+        voice = Voice(sine(0.8, 24000), 24000, "A hum.")
+        engine.submit(
+            SpeechRequest("Like me.", voices=(voice,), sampling=SamplingConfig(max_new_tokens=10))
+        ).result()
+    finally:
+        hook.remove()
+    assert seen == [(threading.current_thread().name, True, False)]

@@ -28,10 +28,10 @@ from higgs_worker.quality.finishing import (
 )
 from higgs_worker.schema import RequestError
 from higgs_worker.settings import load_settings
-from tests.conftest import speak
-from tests.hub_server import HubServer
-from tests.loudness_reference import integrated_loudness
-from tests.test_worker_faults import complete_store
+from tests.support.checkpoints import complete_store
+from tests.support.hub_server import HubServer
+from tests.support.loudness_reference import integrated_loudness
+from tests.support.speech import speak
 
 RATE = 24_000
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.s3_server import start_s3_server
-from tests.test_bootstrap import Rig, rig, wheelhouse  # noqa: F401 - the bootstrap harness, its fixtures
+from tests.support.bootstrap_rig import Rig
+from tests.support.s3_server import start_s3_server
 
 REPO = Path(__file__).resolve().parent.parent
 LEVEL_HANDLER = """\
@@ -25,7 +25,7 @@ print("HANDLER " + json.dumps({"level": level, "argv": sys.argv[1:]}), flush=Tru
 
 
 @pytest.fixture
-def level_rig(rig: Rig) -> Rig:  # noqa: F811 - the imported fixture, requested by name
+def level_rig(rig: Rig) -> Rig:
     rig.handler.write_text(LEVEL_HANDLER)
     return rig
 

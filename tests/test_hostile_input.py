@@ -31,10 +31,10 @@ from higgs_worker.pipeline import Pipeline
 from higgs_worker.references import PRESET_NAME
 from higgs_worker.schema import ALIASES, ALLOWED_FIELDS, MAX_REF_TEXT_CHARS, MAX_SCENE_CHARS
 from higgs_worker.settings import load_settings
-from serverless_handler import run_job
-from tests.hub_server import HubServer
-from tests.test_worker_faults import complete_store
-from tests.worker_process import LocalWorker, free_port, worker_env
+from queue_api.worker import run_job
+from tests.support.checkpoints import complete_store
+from tests.support.hub_server import HubServer
+from tests.support.worker_process import LocalWorker, free_port, worker_env
 
 VALID = {"transcript": "Hello there.", "max_new_tokens": 16, "seed": 1}
 DEFAULT_MAX_TRANSCRIPT_CHARS = 20_000

@@ -14,10 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 import soundfile as sf
-from openai import OpenAI
+from openai import BadRequestError, OpenAI
 
-from tests.hub_server import HubServer
-from tests.worker_process import HttpWorker, worker_env
+from tests.support.hub_server import HubServer
+from tests.support.worker_process import HttpWorker, worker_env
 
 RATE = 24_000
 HOP = 960
@@ -150,6 +150,30 @@ def test_errors_have_openai_shape_and_name_the_field(client: httpx.Client) -> No
     assert client.get("/v1/nothing").status_code == 404
 
 
+def test_errors_name_the_fields_as_an_openai_client_knows_them(
+    client: httpx.Client, server: HttpWorker
+) -> None:
+    """On OpenAI's route a field is named as OpenAI names it, sent or not: never by this worker's own name."""
+    without_input = {k: v for k, v in JOB.items() if k != "input"}
+    message = assert_openai_error(client.post("/v1/audio/speech", json=without_input), 400, "input")
+    assert message == "input: required"
+    assert_openai_error(client.post("/v1/audio/speech", json=JOB | {"input": "   "}), 400, "input")
+    assert_openai_error(client.post("/v1/audio/speech", json=JOB | {"voice": "../x"}), 400, "voice")
+    assert_openai_error(client.post("/v1/audio/speech", json=JOB | {"voice": 7}), 400, "voice")
+    long_scene = JOB | {"instructions": "x" * 2001}
+    assert_openai_error(client.post("/v1/audio/speech", json=long_scene), 400, "instructions")
+    # this worker's own names still work on that route, and are then named as sent
+    ours = {k: v for k, v in JOB.items() if k != "input"} | {"transcript": "Hi.", "output_format": "flac8"}
+    assert_openai_error(client.post("/v1/audio/speech", json=ours), 400, "output_format")
+    # the official client sees the same: its error carries OpenAI's field name
+    openai = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(BadRequestError) as raised:
+        openai.audio.speech.create(
+            model="tts-1", voice="../x", input="Hi.", extra_body={"max_new_tokens": 20}
+        )
+    assert raised.value.status_code == 400 and raised.value.body["param"] == "voice"  # type: ignore[index]
+
+
 def test_a_body_over_the_limit_is_refused_before_it_is_read(client: httpx.Client) -> None:
     big = JOB | {"input": "x" * 300_000}
     assert_openai_error(client.post("/v1/audio/speech", json=big), 413, None)
@@ -176,7 +200,7 @@ def test_voice_library_round_trip(client: httpx.Client, narrator: str, spoken_re
     bad_name = client.post("/v1/audio/voices", data={"name": "../x"}, files=files)
     assert_openai_error(bad_name, 400, "name")
     not_audio = client.post("/v1/audio/voices", data={"name": "noise"}, files={"file": ("a.wav", b"abc")})
-    assert_openai_error(not_audio, 400, "file")
+    assert_openai_error(not_audio, 422, "file")
     # a saved voice is usable by name in a queue job's input too (POST /generate)
     output = client.post(
         "/generate",

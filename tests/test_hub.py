@@ -20,7 +20,8 @@ import pytest
 import referencing
 
 from higgs_worker import settings as settings_module
-from higgs_worker.settings import SettingsError, load_settings
+from higgs_worker.errors import SettingsError
+from higgs_worker.settings import load_settings
 
 REPO = Path(__file__).resolve().parent.parent
 HUB_DIR = REPO / ".runpod"

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import speak
-from tests.error_clauses import offending_fields
-from tests.hub_server import HubServer
-from tests.test_bootstrap import Rig, rig, wheelhouse  # noqa: F401 - the bootstrap harness, its fixtures
-from tests.worker_process import LocalWorker, worker_env
+from tests.support.bootstrap_rig import Rig
+from tests.support.error_clauses import offending_fields
+from tests.support.hub_server import HubServer
+from tests.support.speech import speak
+from tests.support.worker_process import LocalWorker, worker_env
 
 REPO = Path(__file__).resolve().parent.parent
 HUB_TESTS = json.loads((REPO / ".runpod" / "tests.json").read_text())["tests"]
@@ -28,7 +28,7 @@ def shrink(job: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def local_level(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> str:  # noqa: F811
+def local_level(tmp_path_factory: pytest.TempPathFactory, wheelhouse: Path) -> str:
     """The RUNPOD_LOG_LEVEL that `bootstrap.sh --local` hands to the handler."""
     local = Rig(tmp_path_factory.mktemp("level"), wheelhouse)
     local.handler.write_text(

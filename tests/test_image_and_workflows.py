@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+
+from tests.support.workflows import WORKFLOWS, workflow
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "Dockerfile.runpod.ultra"
-WORKFLOWS = REPO / ".github" / "workflows"
 TOOLS = Path(sys.executable).parent
 
 
@@ -61,12 +61,6 @@ def requirement_names(path: Path) -> dict[str, str]:
     return names
 
 
-def workflow(name: str) -> dict[str, Any]:
-    data = yaml.safe_load((WORKFLOWS / name).read_text())
-    data["on"] = data.pop(True, data.get("on"))  # YAML 1.1 reads the key `on` as a boolean
-    return data
-
-
 def steps_using(job: dict[str, Any], action: str) -> list[dict[str, Any]]:
     return [step for step in job["steps"] if step.get("uses", "").split("@")[0] == action]
 
@@ -100,7 +94,7 @@ def test_dockerfile_copies_the_code_and_nothing_the_build_context_lacks() -> Non
             sources += [word.rstrip("/") for word in words[:-1]]
     assert set(sources) == {
         "requirements", "serverless_handler.py", "demo_model.py", "bootstrap.sh",
-        "higgs_worker", "http_api", "boson_multimodal",
+        "higgs_worker", "http_api", "queue_api", "boson_multimodal",
     }  # fmt: skip
     patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()]
     patterns = [p for p in patterns if p and not p.startswith("#")]
@@ -162,7 +156,8 @@ def test_image_workflow_triggers_and_permissions() -> None:
     assert push["branches"] == ["main"]
     for path in (
         "Dockerfile.runpod.ultra", "bootstrap.sh", "serverless_handler.py", "higgs_worker/**",
-        "http_api/**", "boson_multimodal/**", "requirements/**", ".github/workflows/image.yml",
+        "http_api/**", "queue_api/**", "boson_multimodal/**", "requirements/**",
+        ".github/workflows/image.yml",
     ):  # fmt: skip
         assert path in push["paths"]
     inputs = flow["on"]["workflow_dispatch"]["inputs"]

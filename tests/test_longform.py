@@ -20,7 +20,7 @@ from boson_multimodal.longform import crossfade_join, generate_long, split_text,
 from boson_multimodal.prompt import Voice, VoiceDescription
 from boson_multimodal.streaming import ChunkSchedule
 from boson_multimodal.transcript import SPEAKER_TAG
-from tests.engine_spy import record_submissions
+from tests.support.engine_spy import record_submissions
 
 RATE = 24_000
 CROSSFADE = 480  # the default 20 ms at 24 kHz

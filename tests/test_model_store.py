@@ -17,16 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from higgs_worker.model_store import MARKER_NAME, ModelStoreError, RepoSpec, StoredRepo, ensure_repo
+from higgs_worker.errors import ModelStoreError
+from higgs_worker.model_store import MARKER_NAME, RepoSpec, StoredRepo, ensure_repo
 from higgs_worker.volume_lock import VolumeLock
-from tests.fixtures_hub import (  # noqa: F401 (fixtures)
+from tests.support.fixtures_hub import (  # noqa: F401 (fixtures)
     TINY_REPO_ID,
     make_repo,
     tiny_filesystem,
     tiny_hub_fixture,
     tiny_repo_fixture,
 )
-from tests.hub_server import HubRepo, HubServer
+from tests.support.hub_server import HubRepo, HubServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FILES = ["audio/preprocessor_config.json", "config.json", "merges.txt", "model.safetensors", "tokenizer.json"]

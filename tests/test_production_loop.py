@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.hub_server import HubServer
-from tests.runpod_queue import API_KEY, ProductionWorker, RunPodQueue
-from tests.worker_process import worker_env
+from tests.support.hub_server import HubServer
+from tests.support.runpod_queue import API_KEY, ProductionWorker, RunPodQueue
+from tests.support.worker_process import worker_env
 
 pytestmark = pytest.mark.slow
 

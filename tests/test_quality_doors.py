@@ -19,9 +19,9 @@ import srt
 
 from higgs_worker.quality.words import transcript_words
 from higgs_worker.settings import load_settings
-from tests.hub_server import HubServer
-from tests.quality_models import place
-from tests.worker_process import HttpWorker, worker_env
+from tests.support.hub_server import HubServer
+from tests.support.quality_models import place
+from tests.support.worker_process import HttpWorker, worker_env
 
 pytestmark = pytest.mark.slow  # a real worker process
 

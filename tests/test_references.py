@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from higgs_worker.references import ReferenceAudio, ReferenceAudioError, resolve_reference
+from higgs_worker.errors import UnknownVoiceError, WorkerError
+from higgs_worker.references import ReferenceAudio, resolve_reference
 from higgs_worker.settings import Settings, load_settings
-from tests.loopback_http import (
+from tests.support.loopback_http import (
     LoopbackServer,
     TlsFiles,
     make_tls_files,
@@ -71,10 +72,15 @@ def resolve(value: str, settings: Settings, ref_text: str | None = None) -> Refe
     return resolve_reference(value, ref_text, field=FIELD, settings=settings)
 
 
-def refused(value: str, settings: Settings, ref_text: str | None = None) -> str:
-    """The error message for a value that must be refused; every one starts with the field name."""
-    with pytest.raises(ReferenceAudioError) as error:
+def refused(value: str, settings: Settings, ref_text: str | None = None, *, status: int = 422) -> str:
+    """The error message for a value that must be refused; every one starts with the field name.
+
+    ``status``: 400 for a value of no allowed form, 404 for a name no voice has, 422 for a voice that
+    cannot be used (the README's table).
+    """
+    with pytest.raises(WorkerError) as error:
         resolve(value, settings, ref_text)
+    assert error.value.status == status, (type(error.value).__name__, str(error.value))
     message = str(error.value)
     assert message.startswith(f"{FIELD}: "), message
     return message
@@ -130,11 +136,11 @@ def test_presets_placed_on_the_volume_by_the_operator_need_no_network(
 
 
 def test_unknown_preset_is_named_and_local_presets_are_listed(settings: Settings) -> None:
-    assert refused("nope", settings) == "ref_audio: unknown preset voice 'nope'"
+    assert refused("nope", settings, status=404) == "ref_audio: no saved voice or preset voice named 'nope'"
     resolve("en_woman", settings)
     assert (
-        refused("nope", settings)
-        == "ref_audio: unknown preset voice 'nope'; presets on this worker: en_woman"
+        refused("nope", settings, status=404)
+        == "ref_audio: no saved voice or preset voice named 'nope'; presets on this worker: en_woman"
     )
 
 
@@ -170,7 +176,7 @@ def test_unreachable_voices_server_is_reported(settings: Settings, voices_server
 def test_names_that_could_leave_the_voices_directory_are_refused(
     settings: Settings, voices_server: LoopbackServer, value: str
 ) -> None:
-    message = refused(value, settings)
+    message = refused(value, settings, status=400)
     assert "preset voice name" in message
     assert voices_server.requests == []
     assert not settings.voices_dir.exists()
@@ -244,7 +250,8 @@ def test_data_uri_transcript_is_optional(settings: Settings) -> None:
     ],
 )
 def test_malformed_data_uris_are_refused(settings: Settings, value: str) -> None:
-    assert "data URI must look like 'data:audio/<type>;base64,<payload>'" in refused(value, settings)
+    message = refused(value, settings, status=400)
+    assert "data URI must look like 'data:audio/<type>;base64,<payload>'" in message
 
 
 @pytest.mark.parametrize(
@@ -257,7 +264,7 @@ def test_malformed_data_uris_are_refused(settings: Settings, value: str) -> None
     ],
 )
 def test_invalid_base64_is_refused(settings: Settings, payload: str) -> None:
-    assert "not valid base64" in refused(f"data:audio/wav;base64,{payload}", settings)
+    assert "not valid base64" in refused(f"data:audio/wav;base64,{payload}", settings, status=400)
 
 
 def test_data_uri_that_is_not_audio_is_refused(settings: Settings) -> None:
@@ -397,12 +404,14 @@ def test_slow_url_hits_the_fetch_timeout(settings: Settings, https_server: Loopb
     "value", ["ftp://example.com/a.wav", "file:///etc/passwd", "s3://bucket/key.wav", "en woman", "héllo"]
 )
 def test_other_values_are_refused_with_the_allowed_forms(settings: Settings, value: str) -> None:
-    message = refused(value, settings)
+    message = refused(value, settings, status=400)
     assert "a preset voice name such as 'en_woman'" in message
     assert "'data:audio/<type>;base64,<payload>' URI" in message
     assert "an https:// URL" in message
 
 
 def test_the_field_name_given_by_the_caller_leads_the_message(settings: Settings) -> None:
-    with pytest.raises(ReferenceAudioError, match=r"^speakers\[1\]\.ref_audio: unknown preset voice 'nope'$"):
+    with pytest.raises(
+        UnknownVoiceError, match=r"^speakers\[1\]\.ref_audio: no saved voice or preset voice named 'nope'$"
+    ):
         resolve_reference("nope", None, field="speakers[1].ref_audio", settings=settings)

@@ -8,7 +8,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from tests.test_image_and_workflows import WORKFLOWS, workflow
+from tests.support.workflows import WORKFLOWS, workflow
 
 
 def test_a_version_tag_and_nothing_else_starts_a_release() -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from higgs_worker.errors import RequestPlanError
 from higgs_worker.references import ReferenceAudio
-from higgs_worker.request_plan import RequestPlanError, cache_identity, s3_target_for
+from higgs_worker.request_plan import cache_identity, s3_target_for
 from higgs_worker.schema import RequestLimits, parse_request
 from higgs_worker.settings import load_settings
 
@@ -55,3 +56,13 @@ def test_s3_target_from_the_job_or_the_default_bucket() -> None:
         s3_target_for(request(s3_key="a/b.wav"), "job-1", settings)
     with pytest.raises(RequestPlanError, match="s3_bucket"):
         s3_target_for(request(s3_bucket="Not_A_Bucket"), "job-1", settings)
+
+
+def test_the_prompt_version_is_part_of_the_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Results made before a change to what the model reads are not served for the same request after it."""
+    from higgs_worker import request_plan
+
+    before = cache_identity(request(seed=1), [])
+    monkeypatch.setattr(request_plan, "PROMPT_VERSION", request_plan.PROMPT_VERSION + 1)
+    after = cache_identity(request(seed=1), [])
+    assert before is not None and after is not None and before != after

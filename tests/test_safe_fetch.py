@@ -7,8 +7,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from higgs_worker.safe_fetch import FetchError, FetchPolicy, fetch, is_forbidden_address, public_url
-from tests.loopback_http import (
+from higgs_worker.errors import FetchError
+from higgs_worker.safe_fetch import FetchPolicy, fetch, is_forbidden_address, public_url
+from tests.support.loopback_http import (
     LoopbackServer,
     TlsFiles,
     make_tls_files,

@@ -8,19 +8,28 @@ to ``max_new_tokens``) and a wider, deeper one with raw random logits, whose cli
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from boson_multimodal.decode_step import DecodeStep, SlotCache
 from boson_multimodal.engine import EngineOptions, HiggsAudioEngine, SpeechRequest
 from boson_multimodal.loading import LoadedModel, load_model
 from boson_multimodal.prompt import Voice
-from boson_multimodal.sampling import SamplingConfig
-from boson_multimodal.scheduler import GenerationCancelled, SchedulerLimits, SequenceTooLong
+from boson_multimodal.scheduler import (
+    GenerationCancelled,
+    Scheduler,
+    SchedulerLimits,
+    SequenceTooLong,
+    sized_slots,
+)
+from boson_multimodal.speech_request import SamplingConfig
 from boson_multimodal.tiny_model import TinyModelSpec, build_tiny_checkpoint
 
 GEOMETRIES = {
@@ -223,3 +232,161 @@ def test_a_dying_scheduler_thread_fails_every_waiting_caller(loaded: LoadedModel
             handle.result(timeout=60)
     with pytest.raises(RuntimeError, match="closed"):
         engine.submit(PROMPTS["scene"])
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_masked_cache_positions_never_leak_into_a_row(loaded: LoadedModel, attention: str) -> None:
+    """Row 0 sits at position 3 beside a row at position 10: whatever lies in its own cache past position 3
+    (stale keys of an earlier sequence, padding) must not change its logits, whichever attention the model
+    was loaded with (transformers' eager attention *adds* a mask, so a boolean one would let them in)."""
+    model = copy.deepcopy(loaded.model)
+    model.set_attn_implementation(attention)
+    assert model.config._attn_implementation == attention
+    cache = SlotCache(model.config, slots=2, max_tokens=64, device=torch.device("cpu"), dtype=torch.float32)
+    step = DecodeStep(model, cache)
+    generator = torch.Generator().manual_seed(0)
+    for layer in range(model.config.num_hidden_layers):  # a plausible history for both slots
+        for tensor in (cache.keys[layer], cache.values[layer]):
+            tensor.copy_(torch.randn(tensor.shape, generator=generator))
+    rows = torch.randint(0, 1024, (2, model.config.num_codebooks), generator=generator)
+    positions = torch.tensor([3, 10])
+    outputs = []
+    for _ in range(2):
+        for layer in range(model.config.num_hidden_layers):  # new stale entries past row 0's position
+            for tensor in (cache.keys[layer], cache.values[layer]):
+                tensor[0, :, 4:].copy_(100 * torch.randn(tensor[0, :, 4:].shape, generator=generator))
+        outputs.append(step(rows, positions, span=11, masked=True))
+    torch.testing.assert_close(outputs[0][0], outputs[1][0], rtol=0, atol=1e-5)
+    alone = step(rows[:1], positions[:1], span=4, masked=False)  # row 0 alone over exactly its own history
+    torch.testing.assert_close(outputs[0][0], alone[0], rtol=1e-5, atol=1e-5)
+    unmasked = step(rows[:1], positions[:1], span=11, masked=False)  # what a leak looks like
+    assert not torch.allclose(unmasked[0], outputs[1][0], atol=1e-2)
+
+
+@pytest.fixture(scope="module")
+def demo_scheduler(tmp_path_factory: pytest.TempPathFactory):
+    """The demo geometry, whose clips always run to max_new_tokens: a running sequence stays running."""
+    root: Path = tmp_path_factory.mktemp("demo-only")
+    build_tiny_checkpoint(root / "model", root / "codec", GEOMETRIES["demo"])
+    engine = HiggsAudioEngine(load_model(root / "model", root / "codec", device="cpu"))
+    yield engine
+    engine.close()
+
+
+def test_admissions_beside_a_running_sequence_prefill_one_per_step(demo_scheduler, monkeypatch) -> None:
+    """Three prompts arriving together while a sequence runs join at three different steps, so the running
+    one never waits for more than one prefill between two of its rows."""
+    runner = demo_scheduler._runner
+    admitted_at: list[tuple[int, int]] = []  # (step, sequences running) at each admission
+    admit = runner._admit
+
+    def recording_admit(*args) -> None:
+        admitted_at.append((runner.steps, len(runner._active)))
+        admit(*args)
+
+    monkeypatch.setattr(runner, "_admit", recording_admit)
+    long = replace(PROMPTS["smart voice"], sampling=replace(GREEDY, max_new_tokens=200))
+    running = demo_scheduler.submit(long)
+    running.wait_newer(0)
+    prompts = [PROMPTS["scene"], PROMPTS["cloned voice"], PROMPTS["smart voice"]]
+    short = [replace(p, sampling=replace(GREEDY, max_new_tokens=20)) for p in prompts]
+    inputs = [demo_scheduler._sequence_input(request) for request in short]
+    handles = [runner.submit(sequence) for sequence in inputs]  # encoded first: they arrive together
+    for handle in handles:
+        handle.result()
+    assert running.result().rows.shape[0] == 200  # it ran all along
+    late = admitted_at[1:]
+    assert len(late) == 3 and len({step for step, _ in late}) == 3 and all(n > 0 for _, n in late), late
+
+
+def rerun_capture(run):
+    """What a CUDA graph does, without CUDA: a replay runs the recorded step again on the static inputs as
+    they are then, into the output buffer the recording returned."""
+    output = run()
+
+    def replay() -> torch.Tensor:
+        output.copy_(run())
+        return output
+
+    return replay
+
+
+def graphed_rows(loaded: LoadedModel, scheduler, capture, requests) -> tuple[list[torch.Tensor], Scheduler]:
+    runner = Scheduler(
+        loaded.model, SchedulerLimits(slots=4, max_tokens=1024), cuda_graphs=True, capture=capture
+    )
+    try:
+        handles = [runner.submit(scheduler._sequence_input(request)) for request in requests]
+        return [handle.result(timeout=120).rows for handle in handles], runner
+    finally:
+        runner.close()
+
+
+GRAPHED = [
+    replace(PROMPTS["cloned voice"], sampling=replace(GREEDY, max_new_tokens=30)),
+    replace(PROMPTS["smart voice"], sampling=replace(GREEDY, max_new_tokens=40)),
+    replace(PROMPTS["scene"], sampling=SamplingConfig(seed=5, max_new_tokens=35)),
+]
+
+
+def test_graphs_are_captured_at_start_up_and_replayed_with_the_eager_steps_tokens(loaded, scheduler) -> None:
+    expected = [rows_of(scheduler, request) for request in GRAPHED]
+    captured: list[int] = []
+
+    def counting(run):
+        captured.append(1)
+        return rerun_capture(run)
+
+    runner = Scheduler(
+        loaded.model, SchedulerLimits(slots=4, max_tokens=1024), cuda_graphs=True, capture=counting
+    )
+    runner.close()
+    assert len(captured) == 3 * 2  # batch buckets 1, 2, 4 × spans 512, 1024, all before serving
+    got, runner = graphed_rows(loaded, scheduler, rerun_capture, GRAPHED)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert runner._graphed is not None and runner._graphed.enabled and runner._graphed.replays > 0
+
+
+def test_a_capture_that_fails_falls_back_to_eager_for_its_bucket(loaded, scheduler, caplog) -> None:
+    expected = [rows_of(scheduler, request) for request in GRAPHED]
+
+    def failing_for_batch_2(run):
+        if run().shape[0] == 2:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return rerun_capture(run)
+
+    with caplog.at_level("WARNING", logger="boson_multimodal.decode_step"):
+        got, runner = graphed_rows(loaded, scheduler, failing_for_batch_2, GRAPHED)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert runner._graphed is not None and runner._graphed.eager_buckets == {(2, 512), (2, 1024)}
+    assert "capturing the decode step for batch 2 over 512 positions failed" in caplog.text
+    assert runner._graphed.enabled and runner._graphed.replays > 0  # the other buckets still replay
+
+
+def test_graphs_that_disagree_with_the_eager_step_are_switched_off(loaded, scheduler, caplog) -> None:
+    expected = [rows_of(scheduler, request) for request in GRAPHED]
+
+    def wrong(run):
+        replay = rerun_capture(run)
+        return lambda: replay().flip(-1)  # the codes come out in the wrong places
+
+    with caplog.at_level("ERROR", logger="boson_multimodal.decode_step"):
+        got, runner = graphed_rows(loaded, scheduler, wrong, GRAPHED)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert runner._graphed is not None and not runner._graphed.enabled and runner._graphed.replays == 0
+    assert "CUDA graphs switched off" in caplog.text
+
+
+def test_slots_are_sized_from_the_free_gpu_memory() -> None:
+    """The real geometry in bf16 after its 10.75 GB of weights, 6144-token slots: the issue's sizes."""
+    config = SimpleNamespace(num_hidden_layers=28, num_key_value_heads=8, head_dim=128)
+    gb = 10**9
+
+    def slots(card_gb: float) -> int:
+        return sized_slots(
+            config, 6144, torch.bfloat16, free=int((card_gb - 10.75) * gb), total=int(card_gb * gb)
+        )
+
+    assert 7 <= slots(24) <= 9
+    assert 32 <= slots(80) <= 64 and slots(141) == 64
+    assert slots(12) == 1  # never none: the memory check at start-up then says what does not fit

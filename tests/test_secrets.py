@@ -24,14 +24,14 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from tests.conftest import MODEL_REPO, TOKENIZER_REPO, TinyCheckpoint
-from tests.hub_server import HubRepo, HubServer
-from tests.worker_process import LocalWorker, free_port, worker_env
+from tests.support.checkpoints import MODEL_REPO, TOKENIZER_REPO, TinyCheckpoint
+from tests.support.hub_server import HubRepo, HubServer
+from tests.support.worker_process import LocalWorker, free_port, worker_env
 
 if TYPE_CHECKING:  # imported for real by pytest_plugins, so that pytest can rewrite its asserts
-    from tests.s3_server import S3Server
+    from tests.support.s3_server import S3Server
 
-pytest_plugins = ["tests.s3_server"]
+pytest_plugins = ["tests.support.s3_server"]
 
 BUCKET = "secrets-test"
 SHORT_JOB = {"transcript": "Nothing to hide.", "max_new_tokens": 16}

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from higgs_worker.settings import Settings, SettingsError, load_settings
+from higgs_worker.errors import SettingsError
+from higgs_worker.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -47,9 +47,9 @@ def test_the_plain_sdk_import_starts_an_interpreter_to_name_the_cpu() -> None:
 
 
 def test_the_door_imports_the_sdk_without_starting_a_process_and_keeps_the_cpu_name() -> None:
-    from serverless_handler import cpu_brand
+    from queue_api.worker import cpu_brand
 
-    door = import_in_child("import serverless_handler; serverless_handler.import_runpod()")
+    door = import_in_child("import queue_api.worker; queue_api.worker.import_runpod()")
 
     assert interpreters(door["spawned"]) == [], door["spawned"]
     assert door["processor"] == cpu_brand() != "unknown"
@@ -61,8 +61,10 @@ def test_the_worker_starts_without_the_s3_and_hub_clients(tmp_path: Path) -> Non
     to serve, and a warm volume with inline jobs never needs them."""
     loaded = """\
 import json, sys
-import serverless_handler
-serverless_handler.get_pipeline()
+import serverless_handler, queue_api.worker, http_api.app
+from higgs_worker.pipeline import Pipeline
+from higgs_worker.settings import load_settings
+Pipeline(load_settings())
 print(json.dumps(sorted(m for m in ("boto3", "botocore", "huggingface_hub", "torch") if m in sys.modules)))
 """
     env = {**os.environ, "RUNPOD_VOLUME_PATH": str(tmp_path / "volume")}

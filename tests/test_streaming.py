@@ -14,8 +14,9 @@ from boson_multimodal.engine import (
     Speech,
     SpeechRequest,
 )
+from boson_multimodal.scheduler import SequenceHandle
 from boson_multimodal.streaming import AudioChunk, ChunkSchedule, decoder_reach, stream_speech
-from tests.engine_spy import record_submissions
+from tests.support.engine_spy import record_submissions
 
 HOP = 960
 
@@ -141,3 +142,59 @@ def test_generation_errors_reach_the_consumer_as_they_are(engine: HiggsAudioEngi
     with pytest.raises(ValueError) as streamed:
         next(stream_speech(engine, request))
     assert str(streamed.value) == str(direct.value) == "max_new_tokens must be at least 1, got 0"
+
+
+def one_shot_frames(rows: torch.Tensor, bos: int, eos: int, codebook_size: int) -> torch.Tensor:
+    """The definition, written out: the stream after the last all-BOS row, up to the first all-EOS row, with
+    codebook k taken k rows later."""
+    bos_rows = [i for i in range(rows.shape[0]) if bool((rows[i] == bos).all())]
+    stream = rows[(bos_rows[-1] + 1 if bos_rows else 0) :]
+    eos_rows = [i for i in range(stream.shape[0]) if bool((stream[i] == eos).all())]
+    stream = stream[: eos_rows[0]] if eos_rows else stream
+    k = rows.shape[1]
+    count = max(stream.shape[0] - k + 1, 0)
+    return (
+        torch.tensor([[int(stream[t + j, j]) for j in range(k)] for t in range(count)])
+        .view(count, k)
+        .clamp(0, codebook_size - 1)
+    )
+
+
+@pytest.mark.parametrize("ends", [False, True])
+def test_frames_made_incrementally_equal_the_whole_clip_at_once(engine: HiggsAudioEngine, ends: bool) -> None:
+    """Fed in uneven pieces, and reading none of the rows it has already turned into frames."""
+    config = engine._loaded.model.config
+    bos, eos, k = config.audio_stream_bos_id, config.audio_stream_eos_id, config.num_codebooks
+    generator = torch.Generator().manual_seed(int(ends))
+    rows = torch.randint(0, bos, (300, k), generator=generator)
+    rows[0] = bos
+    for j in range(k):  # the delay pattern's opening and (optionally) closing rows
+        rows[1 : j + 1, j] = bos
+        if ends:
+            rows[250 - k + j + 1 :, j] = eos
+    expected = one_shot_frames(rows, bos, eos, engine.codec.config.codebook_size)
+    stream, fed = engine.frame_stream(), 0
+    for piece in (1, 1, 5, 7, 30, 1, 100, 155):
+        growing = rows[: fed + piece].clone()
+        growing[: max(fed - k, 0)] = -7  # rows whose frames are made: never read again
+        stream.update(growing)
+        fed += piece
+        assert torch.equal(stream.frames, expected[: stream.frames.shape[0]])
+    assert torch.equal(stream.frames, expected) and stream.finished == ends
+    assert expected.shape[0] == (250 - k if ends else 300 - k)
+    assert torch.equal(engine.to_codes(rows).frames, expected)
+
+
+def test_the_consumer_wakes_once_per_chunk_not_at_every_step(engine: HiggsAudioEngine, monkeypatch) -> None:
+    waits: list[int] = []
+    wait_rows = SequenceHandle.wait_rows
+
+    def counting(self, count: int):
+        waits.append(count)
+        return wait_rows(self, count)
+
+    monkeypatch.setattr(SequenceHandle, "wait_rows", counting)
+    request, _ = full_length_clip(engine, steps=120)
+    chunks = list(stream_speech(engine, request, ChunkSchedule(first_frames=10, growth=1.0, max_frames=10)))
+    assert len(chunks) >= 10  # 112 frames in chunks of 10
+    assert 1 <= len(waits) <= len(chunks) + 1  # the steps were 120

@@ -16,11 +16,11 @@ import soundfile as sf
 from boson_multimodal.engine import GenerationCancelled
 from higgs_worker.pipeline import Pipeline
 from higgs_worker.settings import load_settings
-from tests.engine_spy import record_submissions
-from tests.hub_server import HubServer
-from tests.runpod_queue import ProductionWorker, RunPodQueue
-from tests.test_worker_faults import complete_store
-from tests.worker_process import LocalWorker, worker_env
+from tests.support.checkpoints import complete_store
+from tests.support.engine_spy import record_submissions
+from tests.support.hub_server import HubServer
+from tests.support.runpod_queue import ProductionWorker, RunPodQueue
+from tests.support.worker_process import LocalWorker, worker_env
 
 pytestmark = pytest.mark.slow
 
@@ -95,6 +95,23 @@ def test_streaming_applies_speed_to_the_whole_clip_and_reports_bad_input(
     assert result["output"][0]["error"].startswith("top_p:")
 
 
+def test_a_repeated_seeded_stream_is_answered_from_the_cache_as_one_final_chunk(
+    streaming_worker: LocalWorker,
+) -> None:
+    job = {"transcript": "Cached stream.", "max_new_tokens": 40, "seed": 21}
+    first = streaming_worker.runsync(job)["output"]
+    streamed = check_chunks(first)
+    assert len(first) >= 2 and "cache_hit" not in first[-1]["summary"]
+    [again] = streaming_worker.runsync(job)["output"]
+    assert again["final"] is True and again["index"] == 0 and again["summary"]["cache_hit"] is True
+    assert again["summary"]["num_frames"] == first[-1]["summary"]["num_frames"]
+    audio, rate = decode(again)  # one playable file: the whole clip
+    assert rate == again["sample_rate"] == 24000 and again["duration_s"] == pytest.approx(
+        len(audio) / rate, abs=1e-3
+    )
+    np.testing.assert_array_equal(audio, streamed)
+
+
 def test_long_text_in_streaming_mode_arrives_whole(streaming_worker: LocalWorker) -> None:
     result = streaming_worker.runsync({"transcript": LONG_TEXT, "max_new_tokens": 20, "seed": 2})
     assert result["status"] == "COMPLETED", result
@@ -139,19 +156,18 @@ def test_cancelling_a_streaming_job_stops_its_generation(
     hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """RunPod cancels a job by cancelling the handler's task: the generation must stop, not run to the end."""
-    import serverless_handler
+    from queue_api.worker import QueueDoor
 
     settings = load_settings({"RUNPOD_VOLUME_PATH": str(tmp_path / "volume"), "STREAMING": "true"})
     complete_store(settings, hub.url)
     pipeline = Pipeline(settings)
-    monkeypatch.setattr(serverless_handler, "_pipeline", pipeline)
-    monkeypatch.setattr(serverless_handler, "_job_threads", None)
+    door = QueueDoor(pipeline)
     engine, _ = pipeline.runtime.engine()
     handles = record_submissions(engine, monkeypatch)
     steps = settings.max_new_tokens_limit
 
     async def cancel_after_the_first_chunk() -> dict:
-        chunks = serverless_handler.stream_handler(
+        chunks = door.stream_handler(
             {"id": "cancel-me", "input": {"transcript": "A long one.", "max_new_tokens": steps}}
         )
         first = await anext(chunks)
@@ -173,12 +189,11 @@ def test_cancelling_while_a_chunk_is_being_produced_closes_the_stream(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A generator cannot be closed while it runs on a job thread: the close must wait for the chunk."""
-    import serverless_handler
+    from queue_api.worker import QueueDoor
 
     settings = load_settings({"RUNPOD_VOLUME_PATH": str(tmp_path / "volume"), "CONCURRENCY": "2"})
     pipeline = Pipeline(settings)
-    monkeypatch.setattr(serverless_handler, "_pipeline", pipeline)
-    monkeypatch.setattr(serverless_handler, "_job_threads", None)
+    door = QueueDoor(pipeline)
     producing, release, closed = threading.Event(), threading.Event(), []
 
     def slow_stream(job_id: str, _raw_input: object) -> Iterator[dict]:
@@ -193,7 +208,7 @@ def test_cancelling_while_a_chunk_is_being_produced_closes_the_stream(
     monkeypatch.setattr(pipeline, "stream", slow_stream)
 
     async def cancel_mid_chunk() -> None:
-        chunks = serverless_handler.stream_handler({"id": "mid-chunk", "input": {}})
+        chunks = door.stream_handler({"id": "mid-chunk", "input": {}})
         assert await anext(chunks) == {"index": 0}
         pending = asyncio.ensure_future(anext(chunks))
         await asyncio.get_running_loop().run_in_executor(None, producing.wait, 10)

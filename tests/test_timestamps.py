@@ -21,15 +21,15 @@ from higgs_worker.quality.stream_alignment import StreamAligner
 from higgs_worker.quality.words import transcript_words
 from higgs_worker.schema import RequestError
 from higgs_worker.settings import load_settings
-from tests.conftest import speak
-from tests.hub_server import HubServer
-from tests.quality_models import place
-from tests.test_worker_faults import complete_store
+from tests.support.checkpoints import complete_store
+from tests.support.hub_server import HubServer
+from tests.support.quality_models import place
+from tests.support.speech import speak
 
 if TYPE_CHECKING:
-    from tests.s3_server import S3Server
+    from tests.support.s3_server import S3Server
 
-pytest_plugins = ["tests.s3_server"]
+pytest_plugins = ["tests.support.s3_server"]
 
 SENTENCE = "Captions help everyone follow along. The quick brown fox jumps over the lazy dog, twice!"
 DIALOGUE = "[SPEAKER0] Did you hear that? [laugh] It was loud. [SPEAKER1] I heard it - twenty-five times."
@@ -164,7 +164,8 @@ def duration(output: dict) -> float:
 def test_a_job_returns_its_words_and_captions(pipeline: Pipeline, text: str) -> None:
     job = {"transcript": text, "max_new_tokens": 80, "seed": 1, "timestamps": "word", "captions": "vtt"}
     output = pipeline.run("words", job)
-    assert pipeline.is_long(pipeline.validate(job)) == (text == DIALOGUE)  # pieces joined by crossfades
+    long = pipeline.plan("words", pipeline.validate(job)).chunking is not None
+    assert long == (text == DIALOGUE)  # pieces joined by crossfades
     assert [w["word"] for w in output["words"]] == [w.text for w in transcript_words(text)]
     check_times(output["words"], duration(output))
     assert output["captions_format"] == "vtt"

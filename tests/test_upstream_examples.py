@@ -11,26 +11,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
-import torch
-import torchaudio
 import yaml
 
-from boson_multimodal.engine import HiggsAudioEngine, SamplingConfig, SpeechRequest
+from boson_multimodal.engine import HiggsAudioEngine, SamplingConfig
 from boson_multimodal.longform import generate_long
 from higgs_worker.dry_run import dry_run
 from higgs_worker.references import resolve_reference
-from higgs_worker.rendering import chunking_for, prompt_request
+from higgs_worker.request_plan import Plan, plan_job
 from higgs_worker.schema import DEFAULT_CHUNK_BUFFER, RequestLimits, TTSRequest, parse_request
 from higgs_worker.settings import Settings, load_settings
-from tests.conftest import speak
-from tests.loopback_http import LoopbackServer, send_body
+from tests.support.loopback_http import LoopbackServer, send_body
+from tests.support.speech import EXAMPLES, SPOKEN, make_voice
 
-EXAMPLES = Path(__file__).parent / "upstream_examples"
 AUDIO = "<|audio_out_bos|><|AUDIO_OUT|><|audio_eos|>"
 PLAIN_SYSTEM = "Generate audio following instruction."
 MULTI_SYSTEM = (
@@ -48,10 +43,6 @@ PRESETS = {
     "en_woman": (22_050, 1, 6.0),
     "zh_man_sichuan": (48_000, 2, 6.0),
 }
-SPOKEN = (
-    "The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. "
-    "Every morning the baker opens the shop, lights the ovens and sets out fresh bread for the town."
-)
 
 
 def transcript(name: str) -> str:
@@ -207,21 +198,6 @@ def _script_chunks(text: str, example: Example) -> list[str]:
 # --- fixtures ---------------------------------------------------------------------------------------------
 
 
-def make_voice(path: Path, rate: int, channels: int, seconds: float, text: str = SPOKEN) -> Path:
-    """espeak-ng speech, looped when short, made exactly ``seconds`` long in the given shape (16-bit WAV).
-
-    Resampled by torchaudio and written by soundfile, so no program beyond espeak-ng is needed.
-    """
-    spoken = speak(text, path.with_suffix(".espeak.wav"))
-    audio, source_rate = sf.read(spoken, dtype="float32", always_2d=True)
-    mono = torch.from_numpy(audio.mean(axis=1))
-    resampled = torchaudio.functional.resample(mono, source_rate, rate).numpy()
-    length = round(seconds * rate)
-    looped = np.tile(resampled, -(-length // len(resampled)))[:length]
-    sf.write(path, np.repeat(looped[:, None], channels, axis=1), rate, subtype="PCM_16")
-    return path
-
-
 @pytest.fixture(scope="module")
 def voices_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackServer]:
     folder = tmp_path_factory.mktemp("upstream-voices")
@@ -256,10 +232,12 @@ def parsed(example: Example) -> TTSRequest:
     return parse_request(example.job(), RequestLimits(max_transcript_chars=20_000, max_new_tokens=4096))
 
 
-def resolved(request: TTSRequest, settings: Settings) -> list:
-    return [
+def planned(request: TTSRequest, settings: Settings) -> Plan:
+    """The job's plan, its voices resolved from the volume the test filled (as Pipeline.plan does)."""
+    voices = [
         resolve_reference(value, None, field="ref_audio", settings=settings) for value in request.references
     ]
+    return plan_job(request, voices, "example", settings)
 
 
 # --- the checks -------------------------------------------------------------------------------------------
@@ -269,7 +247,7 @@ def resolved(request: TTSRequest, settings: Settings) -> list:
 def test_prompt_is_what_the_upstream_script_builds(name: str, settings: Settings) -> None:
     example = README_COMMANDS[name]
     request = parsed(example)
-    output = dry_run(request, resolved(request, settings), settings)
+    output = dry_run(planned(request, settings), settings)
     profiles = yaml.safe_load((EXAMPLES / "profile.yaml").read_text(encoding="utf-8"))["profiles"]
     expected = script_prompts(example, output["transcript"], dict.fromkeys(PRESETS, SPOKEN), profiles)
     assert [piece["prompt"] for piece in output["pieces"]] == expected
@@ -278,10 +256,7 @@ def test_prompt_is_what_the_upstream_script_builds(name: str, settings: Settings
 
 def test_the_examples_exercise_every_rule(settings: Settings) -> None:
     """The vendored texts hold what the rules are for, and the rendering shows each rule applied."""
-    rendered = {
-        name: dry_run(parsed(e), resolved(parsed(e), settings), settings)
-        for name, e in README_COMMANDS.items()
-    }
+    rendered = {name: dry_run(planned(parsed(e), settings), settings) for name, e in README_COMMANDS.items()}
     assert (
         "<SE_s>[Humming]</SE_s> la la la la la <SE_e>[Humming]</SE_e> See?"
         in rendered["humming"]["transcript"]
@@ -319,9 +294,9 @@ def test_each_example_makes_audio_with_the_demo_model(
     name: str, settings: Settings, engine: HiggsAudioEngine
 ) -> None:
     request = parsed(README_COMMANDS[name])
-    prompt = prompt_request(request, resolved(request, settings))
-    speech_request = SpeechRequest(**vars(prompt), sampling=SamplingConfig(max_new_tokens=16, seed=3))
-    chunking = chunking_for(request, prompt.text, settings.longform_chunk_chars)
+    plan = planned(request, settings)
+    speech_request = replace(plan.speech, sampling=SamplingConfig(max_new_tokens=16, seed=3))
+    chunking = plan.chunking
     if chunking is not None:
         chunking = replace(chunking, max_words=150)  # three pieces, not two: the buffer is used
         speech = generate_long(engine, speech_request, chunking)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from higgs_worker.errors import NotVerified
 from higgs_worker.pipeline import Pipeline
-from higgs_worker.quality.service import NotVerified
 from higgs_worker.quality.verification import (
     DEFAULT_MAX_ATTEMPTS,
     attempt_seed,
@@ -21,9 +21,9 @@ from higgs_worker.quality.verification import (
 )
 from higgs_worker.schema import RequestError
 from higgs_worker.settings import load_settings
-from tests.hub_server import HubServer
-from tests.quality_models import place
-from tests.test_worker_faults import complete_store
+from tests.support.checkpoints import complete_store
+from tests.support.hub_server import HubServer
+from tests.support.quality_models import place
 
 TEXT = "The garden gate was open."
 LONG = "The first piece is about the garden. The second piece is about the gate. The third one closes it."
@@ -151,7 +151,7 @@ def test_long_texts_are_checked_piece_by_piece_and_only_failing_pieces_redone(
     pipeline: Pipeline, recogniser: ScriptedRecogniser
 ) -> None:
     request = pipeline.validate(job(transcript=LONG))
-    pieces = pipeline.chunking(request)
+    pieces = pipeline.plan("long", request).chunking
     assert pieces is not None
     recogniser.script(
         "the first piece is about the garden",

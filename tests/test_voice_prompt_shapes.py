@@ -18,7 +18,7 @@ from boson_multimodal.engine import HiggsAudioEngine, SamplingConfig, SpeechRequ
 from boson_multimodal.prompt import Voice
 from higgs_worker.references import ReferenceAudio, resolve_reference
 from higgs_worker.settings import load_settings
-from tests.test_upstream_examples import make_voice
+from tests.support.speech import make_voice
 
 SHAPES = [  # (sample rate, channels, seconds)
     (22_050, 1, 6.0),

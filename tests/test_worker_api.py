@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from tests.conftest import MODEL_REPO, TOKENIZER_REPO, speak
-from tests.error_clauses import offending_fields
-from tests.hub_server import HubServer
-from tests.worker_process import LocalWorker, worker_env
+from tests.support.checkpoints import MODEL_REPO, TOKENIZER_REPO
+from tests.support.error_clauses import offending_fields
+from tests.support.hub_server import HubServer
+from tests.support.speech import speak
+from tests.support.worker_process import LocalWorker, worker_env
 
 FRAME_SAMPLES = 960  # 24 kHz / 25 frames per second
 

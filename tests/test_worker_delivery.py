@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.hub_server import HubServer
-from tests.s3_server import S3Server
-from tests.worker_process import LocalWorker, worker_env
+from tests.support.hub_server import HubServer
+from tests.support.s3_server import S3Server
+from tests.support.worker_process import LocalWorker, worker_env
 
-pytest_plugins = ["tests.s3_server"]
+pytest_plugins = ["tests.support.s3_server"]
 
 BUCKET = "worker-delivery"
 

@@ -20,36 +20,18 @@ from pathlib import Path
 
 import pytest
 
-from higgs_worker.model_store import MARKER_NAME, RepoSpec, ensure_repo
+from higgs_worker.model_store import MARKER_NAME
 from higgs_worker.pipeline import Pipeline
-from higgs_worker.settings import Settings, load_settings
-from serverless_handler import run_job, stream_job
-from tests.conftest import MODEL_REPO, TOKENIZER_REPO, TinyCheckpoint
-from tests.error_clauses import offending_fields
-from tests.fixtures_hub import tiny_filesystem
-from tests.hub_server import HubServer
-from tests.worker_process import LocalWorker, free_port, worker_env
+from higgs_worker.settings import load_settings
+from queue_api.worker import run_job, stream_job
+from tests.support.checkpoints import MODEL_REPO, TOKENIZER_REPO, TinyCheckpoint, complete_store
+from tests.support.error_clauses import offending_fields
+from tests.support.fixtures_hub import tiny_filesystem
+from tests.support.hub_server import HubServer
+from tests.support.worker_process import LocalWorker, free_port, worker_env
 
 SHORT_JOB = {"transcript": "Still serving.", "max_new_tokens": 16}
 WEIGHTS = "model.safetensors"
-
-
-def complete_store(settings: Settings, hub_url: str) -> None:
-    """Fill the model store of ``settings`` from the hub at ``hub_url``, exactly as a worker's first job does.
-
-    In-process tests need the endpoint passed explicitly: huggingface_hub reads ``HF_ENDPOINT`` once, when it
-    is imported, so setting the variable inside a running test process changes nothing.
-    """
-    for repo_id, revision, path in (
-        (settings.model_repo, settings.model_revision, settings.model_path),
-        (settings.tokenizer_repo, settings.tokenizer_revision, settings.tokenizer_path),
-    ):
-        ensure_repo(
-            RepoSpec(repo_id, revision, path),
-            lock_dir=settings.lock_dir,
-            runpod_cache_hub_dir=None,
-            endpoint=hub_url,
-        )
 
 
 @pytest.fixture(scope="module")

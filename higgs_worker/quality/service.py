@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from higgs_worker.errors import NotVerified
 from higgs_worker.quality.alignment import WordTime
 from higgs_worker.quality.captions import render
 from higgs_worker.quality.models import QualityModels
@@ -23,11 +24,6 @@ from higgs_worker.timings import Timings
 
 if TYPE_CHECKING:
     from boson_multimodal.streaming import AudioChunk
-
-
-class NotVerified(Exception):
-    """``require_verified``: no attempt said the text well enough; the message is for the client."""
-
 
 # What the quality layer adds to a clip's output (and keeps with it in the result cache).
 OUTPUT_KEYS = ("words", "captions", "captions_format", "verification")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.hub_server import HubServer
+from tests.support.hub_server import HubServer
 
 TINY_REPO_ID = "test-org/tiny-higgs"
 

@@ -7,7 +7,7 @@ and serves presigned GETs, which is the behaviour delivery depends on.
 ``weed mini`` starts a master, a volume server, a filer, the S3 gateway and an admin server. Every port is
 chosen free here and passed explicitly, and the Iceberg/Lance catalog ports (fixed at 8181 and 9101 by
 default) and WebDAV are switched off, so two servers never collide. Use it as a pytest plugin, which gives one
-server per test session: ``pytest_plugins = ["tests.s3_server"]`` in a test module, then request the
+server per test session: ``pytest_plugins = ["tests.support.s3_server"]`` in a test module, then request the
 ``s3_server`` fixture.
 """
 

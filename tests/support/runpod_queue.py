@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
-from tests.worker_process import WorkerProcess
+from tests.support.worker_process import WorkerProcess
 
 ENDPOINT_ID = "loopback-endpoint"
 WORKER_ID = "loopback-worker"

@@ -1,0 +1,36 @@
+"""The tiny checkpoint's repo ids and files, and filling a model store from the hub stand-in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from higgs_worker.model_store import RepoSpec, ensure_repo
+from higgs_worker.settings import Settings
+
+MODEL_REPO = "bosonai/higgs-audio-v2-generation-3B-base"
+TOKENIZER_REPO = "bosonai/higgs-audio-v2-tokenizer"
+
+
+@dataclass(frozen=True)
+class TinyCheckpoint:
+    model_dir: Path
+    codec_dir: Path
+
+
+def complete_store(settings: Settings, hub_url: str) -> None:
+    """Fill the model store of ``settings`` from the hub at ``hub_url``, exactly as a worker's first job does.
+
+    In-process tests need the endpoint passed explicitly: huggingface_hub reads ``HF_ENDPOINT`` once, when it
+    is imported, so setting the variable inside a running test process changes nothing.
+    """
+    for repo_id, revision, path in (
+        (settings.model_repo, settings.model_revision, settings.model_path),
+        (settings.tokenizer_repo, settings.tokenizer_revision, settings.tokenizer_path),
+    ):
+        ensure_repo(
+            RepoSpec(repo_id, revision, path),
+            lock_dir=settings.lock_dir,
+            runpod_cache_hub_dir=None,
+            endpoint=hub_url,
+        )
