@@ -14,7 +14,7 @@ import base64
 import logging
 import threading
 from collections.abc import Callable, Generator, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +59,9 @@ class PreparedJob:
     cache_key: str | None  # set for deterministic requests when the result cache is on
     budget: InlineBudget  # what the job's result may still carry inline, shared by every delivery path
     quality: dict[str, Any] = field(default_factory=dict)  # what generation found out (verification)
+    # Set by a door when nobody waits for the job any more (the client left, RunPod cancelled it): checked
+    # before generating, between long-form pieces and between verification attempts.
+    cancel: threading.Event = field(default_factory=threading.Event)
 
     @property
     def request(self) -> TTSRequest:
@@ -168,14 +171,13 @@ class Pipeline:
             engine, _ = self.runtime.engine()
         return engine
 
-    def generate(
-        self, prepared: PreparedJob, progress: Progress | None = None, cancel: threading.Event | None = None
-    ) -> Speech:
+    def generate(self, prepared: PreparedJob, progress: Progress | None = None) -> Speech:
         """The whole clip at once (speed applied); long transcripts piece by piece.
 
-        ``cancel`` set by the caller abandons the job: checked before generating and between the pieces of
-        a long transcript (then :class:`JobAbandoned` is raised).
+        ``prepared.cancel`` set by a door abandons the job: checked before generating, inside the engine's
+        steps and between the pieces of a long transcript (then :class:`JobAbandoned` is raised).
         """
+        cancel = prepared.cancel
         engine = self.engine(prepared)
         plan = prepared.plan
         _check(cancel)
@@ -232,7 +234,11 @@ class Pipeline:
                 chunks = chunk_speech(self.generate(prepared), engine.frame_rate)
             elif plan.chunking is not None:  # with verify: each piece checked before any of it is sent
                 verifier = self.quality.verifier(plan.request, prepared.timings)
-                piece = verifier.generate(engine.generate) if verifier is not None else None
+
+                def whole_piece(request: SpeechRequest) -> Speech:  # stops when nobody waits any more
+                    return engine.generate(request, cancel=prepared.cancel)
+
+                piece = verifier.generate(whole_piece) if verifier is not None else None
                 generated = stream_long(engine, plan.speech, plan.chunking, generate_piece=piece)
                 if verifier is not None:
                     generated = self.quality.checked_pieces(
@@ -311,14 +317,12 @@ class Pipeline:
             waveform, sample_rate, request.output_format, target_sample_rate=request.sample_rate
         )
 
-    def clip(
-        self, prepared: PreparedJob, progress: Progress | None = None, cancel: threading.Event | None = None
-    ) -> Clip:
+    def clip(self, prepared: PreparedJob, progress: Progress | None = None) -> Clip:
         """cache → generate → encode (→ cache): the finished clip in the requested format."""
         hit = self.cached(prepared)
         if hit is not None:
             return hit
-        speech = self.generate(prepared, progress, cancel)
+        speech = self.generate(prepared, progress)
         annotations = self.quality.annotate(
             prepared.request, speech.waveform, speech.sample_rate, prepared.timings
         )
@@ -367,7 +371,9 @@ class Pipeline:
         prepared = self.prepare(job_id, request)
         return self.output(prepared, self.clip(prepared, progress))
 
-    def stream(self, job_id: str, raw_input: Any) -> Iterator[dict[str, Any]]:
+    def stream(
+        self, job_id: str, raw_input: Any, cancel: threading.Event | None = None
+    ) -> Iterator[dict[str, Any]]:
         """A job's output as chunks while they are generated, each a playable file; the final one carries
         the summary (and the S3 location of the whole clip when there is a target). A cached result is one
         final chunk.
@@ -381,28 +387,32 @@ class Pipeline:
             yield self.dry_run(request)
             return
         prepared = self.prepare(job_id, request, stream="files")
+        if cancel is not None:
+            prepared.cancel = cancel
         hit = self.cached(prepared)
         if hit is not None:
             output = self.output(prepared, hit)
             facts = {
                 key: output.pop(key)
-                for key in ("num_frames", "truncated", "cache_hit", "timings_ms", "model")
+                for key in ("num_frames", "truncated", "cache_hit", "timings_ms", "model", *OUTPUT_KEYS)
+                if key in output
             }
             yield {"index": 0, "final": True, "start_s": 0.0, **output, "summary": facts}
             return
         all_inline = True
-        for piece in self.stream_audio(prepared):
-            item, inline = self._stream_item(prepared, piece)
-            all_inline = all_inline and inline
-            chunk = piece.chunk
-            if not chunk.final:
-                yield item
-                continue
-            summary: dict[str, Any] = {"num_frames": chunk.end_frame, "truncated": not chunk.finished}
-            summary |= piece.quality
-            if prepared.plan.target is not None and piece.clip is not None:
-                summary |= self.output(prepared, piece.clip, delivered_inline=all_inline)
-            yield item | {"summary": summary | self.summary(prepared)}
+        with closing(self.stream_audio(prepared)) as pieces:  # closed at once, also on a failure
+            for piece in pieces:
+                item, inline = self._stream_item(prepared, piece)
+                all_inline = all_inline and inline
+                chunk = piece.chunk
+                if not chunk.final:
+                    yield item
+                    continue
+                summary: dict[str, Any] = {"num_frames": chunk.end_frame, "truncated": not chunk.finished}
+                summary |= piece.quality
+                if prepared.plan.target is not None and piece.clip is not None:
+                    summary |= self.output(prepared, piece.clip, delivered_inline=all_inline)
+                yield item | {"summary": summary | self.summary(prepared)}
 
     def _stream_item(self, prepared: PreparedJob, piece: StreamPiece) -> tuple[dict[str, Any], bool]:
         """One stream chunk as a playable file; False when its audio could not go inline."""

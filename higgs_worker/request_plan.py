@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -73,14 +73,25 @@ def plan_job(
         seed=request.seed,
     )
     chunking = chunking_for(request, prompt.text, settings.longform_chunk_chars)
+    streams = stream_plan(request, stream, long=chunking is not None)
+    quality_models = {
+        "aligner": f"{settings.aligner_repo}@{settings.aligner_revision}",
+        "recogniser": f"{settings.recogniser_repo}@{settings.recogniser_revision}",
+    }
     return Plan(
         request=request,
         references=references,
         speech=SpeechRequest(**vars(prompt), sampling=sampling),
         chunking=chunking,
-        stream=stream_plan(request, stream, long=chunking is not None),
+        stream=streams,
         target=s3_target_for(request, job_id, settings),
-        identity=cache_identity(request, references, chunking),
+        identity=cache_identity(
+            request,
+            references,
+            chunking,
+            quality_models=quality_models,
+            live_stream=streams is not None and streams.live,
+        ),
     )
 
 
@@ -134,11 +145,19 @@ def _reference_identity(reference: ResolvedVoice) -> dict[str, Any]:
 
 
 def cache_identity(
-    request: TTSRequest, references: Sequence[ResolvedVoice], chunking: Chunking | None = None
+    request: TTSRequest,
+    references: Sequence[ResolvedVoice],
+    chunking: Chunking | None = None,
+    *,
+    quality_models: Mapping[str, str] | None = None,
+    live_stream: bool = False,
 ) -> dict[str, Any] | None:
-    """Everything that shapes the audio, or None when the request is not deterministic (sampling, no seed).
+    """Everything that shapes the result, or None when the request is not deterministic (sampling, no seed).
 
     ``chunking`` is how a long transcript is cut (it changes the audio), or None for one generation.
+    ``quality_models`` names the aligner and the recogniser (``repo@revision``): another one gives other
+    words, captions or verification. ``live_stream``: the clip leaves while it is generated, so loudness is
+    set from its start and words are aligned chunk by chunk, which a clip finished whole does not share.
     """
     sampling = SamplingConfig(temperature=request.temperature, seed=request.seed)
     if not sampling.deterministic:
@@ -163,11 +182,19 @@ def cache_identity(
         "annotations": [request.timestamps, request.captions],
         "verification": [request.verify, request.max_wer, request.max_attempts, request.require_verified],
     }
-    identity |= {
+    asked = {
         name: values
         for name, values in quality.items()
         if any(v not in (None, False, "none") for v in values)
     }
+    models = quality_models or {}
+    if "annotations" in asked:
+        asked["annotations"].append(models.get("aligner"))
+    if "verification" in asked:
+        asked["verification"].append(models.get("recogniser"))
+    if live_stream and ("finishing" in asked or "annotations" in asked):
+        asked["finished_live"] = [True]
+    identity |= asked
     if not sampling.greedy:
         identity |= {"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k}
         identity["seed"] = request.seed

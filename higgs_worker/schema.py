@@ -288,9 +288,15 @@ def _describe(error: ErrorDetails) -> str:
 
 
 def _as_sent(message: str, sent_as: dict[str, str]) -> str:
-    """Name fields the way the client sent them: an OpenAI client that sent ``input`` reads ``input: …``."""
+    """Name fields the way the client sent them: an OpenAI client that sent ``input`` reads ``input: …``.
+
+    A field leading a clause is always renamed; inside a clause only names that are never English words
+    (``ref_audio``, ``output_format``, ``scene_prompt``), as in "not supported by output_format 'opus'".
+    """
     for field, alias in sent_as.items():
         message = re.sub(rf"(^|; ){field}(?=[:.\[ ])", rf"\g<1>{alias}", message)
+        if field != "transcript":
+            message = re.sub(rf"(?<=[ (]){field}\b(?!:)", alias, message)
     return message
 
 

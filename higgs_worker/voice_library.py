@@ -168,18 +168,21 @@ class VoiceLibrary:
 
     def adopt_earlier_uploads(self) -> None:
         """Move voices that earlier versions saved beside the presets (marked by ``<name>.json``) into the
-        library's folder, so an upgrade loses none. Each file moves atomically, the audio last, under the
-        voice's lock; a worker meanwhile finds the voice in one folder or the other."""
+        library's folder, so an upgrade loses none, under the voice's lock."""
         for meta in sorted(self.settings.voices_dir.glob("*.json")):
             name = meta.stem
             if not PRESET_NAME.fullmatch(name) or not meta.with_suffix(".wav").is_file():
                 continue
             self.directory.mkdir(parents=True, exist_ok=True)
             with self._lock(name):
-                for suffix in (".json", ".txt", ".wav"):
-                    old = meta.with_suffix(suffix)
-                    if old.is_file():
-                        old.replace(self.directory / old.name)
+                # The facts and the transcript are copied first and the audio moved last, in one rename:
+                # a reader finds the whole voice in one folder or the other, never audio without its text.
+                kept = [path for path in (meta, meta.with_suffix(".txt")) if path.is_file()]
+                for path in kept:
+                    publish(self.directory / path.name, path.read_bytes())
+                meta.with_suffix(".wav").replace(self.directory / f"{name}.wav")
+                for path in kept:
+                    path.unlink()
             logger.info("moved the saved voice %r into %s", name, self.directory)
 
     def _lock(self, name: str) -> VolumeLock:

@@ -104,6 +104,13 @@ def create_app(pipeline: Pipeline, *, with_health: bool = True) -> FastAPI:
     async def in_thread(function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(threads, function, *args)
 
+    async def whole_clip(request: Request, prepared: PreparedJob) -> Clip:
+        """The clip, generated on a job thread that owns the request's slot: it gives the slot back when
+        the work ends, however it ends; a client that leaves first cancels the work."""
+        job = threads.submit(pipeline.clip, prepared)
+        job.add_done_callback(_release(slots, prepared.job_id))
+        return await _unless_client_leaves(request, job, prepared.cancel)
+
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, error: HTTPException) -> JSONResponse:
         code = "not_found" if error.status_code == 404 else None
@@ -161,17 +168,14 @@ def create_app(pipeline: Pipeline, *, with_health: bool = True) -> FastAPI:
                 first = await anext(pieces, b"")  # a failure before any audio still gets its own status
                 handed_over = True
                 return ClosingStreamingResponse(
-                    _sent(first, pieces, stream_format, slots, found),
+                    _sent(first, pieces, stream_format, slots, found, prepared.cancel),
                     media_type="text/event-stream"
                     if stream_format == "sse"
                     else _mimetype(request_.output_format),
                 )
             if clip is None:
-                cancel = threading.Event()
-                job = threads.submit(pipeline.clip, prepared, None, cancel)
                 handed_over = True
-                job.add_done_callback(_release(slots, job_id))
-                clip = await _unless_client_leaves(request, job, cancel)
+                clip = await whole_clip(request, prepared)
             return _whole(clip, stream_format)
         except JobAbandoned:
             return Response(status_code=499)
@@ -212,10 +216,12 @@ def create_app(pipeline: Pipeline, *, with_health: bool = True) -> FastAPI:
                 first = await anext(lines, b"")
                 handed_over = True
                 return ClosingStreamingResponse(
-                    _sent(first, lines, "audio", slots, {}), media_type="application/x-ndjson"
+                    _sent(first, lines, "audio", slots, {}, prepared.cancel),
+                    media_type="application/x-ndjson",
                 )
             if clip is None:
-                clip = await in_thread(pipeline.clip, prepared)
+                handed_over = True
+                clip = await whole_clip(request, prepared)
             return JSONResponse(captioned_json(clip))
         except JobAbandoned:
             return Response(status_code=499)
@@ -345,11 +351,19 @@ def _encoded_stream(
 
 
 async def _sent(
-    first: bytes, rest: AsyncIterator[bytes], stream_format: str, slots: Slots, found: dict[str, Any]
+    first: bytes,
+    rest: AsyncIterator[bytes],
+    stream_format: str,
+    slots: Slots,
+    found: dict[str, Any],
+    cancel: threading.Event,
 ) -> AsyncIterator[bytes]:
     """The response body (audio bytes, or SSE delta events as ``_encoded_stream`` makes them); closing it
     stops the generation and frees the slot. With SSE, the ``speech.audio.done`` event closes the stream,
     carrying the clip's words, captions and verification when asked for.
+
+    ``cancel`` is set when the body ends, so a stream that is still making its whole clip first (a tempo
+    change, verification) stops at its next check instead of running to the end for nobody.
     """
     try:
         if first:
@@ -359,6 +373,7 @@ async def _sent(
         if stream_format == "sse":
             yield _sse({"type": "speech.audio.done", **found})
     finally:
+        cancel.set()
         await rest.aclose()  # type: ignore[attr-defined]
         slots.give_back()
 

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import platform
+import threading
 from collections.abc import AsyncIterator, Generator
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
@@ -41,10 +42,12 @@ def run_job(pipeline: Pipeline, job: dict[str, Any]) -> dict[str, Any]:
         return failure(job, error)
 
 
-def stream_job(pipeline: Pipeline, job: dict[str, Any]) -> Generator[dict[str, Any], None, None]:
+def stream_job(
+    pipeline: Pipeline, job: dict[str, Any], cancel: threading.Event | None = None
+) -> Generator[dict[str, Any], None, None]:
     """``Pipeline.stream`` with failures as a final ``{"error": ...}`` item (the SDK then fails the job)."""
     try:
-        yield from pipeline.stream(_job_id(job), job.get("input"))
+        yield from pipeline.stream(_job_id(job), job.get("input"), cancel)
     except Exception as error:  # the worker must survive anything a job triggers
         yield failure(job, error)
 
@@ -82,10 +85,15 @@ class QueueDoor:
     async def stream_handler(self, job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """The handler with STREAMING=true: each audio chunk is yielded as soon as it is encoded.
 
-        When RunPod cancels the job, closing the stream stops the generation (after the chunk in flight).
+        When RunPod cancels the job, closing the stream stops the generation (after the chunk in flight; a
+        stream still making its whole clip first, for a tempo change or verification, at its next check).
         """
-        async for item in iterate_in_threads(stream_job(self.pipeline, job), self.threads):
-            yield item
+        cancel = threading.Event()
+        try:
+            async for item in iterate_in_threads(stream_job(self.pipeline, job, cancel), self.threads):
+                yield item
+        finally:
+            cancel.set()
 
     def concurrency_modifier(self, _current: int) -> int:
         return self.pipeline.settings.concurrency

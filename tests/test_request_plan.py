@@ -66,3 +66,22 @@ def test_the_prompt_version_is_part_of_the_identity(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(request_plan, "PROMPT_VERSION", request_plan.PROMPT_VERSION + 1)
     after = cache_identity(request(seed=1), [])
     assert before is not None and after is not None and before != after
+
+
+def test_the_quality_models_and_a_live_stream_are_part_of_the_identity_only_where_they_shape_it() -> None:
+    """Another aligner gives other words, another recogniser another verdict; a live stream levels its
+    loudness from its start and aligns chunk by chunk, so it never answers for a clip finished whole."""
+    one = {"aligner": "org/aligner-a@main", "recogniser": "org/whisper@main"}
+    other = {"aligner": "org/aligner-b@main", "recogniser": "org/whisper-large@main"}
+
+    def identity(fields: dict, models: dict = one, live: bool = False) -> dict | None:
+        return cache_identity(request(seed=1, **fields), [], quality_models=models, live_stream=live)
+
+    plain = identity({})
+    assert plain == identity({}, other, live=True)  # neither asked for: the identity is what it was
+    assert identity({"timestamps": "word"}) != identity({"timestamps": "word"}, other)
+    assert identity({"verify": True}) != identity({"verify": True}, other)
+    assert identity({"trim_silence": True}) == identity({"trim_silence": True}, other)
+    for fields in ({"loudness_lufs": -20.0}, {"captions": "srt"}):
+        assert identity(fields) != identity(fields, live=True)
+    assert identity({"verify": True}) == identity({"verify": True}, live=True)

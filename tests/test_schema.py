@@ -85,3 +85,18 @@ def test_alias_conflict_names_both_fields() -> None:
 def test_unsupported_openai_format_lists_allowed() -> None:
     message = error_of({"input": "hi", "response_format": "aac"})
     assert message.startswith("response_format:") and "wav" in message and "opus" in message
+
+
+def test_an_openai_client_reads_its_own_field_names_inside_a_message_too() -> None:
+    limits = RequestLimits(1000, 4096)
+    with pytest.raises(RequestError) as raised:
+        parse_request(
+            {"input": "x", "response_format": "opus", "sample_rate": 44100}, limits, openai_names=True
+        )
+    assert str(raised.value).startswith("sample_rate: 44100 is not supported by response_format 'opus'")
+    with pytest.raises(RequestError) as raised:
+        parse_request({"input": "x", "voice": ["a", "b"], "ref_text": ["t"]}, limits, openai_names=True)
+    assert str(raised.value) == "ref_text: a list must have one entry per voice entry (2)"
+    with pytest.raises(RequestError) as raised:  # this worker's own names stay its own
+        parse_request({"transcript": "x", "output_format": "opus", "sample_rate": 44100}, limits)
+    assert "not supported by output_format 'opus'" in str(raised.value)

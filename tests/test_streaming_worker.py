@@ -14,6 +14,7 @@ import pytest
 import soundfile as sf
 
 from boson_multimodal.engine import GenerationCancelled
+from higgs_worker.errors import JobAbandoned
 from higgs_worker.pipeline import Pipeline
 from higgs_worker.settings import load_settings
 from tests.support.checkpoints import complete_store
@@ -185,6 +186,28 @@ def test_cancelling_a_streaming_job_stops_its_generation(
         handle.result(timeout=60)
 
 
+def test_a_stream_that_makes_its_whole_clip_first_stops_when_nobody_waits(
+    hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a tempo change the whole clip comes before the first chunk: a consumer that leaves meanwhile
+    (RunPod's cancel, an HTTP client) sets the job's cancel, and the generation stops at its next step."""
+    settings = load_settings({"RUNPOD_VOLUME_PATH": str(tmp_path / "volume"), "STREAMING": "true"})
+    complete_store(settings, hub.url)
+    pipeline = Pipeline(settings)
+    engine, _ = pipeline.runtime.engine()
+    handles = record_submissions(engine, monkeypatch)
+    steps = settings.max_new_tokens_limit
+    cancel = threading.Event()
+    job = {"transcript": "A long one, faster.", "max_new_tokens": steps, "speed": 1.5}
+    stream = pipeline.stream("leaves-early", job, cancel)
+    threading.Timer(1.0, cancel.set).start()  # the consumer goes away while the clip is being made
+    with pytest.raises(JobAbandoned):
+        next(stream)
+    [handle] = handles
+    with pytest.raises(GenerationCancelled):  # stopped, not run to its thousands of steps
+        handle.result(timeout=60)
+
+
 def test_cancelling_while_a_chunk_is_being_produced_closes_the_stream(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -196,7 +219,7 @@ def test_cancelling_while_a_chunk_is_being_produced_closes_the_stream(
     door = QueueDoor(pipeline)
     producing, release, closed = threading.Event(), threading.Event(), []
 
-    def slow_stream(job_id: str, _raw_input: object) -> Iterator[dict]:
+    def slow_stream(job_id: str, _raw_input: object, _cancel: object) -> Iterator[dict]:
         try:
             yield {"index": 0}
             producing.set()
