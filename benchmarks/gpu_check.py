@@ -19,6 +19,8 @@ Writes one JSON file:
   synchronisations (``cudaStreamSynchronize`` / ``cudaDeviceSynchronize`` / ``cudaEventSynchronize`` calls)
   and wall time; per graph replay: kernels and GPU time;
 - graph-versus-eager agreement: the rows of the same greedy request through both;
+- the word-timestamp aligner (wav2vec2-base) and the verification recogniser (Whisper large-v3 turbo) on a
+  10 s clip, at their real geometries with random weights (``benchmarks/quality_cost.py``);
 - peak GPU memory.
 
 It needs nothing but torch, transformers and this repository. To try a newer transformers than the machine
@@ -46,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 import transformers
 
+from benchmarks.quality_cost import quality_models_on_clip
 from boson_multimodal.engine import EngineOptions, HiggsAudioEngine, SamplingConfig, SpeechRequest
 from boson_multimodal.loading import LoadedModel, build_processor
 from boson_multimodal.prompt import CHAT_TEMPLATE
@@ -317,6 +320,8 @@ def main() -> int:
                 (i for i in range(same) if not torch.equal(eager[i], replayed[i])), None
             ),
         }
+    report["quality_models"] = quality_models_on_clip(str(device), runs=3, tiny=args.tiny)
+    print("quality models", report["quality_models"], flush=True)
     if device.type == "cuda":
         report["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
     report["total_s"] = round(time.perf_counter() - started, 1)

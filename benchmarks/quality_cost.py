@@ -46,7 +46,14 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", help="with --real-geometry: cpu or cuda")
     args = parser.parse_args()
     if args.real_geometry:
-        return real_geometry(args.device, args.runs)
+        figures = quality_models_on_clip(args.device, args.runs)
+        print(f"{figures['clip_s']:.0f} s clip on {args.device}, real geometries with random weights:")
+        print(f"aligner wav2vec2-base ({figures['aligner_params_m']:.0f}M): {figures['align_ms']:.1f} ms")
+        print(
+            f"recogniser Whisper large-v3 turbo ({figures['recogniser_params_m']:.0f}M), "
+            f"{figures['recogniser_tokens']} tokens: {figures['transcribe_ms']:.1f} ms"
+        )
+        return 0
 
     from boson_multimodal.engine import HiggsAudioEngine, SamplingConfig, SpeechRequest
     from boson_multimodal.tiny_model import build_tiny_checkpoint
@@ -121,30 +128,41 @@ def whisper_word_times(recogniser: Any, waveform: Any, sample_rate: int, runs: i
     return median_time(timed, runs), int(found["out"]["token_timestamps"].shape[1])
 
 
-def real_geometry(device: str, runs: int, seconds: float = 10.0) -> int:
-    """The aligner and recogniser at their real sizes (wav2vec2-base, Whisper large-v3 turbo), random
-    weights, on ``seconds`` of audio: what timestamps and one verification attempt cost on ``device``."""
+def quality_models_on_clip(device: str, runs: int, *, tiny: bool = False, seconds: float = 10.0) -> dict:
+    """The aligner and recogniser on ``seconds`` of audio on ``device``: at their real sizes (wav2vec2-base,
+    Whisper large-v3 turbo) with random weights, or the tiny builds (``tiny``, a check of the code path).
+    Whisper decodes exactly the token budget verification gives a clip this long. Also the GPU check's."""
     import numpy as np
     import torch
-    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC, WhisperConfig, WhisperForConditionalGeneration
+    from transformers import (
+        AutoProcessor,
+        Wav2Vec2Config,
+        Wav2Vec2ForCTC,
+        WhisperForConditionalGeneration,
+    )
 
     from higgs_worker.quality.alignment import CTCAligner
-    from higgs_worker.quality.tiny_models import CTC_VOCAB, build_tiny_aligner
+    from higgs_worker.quality.tiny_models import CTC_VOCAB, build_tiny_aligner, build_tiny_recogniser
     from higgs_worker.quality.words import transcript_words
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     audio = np.random.default_rng(0).standard_normal(round(seconds * 24_000)).astype(np.float32) * 0.1
     with tempfile.TemporaryDirectory() as scratch:
-        processor_dir = build_tiny_aligner(
-            Path(scratch) / "aligner"
-        )  # its processor: the real vocabulary's shape
-        from transformers import AutoProcessor
-
-        processor = AutoProcessor.from_pretrained(processor_dir)
-    ctc = Wav2Vec2ForCTC(Wav2Vec2Config(vocab_size=len(CTC_VOCAB))).to(device).eval()  # base: 12 x 768
+        # the tiny build's processor: the real English CTC vocabulary's shape and the real 16 kHz input
+        tiny_aligner = build_tiny_aligner(Path(scratch) / "aligner")
+        processor = AutoProcessor.from_pretrained(tiny_aligner)
+        ctc = (
+            CTCAligner.load(tiny_aligner, device).model
+            if tiny
+            else Wav2Vec2ForCTC(Wav2Vec2Config(vocab_size=len(CTC_VOCAB))).to(device).eval()  # 12 x 768
+        )
+        whisper = (
+            WhisperForConditionalGeneration.from_pretrained(build_tiny_recogniser(Path(scratch) / "whisper"))
+            if tiny
+            else WhisperForConditionalGeneration(_turbo())
+        ).to(device, dtype)
     aligner = CTCAligner(ctc, processor, device)
     words = transcript_words(TEXT)
-    aligner.align(audio, 24_000, words)
 
     def synchronised(function: Callable[[], object]) -> Callable[[], None]:
         def run() -> None:
@@ -154,29 +172,43 @@ def real_geometry(device: str, runs: int, seconds: float = 10.0) -> int:
 
         return run
 
-    alignment = median_time(synchronised(lambda: aligner.align(audio, 24_000, words)), runs)
-    turbo = WhisperConfig(
-        vocab_size=51866, num_mel_bins=128, d_model=1280, encoder_layers=32, decoder_layers=4,
-        encoder_attention_heads=20, decoder_attention_heads=20, encoder_ffn_dim=5120, decoder_ffn_dim=5120,
-        max_source_positions=1500, max_target_positions=448, decoder_start_token_id=50258,
-        pad_token_id=50257, bos_token_id=50257, eos_token_id=50257,
-    )  # fmt: skip
-    whisper = WhisperForConditionalGeneration(turbo).to(device, dtype).eval()
-    features = torch.randn(1, 128, 3000, device=device, dtype=dtype)
-    tokens = 16 + round(10 * seconds)  # the budget verification gives a clip this long
+    align = synchronised(lambda: aligner.align(audio, 24_000, words))
+    align()  # warm-up
+    alignment = median_time(align, runs)
+    features = torch.randn(1, whisper.config.num_mel_bins, 3000, device=device, dtype=dtype)
+    tokens = 16 + round(10 * seconds)
 
     def transcribe() -> None:
         with torch.inference_mode():
             whisper.generate(features, max_new_tokens=tokens, min_new_tokens=tokens)
 
-    transcribe()
-    verification = median_time(synchronised(transcribe), runs)
-    params = sum(p.numel() for p in whisper.parameters()) / 1e6
-    print(f"{seconds:.0f} s clip on {device}, real geometries with random weights:")
-    ctc_params = sum(p.numel() for p in ctc.parameters()) / 1e6
-    print(f"aligner wav2vec2-base ({ctc_params:.0f}M): {alignment * 1000:.1f} ms")
-    print(f"recogniser Whisper large-v3 turbo ({params:.0f}M), {tokens} tokens: {verification * 1000:.1f} ms")
-    return 0
+    run = synchronised(transcribe)
+    run()  # warm-up
+    verification = median_time(run, runs)
+    return {
+        "clip_s": seconds,
+        "geometry": "tiny" if tiny else "real, random weights",
+        "aligner_params_m": round(sum(p.numel() for p in ctc.parameters()) / 1e6, 1),
+        "align_ms": round(alignment * 1000, 1),
+        "recogniser_params_m": round(sum(p.numel() for p in whisper.parameters()) / 1e6, 1),
+        "recogniser_tokens": tokens,
+        "transcribe_ms": round(verification * 1000, 1),
+    }
+
+
+# Whisper large-v3 turbo's geometry: 32 encoder layers, 4 decoder layers, d=1280, 128 mel bins
+TURBO_GEOMETRY = {
+    "vocab_size": 51866, "num_mel_bins": 128, "d_model": 1280, "encoder_layers": 32, "decoder_layers": 4,
+    "encoder_attention_heads": 20, "decoder_attention_heads": 20, "encoder_ffn_dim": 5120,
+    "decoder_ffn_dim": 5120, "max_source_positions": 1500, "max_target_positions": 448,
+    "decoder_start_token_id": 50258, "pad_token_id": 50257, "bos_token_id": 50257, "eos_token_id": 50257,
+}  # fmt: skip
+
+
+def _turbo() -> Any:
+    from transformers import WhisperConfig
+
+    return WhisperConfig(**TURBO_GEOMETRY)
 
 
 if __name__ == "__main__":

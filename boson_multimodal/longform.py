@@ -248,6 +248,7 @@ def stream_long(
     on_progress: ProgressCallback | None = None,
     schedule: ChunkSchedule | None = None,
     crossfade_s: float = DEFAULT_CROSSFADE_S,
+    generate_piece: Callable[[SpeechRequest], Speech] | None = None,
 ) -> Generator[AudioChunk, None, None]:
     """``generate_long`` as a stream: each piece's chunks leave while it is generated, the next piece starts
     when the previous one ends, and each seam gets the same crossfade, so the chunks concatenate to what
@@ -256,9 +257,10 @@ def stream_long(
 
     The last ``overlap`` samples of every piece but the last are held back (a rolling tail: the piece's last
     chunk may be too short, or empty) until the next piece's first audio arrives to be crossfaded with.
-    Closing the iterator cancels the piece being generated.
+    Closing the iterator cancels the piece being generated. With ``generate_piece`` each piece is made whole
+    by it (a caller checking a piece before any of it is sent) and then sent in chunks.
     """
-    from boson_multimodal.streaming import AudioChunk, stream_speech
+    from boson_multimodal.streaming import AudioChunk, chunk_speech, stream_speech
 
     chunking = chunking if isinstance(chunking, Chunking) else Chunking(max_chars=chunking)
     pieces = plan_pieces(request.text, chunking)
@@ -273,7 +275,13 @@ def stream_long(
         last_piece = done == len(pieces)
         parts: list[np.ndarray] = []
         tail = np.zeros(0, dtype=np.float32)  # this piece's newest samples, not sent yet
-        for chunk in stream_speech(engine, history.request_for(piece), schedule):
+        piece_request = history.request_for(piece)
+        piece_chunks = (
+            chunk_speech(generate_piece(piece_request), engine.frame_rate)
+            if generate_piece is not None
+            else stream_speech(engine, piece_request, schedule)
+        )
+        for chunk in piece_chunks:
             parts.append(chunk.waveform)
             audio = chunk.waveform
             if len(audio) and len(held):

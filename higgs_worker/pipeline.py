@@ -232,13 +232,21 @@ class Pipeline:
         with prepared.timings.phase("first_chunk"), _engine_refusals():
             if not plan.stream.live:  # the whole clip first; generate() finished it
                 chunks = chunk_speech(self.generate(prepared), engine.frame_rate)
-            else:
-                generated = (
-                    stream_long(engine, plan.speech, plan.chunking)
-                    if plan.chunking is not None
-                    else stream_speech(engine, plan.speech)
-                )
+            elif plan.chunking is not None:  # with verify: each piece checked before any of it is sent
+                verifier = self.quality.verifier(plan.request, prepared.timings)
+
+                def whole_piece(request: SpeechRequest) -> Speech:  # stops when nobody waits any more
+                    return engine.generate(request, cancel=prepared.cancel)
+
+                piece = verifier.generate(whole_piece) if verifier is not None else None
+                generated = stream_long(engine, plan.speech, plan.chunking, generate_piece=piece)
+                if verifier is not None:
+                    generated = self.quality.checked_pieces(
+                        generated, verifier, plan.request, prepared.quality
+                    )
                 chunks = finished_chunks(generated, finishing_for(plan.request))
+            else:
+                chunks = finished_chunks(stream_speech(engine, plan.speech), finishing_for(plan.request))
         try:  # closing this generator closes the engine's stream, which stops the generation
             with prepared.timings.phase("first_chunk"), _engine_refusals():
                 first = next(chunks)

@@ -73,7 +73,7 @@ def plan_job(
         seed=request.seed,
     )
     chunking = chunking_for(request, prompt.text, settings.longform_chunk_chars)
-    streams = stream_plan(request, stream)
+    streams = stream_plan(request, stream, long=chunking is not None)
     quality_models = {
         "aligner": f"{settings.aligner_repo}@{settings.aligner_revision}",
         "recogniser": f"{settings.recogniser_repo}@{settings.recogniser_revision}",
@@ -95,7 +95,7 @@ def plan_job(
     )
 
 
-def stream_plan(request: TTSRequest, kind: StreamKind | None) -> StreamPlan | None:
+def stream_plan(request: TTSRequest, kind: StreamKind | None, *, long: bool = False) -> StreamPlan | None:
     """How the job streams through a door that streams ``kind``, or None when it is sent whole.
 
     One growing file streams only where its encoder never rewrites the header (see
@@ -105,8 +105,9 @@ def stream_plan(request: TTSRequest, kind: StreamKind | None) -> StreamPlan | No
         return None
     if kind == "bytes" and (request.output_format not in STREAMABLE or request.sample_rate is not None):
         return None
-    # A tempo change needs the whole clip, and so does verification (a clip is checked before it is sent).
-    return StreamPlan(kind, live=request.speed == 1.0 and not request.verify)
+    # A tempo change needs the whole clip. Verification checks a clip before it is sent: a long text's pieces
+    # are each checked before they leave (the stream goes on piece by piece); a short text is one piece.
+    return StreamPlan(kind, live=request.speed == 1.0 and (long or not request.verify))
 
 
 def s3_target_for(request: TTSRequest, job_id: str, settings: Settings) -> S3Target | None:

@@ -36,3 +36,6 @@ def test_the_gpu_check_writes_its_figures(tmp_path: Path) -> None:
         assert step["host_ops"] > 0 and step["ms"] > 0
         assert step["gpu_kernels"] == 0 and step["blocking_syncs"] == 0  # a CPU has neither
     assert "scheduler_cuda_graphs" not in report and "graph_vs_eager_greedy" not in report  # only on CUDA
+    quality = report["quality_models"]
+    assert quality["geometry"] == "tiny" and quality["clip_s"] == 10
+    assert quality["align_ms"] > 0 and quality["transcribe_ms"] > 0 and quality["recogniser_tokens"] == 116

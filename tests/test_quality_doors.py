@@ -23,6 +23,8 @@ from tests.support.hub_server import HubServer
 from tests.support.quality_models import place
 from tests.support.worker_process import HttpWorker, worker_env
 
+pytestmark = pytest.mark.slow  # a real worker process
+
 TEXT = "Captions over HTTP, word by word."
 WORDS = [w.text for w in transcript_words(TEXT)]
 JOB = {"input": TEXT, "max_new_tokens": 40, "seed": 3}

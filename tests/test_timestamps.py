@@ -261,3 +261,37 @@ def test_with_s3_the_captions_go_beside_the_audio(
     assert stored["ContentType"] == "text/vtt; charset=utf-8"
     assert stored["Body"].read().decode() == output["captions"]
     assert len(webvtt.from_string(output["captions"])) >= 1
+
+
+def test_chinese_and_japanese_words_are_characters_written_back_without_spaces(aligner: CTCAligner) -> None:
+    words = transcript_words("你好，世界。 The end. こんにちは")
+    assert [w.text for w in words] == ["你", "好,", "世", "界.", "The", "end.", "こ", "ん", "に", "ち", "は."]
+    # an English aligner knows none of these characters: they share the clip evenly, in order
+    times = aligner.align(np.zeros(48_000, np.float32), 24_000, words)
+    check_times(times, 2.0)
+    captions = webvtt.from_string(render(times, "vtt"))
+    assert (
+        "".join(c.text.replace("\n", "") for c in captions).replace(" ", "") == "你好,世界.Theend.こんにちは."
+    )
+    long = [WordTime(ch, i * 0.2, i * 0.2 + 0.1, None) for i, ch in enumerate("天气很好" * 10)]
+    lines = [line for c in webvtt.from_string(render(long, "vtt")) for line in c.text.split("\n")]
+    assert all(len(line) <= MAX_LINE_CHARS // 2 for line in lines)  # two columns a character
+
+
+def test_the_aligner_is_downloaded_to_the_volume_once_then_read_from_it(
+    tiny_aligner: Path, tmp_path: Path
+) -> None:
+    from higgs_worker.quality.models import QualityModels
+
+    settings = load_settings({"RUNPOD_VOLUME_PATH": str(tmp_path / "volume")})
+    with HubServer({settings.aligner_repo: tiny_aligner}) as aligner_hub:
+        first = QualityModels(settings, endpoint=aligner_hub.url)
+        first.aligner()
+        assert first.stored["aligner"].source == "download"
+        assert first.stored["aligner"].commit == aligner_hub.commit(settings.aligner_repo)
+        assert settings.aligner_path.is_dir()
+        aligner_hub.reset_counts()
+        again = QualityModels(settings, endpoint=aligner_hub.url)  # another worker on the same volume
+        again.aligner()
+        assert again.stored["aligner"].source == "store" and aligner_hub.requests == []
+        assert again.describe("aligner")["commit"] == first.stored["aligner"].commit

@@ -178,6 +178,14 @@ def test_a_stream_is_verified_before_its_first_chunk(
     assert np.array_equal(streamed, audio_of(pipeline.run("whole", job())))
 
 
+def test_a_piece_without_words_is_not_checked(pipeline: Pipeline, recogniser: ScriptedRecogniser) -> None:
+    recogniser.script()  # nothing to hear: a transcription would fail the test
+    output = pipeline.run("laugh", job(transcript="[laugh]"))
+    assert output["verification"] | {"recognised": ""} == {
+        "wer": 0.0, "attempts": 1, "passed": True, "recognised": "", "max_wer": 0.2, "metric": "wer",
+    }  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("fields", "clause"),
     [
@@ -223,3 +231,32 @@ def test_the_result_cache_keeps_the_verified_clip_and_its_report(
     assert np.array_equal(audio_of(hit), audio_of(first))
     recogniser.script("the garden gate was open")
     assert not cached.run("other", job(max_wer=0.3))["cache_hit"]  # other verification, other result
+
+
+def test_a_long_stream_checks_each_piece_before_sending_it(
+    pipeline: Pipeline, recogniser: ScriptedRecogniser
+) -> None:
+    recogniser.script(
+        "the first piece is about the garden",
+        "something else",
+        "the second piece is about the gate",
+        "the third one closes it",
+    )
+    stream = pipeline.stream("long-stream", job(transcript=LONG))
+    first = next(stream)
+    assert len(recogniser.calls) == 1  # the first piece left once it passed, before the second was made
+    items = [first, *stream]
+    verification = items[-1]["summary"]["verification"]
+    assert [p["attempts"] for p in verification["pieces"]] == [1, 2, 1] and verification["passed"]
+
+
+def test_a_long_stream_stops_at_a_piece_that_never_passes_when_required(
+    pipeline: Pipeline, recogniser: ScriptedRecogniser
+) -> None:
+    recogniser.script("the first piece is about the garden", "no", "no", "no")
+    received = []
+    with pytest.raises(NotVerified, match="require_verified"):
+        for item in pipeline.stream("required-stream", job(transcript=LONG, require_verified=True)):
+            received.append(item)
+    assert received and not any(item["final"] for item in received)  # the first piece was sent, no more
+    assert not recogniser.answers

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from higgs_worker.delivery import S3ClientFactory, S3Target, default_s3_client, describe_s3_failure
 from higgs_worker.quality.alignment import WordTime
+from higgs_worker.quality.words import CJK, join_words
 
 CaptionFormat = Literal["srt", "vtt"]
 MAX_LINE_CHARS = 42
@@ -47,14 +48,19 @@ def _starts_new_cue(current: list[WordTime], word: WordTime) -> bool:
 
 
 def _lines(words: list[WordTime]) -> list[str]:
-    """Words wrapped at MAX_LINE_CHARS (a single longer word gets a line of its own)."""
-    lines: list[str] = []
+    """Words wrapped at MAX_LINE_CHARS columns (a Chinese or Japanese character takes two; a single longer
+    word gets a line of its own)."""
+    lines: list[list[str]] = []
     for word in words:
-        if lines and len(lines[-1]) + 1 + len(word.word) <= MAX_LINE_CHARS:
-            lines[-1] += " " + word.word
+        if lines and _columns(join_words([*lines[-1], word.word])) <= MAX_LINE_CHARS:
+            lines[-1].append(word.word)
         else:
-            lines.append(word.word)
-    return lines
+            lines.append([word.word])
+    return [join_words(line) for line in lines]
+
+
+def _columns(text: str) -> int:
+    return len(text) + len(CJK.findall(text))
 
 
 def render(words: list[WordTime], fmt: CaptionFormat) -> str:

@@ -6,7 +6,8 @@ from the HTTP door), and the request fields that decide what runs are read here,
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,6 +21,9 @@ from higgs_worker.quality.words import transcript_words
 from higgs_worker.schema import TTSRequest
 from higgs_worker.settings import Settings
 from higgs_worker.timings import Timings
+
+if TYPE_CHECKING:
+    from boson_multimodal.streaming import AudioChunk
 
 # What the quality layer adds to a clip's output (and keeps with it in the result cache).
 OUTPUT_KEYS = ("words", "captions", "captions_format", "verification")
@@ -67,6 +71,28 @@ class Quality:
             retry=request.temperature > 0,
         )
         return Verifier(recogniser, options, lambda seconds: timings.add("verify", seconds))
+
+    def checked_pieces(
+        self,
+        chunks: Generator[AudioChunk, None, None],
+        verifier: Verifier,
+        request: TTSRequest,
+        found: dict[str, Any],
+    ) -> Generator[AudioChunk, None, None]:
+        """A long-form stream whose pieces ``verifier`` checks as they are made: a piece that never passes
+        under ``require_verified`` ends the stream before any of its audio leaves; the final chunk leaves
+        with the report in ``found``. Closing this closes ``chunks``."""
+        try:
+            checked = 0
+            for chunk in chunks:
+                if len(verifier.checks) > checked:  # a piece was just made and checked
+                    checked = len(verifier.checks)
+                    self.check_required(request, verifier.report())
+                if chunk.final:
+                    found["verification"] = verifier.report()
+                yield chunk
+        finally:
+            chunks.close()
 
     @staticmethod
     def check_required(request: TTSRequest, verification: dict[str, Any]) -> None:

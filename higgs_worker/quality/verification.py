@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 
-from higgs_worker.quality.words import transcript_words
+from higgs_worker.quality.words import join_words, transcript_words
 
 if TYPE_CHECKING:
     from boson_multimodal.engine import Speech, SpeechRequest
@@ -201,16 +202,22 @@ class Verifier:
         self._on_transcribe = on_transcribe  # seconds spent transcribing, for the job's timings
 
     def generate(self, generate: Callable[[SpeechRequest], Speech]) -> Callable[[SpeechRequest], Speech]:
-        """``generate`` with verification: the best of up to ``max_attempts`` seeds for each request."""
-        from dataclasses import replace
+        """``generate`` with verification: the best of up to ``max_attempts`` seeds for each request.
+
+        A piece with no words (only a sound event, such as ``[laugh]``) has nothing to check: it is generated
+        once and passes.
+        """
 
         def verified(request: SpeechRequest) -> Speech:
             def make(attempt: int) -> Speech:
                 seed = attempt_seed(request.sampling.seed, attempt)
                 return generate(replace(request, sampling=replace(request.sampling, seed=seed)))
 
-            reference = " ".join(w.text for w in transcript_words(request.text, normalised=True))
+            reference = join_words([w.text for w in transcript_words(request.text, normalised=True)])
             language = language_of(reference)
+            if not normalise(reference, language).strip():
+                self.checks.append(Check(0.0, 1, True, "", 0, "wer"))
+                return make(0)
             speech, error, recognised, made = best_attempt(
                 make, lambda s: self._score(s, reference, language), self.options
             )
@@ -224,8 +231,6 @@ class Verifier:
         return verified
 
     def _score(self, speech: Speech, reference: str, language: str | None) -> tuple[float, str]:
-        import time
-
         started = time.perf_counter()
         heard = self.recogniser.transcribe(speech.waveform, speech.sample_rate, language)
         self._on_transcribe(time.perf_counter() - started)

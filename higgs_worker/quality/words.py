@@ -4,6 +4,8 @@ Why from the normalised transcript: that is the text the model is given (``norma
 events as tags, units spelled out, parentheses dropped), so it is what the clip says. Sound-event tags and
 their names (``<SE>[Laughter]</SE>``) are not words, speaker tags only say who speaks, and a token with no
 letter or digit (a dash, a lone ``!``) is punctuation: it joins the word before it (or after it, first).
+Chinese and Japanese put no spaces between words, so there each character is a word (as WhisperX times
+them), and :func:`join_words` writes such words back without spaces.
 """
 
 from __future__ import annotations
@@ -16,6 +18,11 @@ from boson_multimodal.transcript import SPEAKER_TAG, normalize_transcript
 SOUND_EVENT = re.compile(r"<(SE|SE_s|SE_e)>.*?</\1>", re.S)
 _SPEAKER_SPLIT = re.compile(r"(\[SPEAKER\d+\])")
 _WORDLIKE = re.compile(r"\w")
+_CJK_CHARS = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff"
+CJK = re.compile(f"[{_CJK_CHARS}]")
+_UNITS = re.compile(
+    f"[{_CJK_CHARS}][^\\w\\s]*|[^{_CJK_CHARS}]+"
+)  # a character and its punctuation, or the rest
 
 
 @dataclass(frozen=True)
@@ -35,7 +42,7 @@ def transcript_words(transcript: str, *, normalised: bool = False) -> list[Trans
         if tag:
             speaker = int(tag.group(1))
             continue
-        for token in part.split():
+        for token in (unit for spaced in part.split() for unit in _UNITS.findall(spaced)):
             if _WORDLIKE.search(token):
                 words.append(TranscriptWord(loose + token, speaker))
                 loose = ""
@@ -44,3 +51,12 @@ def transcript_words(transcript: str, *, normalised: bool = False) -> list[Trans
             else:
                 loose += token
     return words
+
+
+def join_words(words: list[str]) -> str:
+    """Words as text: spaces between them, none between two Chinese or Japanese characters."""
+    text, previous = "", ""
+    for word in words:
+        seam = "" if not text or (CJK.match(previous) and CJK.match(word)) else " "
+        text, previous = text + seam + word, word
+    return text
