@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from higgs_worker.atomic_file import publish
 from higgs_worker.errors import DemoRefused
-from higgs_worker.model_store import LOCAL_BUILD, RepoSpec, publish_local, read_marker, read_store
 from higgs_worker.settings import Settings, load_settings
+from higgs_worker.store.atomic_file import publish
+from higgs_worker.store.model_store import LOCAL_BUILD, RepoSpec, publish_local, read_marker, read_store
 
 logger = logging.getLogger("demo_model")
 

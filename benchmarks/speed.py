@@ -60,8 +60,8 @@ def measure(engine, steps: int, runs: int) -> dict[str, float]:
 def handler_overhead(checkpoint: Path, steps: int, runs: int) -> tuple[float, float]:
     """(handler job, bare generate) median seconds for the same request, in this process."""
     from higgs_worker import pipeline as job_pipeline
-    from higgs_worker.model_store import RepoSpec, ensure_repo
     from higgs_worker.settings import load_settings
+    from higgs_worker.store.model_store import RepoSpec, ensure_repo
     from queue_api.worker import run_job
     from tests.conftest import MODEL_REPO, TOKENIZER_REPO
     from tests.support.hub_server import HubServer

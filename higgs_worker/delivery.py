@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from higgs_worker.audio_encoding import FORMATS, EncodedAudio, supported_formats
+from higgs_worker.audio.encoding import FORMATS, EncodedAudio, supported_formats
 from higgs_worker.errors import DeliveryError
 
 if TYPE_CHECKING:

@@ -2,7 +2,7 @@
 
 Both doors (:mod:`queue_api` for RunPod's queue, :mod:`http_api` for load-balancer endpoints) only translate
 their protocol into calls here and back; nothing here knows which door a job came through. A job is planned
-once (:mod:`higgs_worker.request_plan`): every stage after reads the plan. The queue and ``POST /generate``
+once (:mod:`higgs_worker.job.plan`): every stage after reads the plan. The queue and ``POST /generate``
 take the JSON output of :meth:`Pipeline.run` / :meth:`Pipeline.stream`; ``/v1/audio/speech`` takes the clip
 of :meth:`Pipeline.clip` or the encoded pieces of :meth:`Pipeline.stream_audio`, the one stream both doors
 send.
@@ -21,21 +21,21 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from boson_multimodal.errors import SpeechRequestError
-from higgs_worker.audio_encoding import EncodedAudio, change_tempo, encode_audio
+from higgs_worker.audio.encoding import EncodedAudio, change_tempo, encode_audio
+from higgs_worker.audio.stream_encoding import StreamEncoder
 from higgs_worker.delivery import DeliveryPolicy, InlineBudget, deliver
-from higgs_worker.dry_run import dry_run
 from higgs_worker.errors import JobAbandoned, JobError, SpeechNotPossible
+from higgs_worker.job.dry_run import dry_run
+from higgs_worker.job.plan import Plan, StreamKind, plan_job
+from higgs_worker.job.schema import RequestLimits, TTSRequest, parse_request
 from higgs_worker.quality.captions import upload_captions
 from higgs_worker.quality.finishing import finish, finished_chunks, finishing_for
 from higgs_worker.quality.service import OUTPUT_KEYS, Quality, StreamWords
-from higgs_worker.references import ResolvedVoice, resolve_reference
-from higgs_worker.request_plan import Plan, StreamKind, plan_job
-from higgs_worker.result_cache import ResultCache, cache_key
 from higgs_worker.runtime import Models, Runtime
-from higgs_worker.schema import RequestLimits, TTSRequest, parse_request
 from higgs_worker.settings import Settings
-from higgs_worker.stream_encoding import StreamEncoder
+from higgs_worker.store.result_cache import ResultCache, cache_key
 from higgs_worker.timings import Timings
+from higgs_worker.voices.resolve import ResolvedVoice, resolve_reference
 
 if TYPE_CHECKING:  # torch is imported only when a job needs the engine
     from boson_multimodal.engine import HiggsAudioEngine, Speech, SpeechRequest
@@ -84,7 +84,7 @@ class Clip:
 
 @dataclass(frozen=True)
 class StreamPiece:
-    """One piece of a stream, encoded as the plan says (see :class:`higgs_worker.request_plan.StreamPlan`)."""
+    """One piece of a stream, encoded as the plan says (see :class:`higgs_worker.job.plan.StreamPlan`)."""
 
     chunk: AudioChunk
     data: bytes  # "files": this chunk as a playable file; "bytes": the next bytes of the one file

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from higgs_worker.errors import RuntimeConfigError
-from higgs_worker.model_store import RepoSpec, StoredRepo, ensure_repo
 from higgs_worker.redaction import redact
 from higgs_worker.settings import Settings
+from higgs_worker.store.model_store import RepoSpec, StoredRepo, ensure_repo
 
 if TYPE_CHECKING:  # torch is imported only when a job needs the engine
     from boson_multimodal.engine import HiggsAudioEngine

@@ -24,8 +24,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from higgs_worker.errors import JobAbandoned
+from higgs_worker.job.plan import StreamKind
 from higgs_worker.pipeline import Clip, Pipeline, PreparedJob
-from higgs_worker.request_plan import StreamKind
 from higgs_worker.runtime import Readiness
 from higgs_worker.thread_iteration import iterate_in_threads
 from http_api.errors import error_response, failure_response

@@ -3,7 +3,7 @@ and Kokoro-FastAPI's ``/dev/captioned_speech`` (the audio with its word timestam
 :meth:`http_api.door.HttpDoor.speak`.
 
 ``pcm``, ``wav``, ``mp3`` and ``opus`` stream as one file while it is generated; ``flac``, ``ogg`` and a
-changed ``sample_rate`` are sent once complete (the plan decides: :mod:`higgs_worker.request_plan`).
+changed ``sample_rate`` are sent once complete (the plan decides: :mod:`higgs_worker.job.plan`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse, Response
 
-from higgs_worker.audio_encoding import FORMATS
+from higgs_worker.audio.encoding import FORMATS
 from higgs_worker.pipeline import Clip, Pipeline, PreparedJob
 from http_api.captioned import captioned_json, captioned_lines
 from http_api.door import SpeechReply

@@ -1,5 +1,5 @@
 """The voice library's routes: save (a multipart upload), list, describe and delete saved voices (see
-:mod:`higgs_worker.voice_library`)."""
+:mod:`higgs_worker.voices.library`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Form, UploadFile
 from fastapi.responses import JSONResponse, Response
 
-from higgs_worker.voice_library import VoiceLibrary
+from higgs_worker.voices.library import VoiceLibrary
 from http_api.door import HttpDoor
 from http_api.errors import failure_response
 

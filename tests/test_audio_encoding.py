@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from higgs_worker.audio_encoding import (
+from higgs_worker.audio.encoding import (
     FORMATS,
     MAX_SPEED,
     MIN_SPEED,

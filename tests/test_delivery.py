@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from higgs_worker.audio_encoding import EncodedAudio, encode_audio
+from higgs_worker.audio.encoding import EncodedAudio, encode_audio
 from higgs_worker.delivery import (
     MAX_KEY_BYTES,
     OUTPUT_OVERHEAD_BYTES,

@@ -9,9 +9,9 @@ import pytest
 
 from demo_model import DEMO_VOICE_TEXT, publish_demo, publish_demo_voices
 from higgs_worker.errors import DemoRefused, ModelStoreError
-from higgs_worker.model_store import LOCAL_BUILD, RepoSpec, ensure_repo, read_marker, read_store
-from higgs_worker.references import ReferenceAudio, resolve_reference
 from higgs_worker.settings import Settings, load_settings
+from higgs_worker.store.model_store import LOCAL_BUILD, RepoSpec, ensure_repo, read_marker, read_store
+from higgs_worker.voices.resolve import ReferenceAudio, resolve_reference
 from tests.support.fixtures_hub import make_repo
 from tests.support.hub_server import HubServer
 

@@ -170,7 +170,8 @@ def programs_the_tests_run() -> dict[str, str]:
     (`*.py`, `*.sh`) are not programs to install."""
     found: dict[str, str] = {}
     for path in python_files():
-        if path.parent.name not in {"tests", "benchmarks"} or path == Path(__file__):
+        top = path.relative_to(REPO).parts[0]
+        if top not in {"tests", "benchmarks"} or path == Path(__file__):
             continue
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if not isinstance(node, ast.Call) or not node.args:

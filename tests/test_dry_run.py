@@ -14,11 +14,11 @@ import pytest
 from boson_multimodal.engine import HiggsAudioEngine, SamplingConfig, SpeechRequest
 from boson_multimodal.prompt import build_prompt
 from higgs_worker.errors import RequestError, UnknownVoiceError
+from higgs_worker.job.rendering import prompt_request
+from higgs_worker.job.schema import RequestLimits, parse_request
 from higgs_worker.pipeline import Pipeline
-from higgs_worker.references import OPENAI_VOICES, DescribedVoice, ReferenceAudio, resolve_reference
-from higgs_worker.rendering import prompt_request
-from higgs_worker.schema import RequestLimits, parse_request
 from higgs_worker.settings import Settings, load_settings
+from higgs_worker.voices.resolve import OPENAI_VOICES, DescribedVoice, ReferenceAudio, resolve_reference
 from tests.support.loopback_http import LoopbackServer, send_body
 from tests.support.speech import EXAMPLES, SPOKEN, make_voice
 

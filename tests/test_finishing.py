@@ -15,6 +15,7 @@ import soundfile as sf
 import torch
 import torchaudio.functional as audio_functional
 
+from higgs_worker.job.schema import RequestError
 from higgs_worker.pipeline import Pipeline
 from higgs_worker.quality.finishing import (
     PEAK_CEILING,
@@ -26,7 +27,6 @@ from higgs_worker.quality.finishing import (
     limit_peaks,
     trim_silence,
 )
-from higgs_worker.schema import RequestError
 from higgs_worker.settings import load_settings
 from tests.support.checkpoints import complete_store
 from tests.support.hub_server import HubServer

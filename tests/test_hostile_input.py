@@ -25,12 +25,12 @@ import soundfile as sf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from higgs_worker.audio_encoding import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
+from higgs_worker.audio.encoding import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
 from higgs_worker.delivery import validate_bucket_name
+from higgs_worker.job.schema import ALIASES, ALLOWED_FIELDS, MAX_REF_TEXT_CHARS, MAX_SCENE_CHARS
 from higgs_worker.pipeline import Pipeline
-from higgs_worker.references import PRESET_NAME
-from higgs_worker.schema import ALIASES, ALLOWED_FIELDS, MAX_REF_TEXT_CHARS, MAX_SCENE_CHARS
 from higgs_worker.settings import load_settings
+from higgs_worker.voices.resolve import PRESET_NAME
 from queue_api.worker import run_job
 from tests.support.checkpoints import complete_store
 from tests.support.hub_server import HubServer

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from higgs_worker.errors import ModelStoreError
-from higgs_worker.model_store import MARKER_NAME, RepoSpec, StoredRepo, ensure_repo
-from higgs_worker.volume_lock import VolumeLock
+from higgs_worker.store.model_store import MARKER_NAME, RepoSpec, StoredRepo, ensure_repo
+from higgs_worker.store.volume_lock import VolumeLock
 from tests.support.fixtures_hub import (  # noqa: F401 (fixtures)
     TINY_REPO_ID,
     make_repo,
@@ -36,7 +36,7 @@ FILES = ["audio/preprocessor_config.json", "config.json", "merges.txt", "model.s
 WORKER = """
 import json, logging, sys
 from pathlib import Path
-from higgs_worker.model_store import RepoSpec, ensure_repo
+from higgs_worker.store.model_store import RepoSpec, ensure_repo
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 volume, repo_id = Path(sys.argv[1]), sys.argv[2]
 spec = RepoSpec(repo_id, "main", volume / repo_id)

@@ -14,8 +14,8 @@ import pytest
 import soundfile as sf
 
 from higgs_worker.errors import UnknownVoiceError, WorkerError
-from higgs_worker.references import ReferenceAudio, resolve_reference
 from higgs_worker.settings import Settings, load_settings
+from higgs_worker.voices.resolve import ReferenceAudio, resolve_reference
 from tests.support.loopback_http import (
     LoopbackServer,
     TlsFiles,

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from higgs_worker.errors import RequestPlanError
-from higgs_worker.references import ReferenceAudio
-from higgs_worker.request_plan import cache_identity, s3_target_for
-from higgs_worker.schema import RequestLimits, parse_request
+from higgs_worker.job.plan import cache_identity, s3_target_for
+from higgs_worker.job.schema import RequestLimits, parse_request
 from higgs_worker.settings import load_settings
+from higgs_worker.voices.resolve import ReferenceAudio
 
 LIMITS = RequestLimits(1000, 4096)
 
@@ -60,7 +60,7 @@ def test_s3_target_from_the_job_or_the_default_bucket() -> None:
 
 def test_the_prompt_version_is_part_of_the_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     """Results made before a change to what the model reads are not served for the same request after it."""
-    from higgs_worker import request_plan
+    from higgs_worker.job import plan as request_plan
 
     before = cache_identity(request(seed=1), [])
     monkeypatch.setattr(request_plan, "PROMPT_VERSION", request_plan.PROMPT_VERSION + 1)

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from higgs_worker.audio_encoding import EncodedAudio, encode_audio
+from higgs_worker.audio.encoding import EncodedAudio, encode_audio
 from higgs_worker.delivery import DeliveryPolicy, deliver
-from higgs_worker.result_cache import STALE_TEMP_S, CachedResult, ResultCache, cache_key
+from higgs_worker.store.result_cache import STALE_TEMP_S, CachedResult, ResultCache, cache_key
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REVISIONS = {"model": "abc123", "tokenizer": "def456"}
@@ -190,7 +190,7 @@ _WRITER = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from higgs_worker.result_cache import ResultCache
+    from higgs_worker.store.result_cache import ResultCache
 
     directory, key, rounds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     cache = ResultCache(directory, 1 << 30)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from higgs_worker.errors import FetchError
-from higgs_worker.safe_fetch import FetchPolicy, fetch, is_forbidden_address, public_url
+from higgs_worker.voices.safe_fetch import FetchPolicy, fetch, is_forbidden_address, public_url
 from tests.support.loopback_http import (
     LoopbackServer,
     TlsFiles,

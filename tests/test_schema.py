@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from higgs_worker.errors import RequestError
-from higgs_worker.schema import RequestLimits, parse_request
+from higgs_worker.job.schema import RequestLimits, parse_request
 from tests.support.error_clauses import offending_fields
 
 LIMITS = RequestLimits(max_transcript_chars=100, max_new_tokens=2048)

@@ -14,12 +14,12 @@ import soundfile as sf
 import srt
 import webvtt
 
+from higgs_worker.job.schema import RequestError
 from higgs_worker.pipeline import Pipeline
 from higgs_worker.quality.alignment import CTCAligner, WordTime
 from higgs_worker.quality.captions import MAX_LINE_CHARS, MAX_LINES, render
 from higgs_worker.quality.stream_alignment import StreamAligner
 from higgs_worker.quality.words import transcript_words
-from higgs_worker.schema import RequestError
 from higgs_worker.settings import load_settings
 from tests.support.checkpoints import complete_store
 from tests.support.hub_server import HubServer

@@ -18,11 +18,11 @@ import yaml
 
 from boson_multimodal.engine import HiggsAudioEngine, SamplingConfig
 from boson_multimodal.longform import generate_long
-from higgs_worker.dry_run import dry_run
-from higgs_worker.references import resolve_reference
-from higgs_worker.request_plan import Plan, plan_job
-from higgs_worker.schema import DEFAULT_CHUNK_BUFFER, RequestLimits, TTSRequest, parse_request
+from higgs_worker.job.dry_run import dry_run
+from higgs_worker.job.plan import Plan, plan_job
+from higgs_worker.job.schema import DEFAULT_CHUNK_BUFFER, RequestLimits, TTSRequest, parse_request
 from higgs_worker.settings import Settings, load_settings
+from higgs_worker.voices.resolve import resolve_reference
 from tests.support.loopback_http import LoopbackServer, send_body
 from tests.support.speech import EXAMPLES, SPOKEN, make_voice
 

@@ -12,6 +12,7 @@ import pytest
 import soundfile as sf
 
 from higgs_worker.errors import NotVerified
+from higgs_worker.job.schema import RequestError
 from higgs_worker.pipeline import Pipeline
 from higgs_worker.quality.verification import (
     DEFAULT_MAX_ATTEMPTS,
@@ -19,7 +20,6 @@ from higgs_worker.quality.verification import (
     error_rate,
     language_of,
 )
-from higgs_worker.schema import RequestError
 from higgs_worker.settings import load_settings
 from tests.support.checkpoints import complete_store
 from tests.support.hub_server import HubServer

@@ -12,9 +12,9 @@ import pytest
 import soundfile as sf
 
 from higgs_worker.errors import VoiceExists, VoiceNotFound, WorkerError
-from higgs_worker.references import resolve_reference
 from higgs_worker.settings import Settings, load_settings
-from higgs_worker.voice_library import VoiceLibrary
+from higgs_worker.voices.library import VoiceLibrary
+from higgs_worker.voices.resolve import resolve_reference
 
 
 def wav(seconds: float = 1.0, frequency: float = 220.0) -> bytes:

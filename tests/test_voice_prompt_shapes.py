@@ -16,8 +16,8 @@ import soundfile as sf
 
 from boson_multimodal.engine import HiggsAudioEngine, SamplingConfig, SpeechRequest
 from boson_multimodal.prompt import Voice
-from higgs_worker.references import ReferenceAudio, resolve_reference
 from higgs_worker.settings import load_settings
+from higgs_worker.voices.resolve import ReferenceAudio, resolve_reference
 from tests.support.speech import make_voice
 
 SHAPES = [  # (sample rate, channels, seconds)

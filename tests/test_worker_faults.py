@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from higgs_worker.model_store import MARKER_NAME
 from higgs_worker.pipeline import Pipeline
 from higgs_worker.settings import load_settings
+from higgs_worker.store.model_store import MARKER_NAME
 from queue_api.worker import run_job, stream_job
 from tests.support.checkpoints import MODEL_REPO, TOKENIZER_REPO, TinyCheckpoint, complete_store
 from tests.support.error_clauses import offending_fields

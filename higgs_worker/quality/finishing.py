@@ -27,7 +27,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from boson_multimodal.streaming import AudioChunk
-    from higgs_worker.schema import TTSRequest
+    from higgs_worker.job.schema import TTSRequest
 
 MIN_LOUDNESS_LUFS = -70.0  # BS.1770's absolute gate: below it there is nothing to measure
 MAX_LOUDNESS_LUFS = -5.0

@@ -1,8 +1,9 @@
 """The quality models on the volume and in memory: the aligner and the recogniser, each loaded once.
 
-The same store discipline as the speech model (``higgs_worker.model_store``: one downloader per volume under
-a lock, a completion marker, no network once complete), but on first use rather than at boot: a worker whose
-jobs never ask for timestamps or verification never downloads them. Both run on the speech model's device.
+The same store discipline as the speech model (``higgs_worker.store.model_store``: one downloader per volume
+under a lock, a completion marker, no network once complete), but on first use rather than at boot: a worker
+whose jobs never ask for timestamps or verification never downloads them. Both run on the speech model's
+device.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
-from higgs_worker.model_store import RepoSpec, StoredRepo, ensure_repo
 from higgs_worker.settings import Settings
+from higgs_worker.store.model_store import RepoSpec, StoredRepo, ensure_repo
 
 if TYPE_CHECKING:
     from higgs_worker.quality.alignment import CTCAligner

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from higgs_worker.job.schema import TTSRequest
 from higgs_worker.quality.verification import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_WER, language_of
 from higgs_worker.quality.words import transcript_words
-from higgs_worker.schema import TTSRequest
 from higgs_worker.settings import Settings
 
 

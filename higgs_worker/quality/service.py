@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from higgs_worker.errors import NotVerified
+from higgs_worker.job.schema import TTSRequest
 from higgs_worker.quality.alignment import WordTime
 from higgs_worker.quality.captions import render
 from higgs_worker.quality.models import QualityModels
 from higgs_worker.quality.stream_alignment import StreamAligner
 from higgs_worker.quality.verification import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_WER, Verifier, VerifyOptions
 from higgs_worker.quality.words import transcript_words
-from higgs_worker.schema import TTSRequest
 from higgs_worker.settings import Settings
 from higgs_worker.timings import Timings
 

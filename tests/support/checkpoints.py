@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from higgs_worker.model_store import RepoSpec, ensure_repo
 from higgs_worker.settings import Settings
+from higgs_worker.store.model_store import RepoSpec, ensure_repo
 
 MODEL_REPO = "bosonai/higgs-audio-v2-generation-3B-base"
 TOKENIZER_REPO = "bosonai/higgs-audio-v2-tokenizer"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from higgs_worker.model_store import RepoSpec, publish_local
 from higgs_worker.settings import Settings
+from higgs_worker.store.model_store import RepoSpec, publish_local
 
 
 def place(built: Path, settings: Settings, role: str) -> None:

@@ -3,7 +3,7 @@
 Why: a transcript is rendered through several rules (normalisation, sound events, default and described
 voices, voice placement, long-form pieces, the checkpoint's chat template) and a user debugging one should
 not pay for a GPU run to see the outcome. The output is built from the same functions generation uses
-(:mod:`higgs_worker.rendering`, :class:`boson_multimodal.longform.PieceHistory`,
+(:mod:`higgs_worker.job.rendering`, :class:`boson_multimodal.longform.PieceHistory`,
 :func:`boson_multimodal.prompt.build_prompt`) and the chat template the model would use: the checkpoint's
 ``chat_template.jinja`` when the model is on this worker's volume, else the built-in copy (``chat_template``
 says which). Pieces that would be generated earlier appear in later prompts as stand-in audio.
@@ -28,10 +28,10 @@ from boson_multimodal.prompt import (
     in_system_message,
 )
 from boson_multimodal.transcript import speakers_in
+from higgs_worker.job.plan import Plan
 from higgs_worker.quality.plan import quality_plan
-from higgs_worker.references import DescribedVoice, ResolvedVoice
-from higgs_worker.request_plan import Plan
 from higgs_worker.settings import Settings
+from higgs_worker.voices.resolve import DescribedVoice, ResolvedVoice
 
 TEMPLATE_FILE = "chat_template.jinja"
 # The special tokens a chat template may use, with the checkpoint's values when its tokenizer is not on disk.
@@ -39,7 +39,7 @@ SPECIAL_TOKENS = {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "
 
 
 def dry_run(plan: Plan, settings: Settings) -> dict[str, Any]:
-    """The dry-run output: the job's plan (:mod:`higgs_worker.request_plan`), as generation would read it."""
+    """The dry-run output: the job's plan (:mod:`higgs_worker.job.plan`), as generation would read it."""
     prompt, chunking, voices = plan.speech, plan.chunking, plan.references
     template, template_source = _chat_template(settings.model_path)
     pieces = _pieces(prompt, chunking)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from higgs_worker.atomic_file import write_atomic
+from higgs_worker.store.atomic_file import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from boson_multimodal.longform import Chunking
 from boson_multimodal.prompt import DEFAULT_SCENE, PromptRequest, SpeakerVoice, Voice, VoiceDescription
 from boson_multimodal.transcript import normalize_transcript
-from higgs_worker.references import DescribedVoice, ResolvedVoice
-from higgs_worker.schema import TTSRequest
+from higgs_worker.job.schema import TTSRequest
+from higgs_worker.voices.resolve import DescribedVoice, ResolvedVoice
 
 
 def prompt_request(request: TTSRequest, voices: list[ResolvedVoice]) -> PromptRequest:

@@ -20,7 +20,7 @@ import struct
 import numpy as np
 import soundfile as sf
 
-from higgs_worker.audio_encoding import FORMATS
+from higgs_worker.audio.encoding import FORMATS
 
 STREAMABLE = tuple(name for name, audio_format in FORMATS.items() if audio_format.streamable)
 MP3_STREAM_QUALITY = 0.5  # libsndfile's compression level: 80 kbps CBR at 24 kHz, plenty for speech

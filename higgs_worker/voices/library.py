@@ -3,9 +3,9 @@
 Saved voices live in a folder of their own (``VOICES_DIR/saved``: ``<name>.wav``, ``<name>.txt`` when there is
 a transcript, ``<name>.json`` with the upload's facts), apart from the presets fetched into ``VOICES_DIR``, so
 deleting one never touches a preset. Every door resolves a plain voice name to a saved voice first, then to a
-preset (:mod:`higgs_worker.references`); so that a saved voice never silently stands in for something else,
-the library refuses (409) the names OpenAI's voices use, the presets those stand for, and the presets already
-on the volume.
+preset (:mod:`higgs_worker.voices.resolve`); so that a saved voice never silently stands in for something
+else, the library refuses (409) the names OpenAI's voices use, the presets those stand for, and the presets
+already on the volume.
 
 The upload is decoded and checked with the same limits as a reference in a job, then stored as 16-bit WAV at
 its own rate (one format to read back, whatever was uploaded). Files are published atomically, the audio
@@ -24,8 +24,7 @@ from pathlib import Path
 
 import soundfile as sf
 
-from higgs_worker.atomic_file import publish
-from higgs_worker.audio_encoding import decode_audio
+from higgs_worker.audio.encoding import decode_audio
 from higgs_worker.errors import (
     AudioDecodeError,
     InvalidVoice,
@@ -34,10 +33,11 @@ from higgs_worker.errors import (
     VoiceNotFound,
     VoiceTooLarge,
 )
-from higgs_worker.references import MIN_REFERENCE_SECONDS, OPENAI_VOICES, PRESET_NAME
-from higgs_worker.schema import MAX_REF_TEXT_CHARS
+from higgs_worker.job.schema import MAX_REF_TEXT_CHARS
 from higgs_worker.settings import Settings
-from higgs_worker.volume_lock import VolumeLock
+from higgs_worker.store.atomic_file import publish
+from higgs_worker.store.volume_lock import VolumeLock
+from higgs_worker.voices.resolve import MIN_REFERENCE_SECONDS, OPENAI_VOICES, PRESET_NAME
 
 logger = logging.getLogger(__name__)
 

@@ -26,13 +26,13 @@ import numpy as np
 from boson_multimodal.longform import Chunking
 from boson_multimodal.prompt import PROMPT_VERSION
 from boson_multimodal.speech_request import SamplingConfig, SpeechRequest
+from higgs_worker.audio.stream_encoding import STREAMABLE
 from higgs_worker.delivery import S3Target, default_s3_key, validate_bucket_name, validate_s3_key
 from higgs_worker.errors import RequestPlanError
-from higgs_worker.references import DescribedVoice, ResolvedVoice
-from higgs_worker.rendering import chunking_for, prompt_request
-from higgs_worker.schema import TTSRequest
+from higgs_worker.job.rendering import chunking_for, prompt_request
+from higgs_worker.job.schema import TTSRequest
 from higgs_worker.settings import Settings
-from higgs_worker.stream_encoding import STREAMABLE
+from higgs_worker.voices.resolve import DescribedVoice, ResolvedVoice
 
 # "files": every chunk is a playable file of its own (the queue's /stream); "bytes": one file whose bytes
 # are sent as they are encoded (an HTTP response body).
@@ -99,7 +99,8 @@ def stream_plan(request: TTSRequest, kind: StreamKind | None, *, long: bool = Fa
     """How the job streams through a door that streams ``kind``, or None when it is sent whole.
 
     One growing file streams only where its encoder never rewrites the header (see
-    :mod:`higgs_worker.stream_encoding`) and at the model's own rate; chunks as files stream in any format.
+    :mod:`higgs_worker.audio.stream_encoding`) and at the model's own rate; chunks as files stream in any
+    format.
     """
     if kind is None:
         return None

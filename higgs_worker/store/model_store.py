@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from higgs_worker.atomic_file import write_atomic
 from higgs_worker.errors import ModelStoreError
-from higgs_worker.volume_lock import VolumeLock
+from higgs_worker.store.atomic_file import write_atomic
+from higgs_worker.store.volume_lock import VolumeLock
 
 # huggingface_hub is imported where the hub is asked, never at import: it costs about half a second of every
 # worker start (and of `demo_model.py`) before the worker serves; a store already complete never needs it.

@@ -31,11 +31,11 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from boson_multimodal.speech_request import SamplingConfig
-from higgs_worker.audio_encoding import FORMATS, MAX_SPEED, MIN_SPEED
+from higgs_worker.audio.encoding import FORMATS, MAX_SPEED, MIN_SPEED
 from higgs_worker.errors import RequestError
 from higgs_worker.quality.finishing import MAX_LOUDNESS_LUFS, MIN_LOUDNESS_LUFS
 from higgs_worker.quality.verification import MAX_ATTEMPTS as MAX_VERIFY_ATTEMPTS
-from higgs_worker.references import PROFILE_PREFIX
+from higgs_worker.voices.resolve import PROFILE_PREFIX
 
 ChunkMethod = Literal["sentence", "speaker", "word", "none"]
 MAX_DESCRIPTION_CHARS = 2000
@@ -77,7 +77,7 @@ class TTSRequest(BaseModel):
     top_k: int | None = Field(default=SamplingConfig.top_k, ge=1, le=1024)
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
     max_new_tokens: int = Field(default=SamplingConfig.max_new_tokens, ge=16)
-    output_format: str = "wav"  # one of FORMATS (higgs_worker.audio_encoding), checked below
+    output_format: str = "wav"  # one of FORMATS (higgs_worker.audio.encoding), checked below
     sample_rate: int | None = None
     speed: float = Field(default=1.0, ge=MIN_SPEED, le=MAX_SPEED)
     s3_bucket: str | None = Field(default=None, min_length=3, max_length=63)

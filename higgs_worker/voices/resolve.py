@@ -8,8 +8,8 @@ by default) and publishes it atomically, so every later job, on any worker shari
 without touching the network. Profiles (``profile:<name>``, the upstream script's described voices) come
 from ``profile.yaml`` in the same place and are cached the same way. OpenAI's voice names map to presets
 or profiles (:data:`OPENAI_VOICES`) and never fail: when the voice they map to cannot be had, their own
-description stands in. URLs from jobs go through :mod:`higgs_worker.safe_fetch`, which keeps them out of
-private networks.
+description stands in. URLs from jobs go through :mod:`higgs_worker.voices.safe_fetch`, which keeps them
+out of private networks.
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import yaml
 
-from higgs_worker.atomic_file import publish
-from higgs_worker.audio_encoding import decode_audio
+from higgs_worker.audio.encoding import decode_audio
 from higgs_worker.errors import (
     AudioDecodeError,
     FetchError,
@@ -36,8 +35,9 @@ from higgs_worker.errors import (
     UnknownVoiceError,
     WorkerError,
 )
-from higgs_worker.safe_fetch import FetchPolicy, fetch, public_url
 from higgs_worker.settings import Settings
+from higgs_worker.store.atomic_file import publish
+from higgs_worker.voices.safe_fetch import FetchPolicy, fetch, public_url
 
 logger = logging.getLogger(__name__)
 
