@@ -14,12 +14,15 @@ every position takes the audio branch of the dual FFN (``audio_token_mask`` is N
 written here. The prompt (text and reference audio mixed) is prefilled by transformers' own forward and its
 keys and values are copied into the slot (``load_prefill``).
 
-Attention is ``torch.nn.functional.scaled_dot_product_attention`` called here, with a boolean mask and
-``enable_gqa=True``, whatever ``config._attn_implementation`` names. Why not transformers' attention function:
-its eager one *adds* the mask to the scores (a boolean mask then lets stale cache positions in),
-flash-attention reads masks differently, and its sdpa one copies the grouped-query K/V heads with
-``repeat_kv`` on some versions (5.17) and not on others (5.23) — the same code, different memory traffic.
-Calling SDPA directly is right on every version and reads each K/V head once.
+Attention is ``torch.nn.functional.scaled_dot_product_attention`` called here with a boolean mask,
+whatever ``config._attn_implementation`` names. Why not transformers' attention function: its eager one
+*adds* the mask to the scores (a boolean mask then lets stale cache positions in), flash-attention reads
+masks differently, and its sdpa one copies the grouped-query K/V heads with ``repeat_kv`` on some versions
+(5.17) and not on others (5.23) — the same code, different memory traffic. Grouped-query heads are not
+copied: a decode step has one query position, so the query heads that share a K/V head are laid along the
+query-length axis of that head (``(n, kv_heads, group, head_dim)``) and attend as one. This needs no
+``enable_gqa``, which torch's fused kernels refuse beside a mask (it falls back to the math kernel, which
+copies K/V with ``repeat_interleave``), so any SDPA backend can run it.
 
 Row b of a step is slot b: a step runs over slots ``[0, n)``, free slots in that range compute a throwaway
 row at position 0 of their own (unused) cache, and nothing is gathered or copied per step.
@@ -97,6 +100,7 @@ class DecodeStep:
             visible = torch.arange(span, device=rows.device)[None, :] <= positions[:, None]
             mask = visible[:, None, None, :]  # (n, 1, 1, span)
         slots = torch.arange(n, device=rows.device)
+        kv_heads = self._cache.keys[0].shape[1]
         for index, layer in enumerate(backbone.layers):
             attention = layer.self_attn
             residual = hidden
@@ -108,15 +112,13 @@ class DecodeStep:
             keys, values = self._cache.keys[index], self._cache.values[index]
             keys[slots, :, positions] = key[:, :, 0]
             values[slots, :, positions] = value[:, :, 0]
+            # Query heads grouped under their K/V head (query head h reads K/V head h // group, as
+            # transformers' repeat_kv pairs them): the group takes the place of the query length.
+            grouped = query.reshape(n, kv_heads, -1, attention.head_dim)
             out = F.scaled_dot_product_attention(
-                query,
-                keys[:n, :, :span],
-                values[:n, :, :span],
-                attn_mask=mask,
-                scale=attention.scaling,
-                enable_gqa=True,
-            )  # (n, heads, 1, head_dim)
-            hidden = residual + attention.o_proj(out.transpose(1, 2).reshape(n, 1, -1))
+                grouped, keys[:n, :, :span], values[:n, :, :span], attn_mask=mask, scale=attention.scaling
+            )  # (n, kv_heads, group, head_dim)
+            hidden = residual + attention.o_proj(out.reshape(n, 1, -1))
             hidden = hidden + layer.audio_mlp(layer.audio_post_attention_layernorm(hidden))
         hidden = backbone.norm(hidden)
         logits = self._model.audio_lm_head(hidden[:, 0])
