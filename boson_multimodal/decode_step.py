@@ -225,7 +225,16 @@ class GraphedDecodeStep:
         eager = self._step(rows, positions, span, masked=True).argmax(dim=-1)
         self._rows[:batch].copy_(rows)
         self._positions[:batch].copy_(positions)
-        replayed = self._graphs[batch, span]()[:batch].argmax(dim=-1)
+        try:
+            replayed = self._graphs[batch, span]()[:batch].argmax(dim=-1)
+        except Exception as error:  # a replay that cannot run is one that disagrees: never a dead scheduler
+            self.enabled = False
+            logger.error(
+                "CUDA graphs switched off: a replay of the decode step (batch %d over %d positions) failed "
+                "(%s: %s); every step now runs eagerly",
+                batch, span, type(error).__name__, error,
+            )  # fmt: skip
+            return
         if not torch.equal(eager, replayed):
             self.enabled = False
             logger.error(

@@ -380,6 +380,26 @@ def test_graphs_that_disagree_with_the_eager_step_are_switched_off(loaded, sched
     assert "CUDA graphs switched off" in caplog.text
 
 
+def test_graphs_whose_replay_fails_are_switched_off_and_every_job_still_runs(
+    loaded, scheduler, caplog
+) -> None:
+    expected = [rows_of(scheduler, request) for request in GRAPHED]
+
+    def broken(run):
+        rerun_capture(run)
+
+        def replay():
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        return replay
+
+    with caplog.at_level("ERROR", logger="boson_multimodal.decode_step"):
+        got, runner = graphed_rows(loaded, scheduler, broken, GRAPHED)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+    assert runner._graphed is not None and not runner._graphed.enabled
+    assert "a replay of the decode step (batch 1 over 512 positions) failed (RuntimeError" in caplog.text
+
+
 def test_slots_are_sized_from_the_free_gpu_memory() -> None:
     """The real geometry in bf16 after its 10.75 GB of weights, 6144-token slots: the issue's sizes."""
     config = SimpleNamespace(num_hidden_layers=28, num_key_value_heads=8, head_dim=128)
