@@ -25,7 +25,8 @@ class QualityModels:
     def __init__(self, settings: Settings, endpoint: str | None = None) -> None:
         self.settings = settings
         self.endpoint = endpoint  # huggingface_hub's HF_ENDPOINT unless given (tests pass their hub's)
-        self._lock = threading.Lock()
+        # One lock per model: fetching the recogniser (1.6 GB) never holds up a job waiting on the aligner.
+        self._locks = {"aligner": threading.Lock(), "recogniser": threading.Lock()}
         self._aligner: CTCAligner | None = None
         self._recogniser: Recogniser | None = None
         self.stored: dict[str, StoredRepo] = {}
@@ -49,7 +50,7 @@ class QualityModels:
     def aligner(self) -> CTCAligner:
         from higgs_worker.quality.alignment import CTCAligner
 
-        with self._lock:
+        with self._locks["aligner"]:
             if self._aligner is None:
                 self._aligner = CTCAligner.load(self._fetch("aligner").path, self._device())
             return self._aligner
@@ -57,14 +58,14 @@ class QualityModels:
     def recogniser(self) -> Recogniser:
         from higgs_worker.quality.verification import WhisperRecogniser
 
-        with self._lock:
+        with self._locks["recogniser"]:
             if self._recogniser is None:
                 self._recogniser = WhisperRecogniser.load(self._fetch("recogniser").path, self._device())
             return self._recogniser
 
     def use_recogniser(self, recogniser: Recogniser) -> None:
         """Serve ``recogniser`` instead of the configured model (one with the same interface)."""
-        with self._lock:
+        with self._locks["recogniser"]:
             self._recogniser = recogniser
 
     def _fetch(self, role: str) -> StoredRepo:

@@ -5,14 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from higgs_worker.job.schema import TTSRequest
-from higgs_worker.quality.verification import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_WER, language_of
+from higgs_worker.quality.service import Quality
+from higgs_worker.quality.verification import VerifyOptions, language_of
 from higgs_worker.quality.words import transcript_words
 from higgs_worker.settings import Settings
 
 
 def quality_plan(request: TTSRequest, settings: Settings, pieces: int) -> dict[str, Any]:
     """``finishing``, ``alignment`` and ``verification``: each null when the request does not ask for it."""
-    aligned = request.timestamps == "word" or request.captions is not None
+    aligned = Quality.wants_alignment(request)
+    options = VerifyOptions.of(request.max_wer, request.max_attempts, request.temperature)
     words = transcript_words(request.transcript)
     language = language_of(" ".join(word.text for word in words))
     finishing = {"loudness_lufs": request.loudness_lufs, "trim_silence": request.trim_silence}
@@ -29,8 +31,8 @@ def quality_plan(request: TTSRequest, settings: Settings, pieces: int) -> dict[s
         "verification": {
             "metric": "cer" if language in ("zh", "ja") else "wer",
             "language": language or "detected by the recogniser",
-            "max_wer": DEFAULT_MAX_WER if request.max_wer is None else request.max_wer,
-            "max_attempts": (request.max_attempts or DEFAULT_MAX_ATTEMPTS) if request.temperature > 0 else 1,
+            "max_wer": options.max_wer,
+            "max_attempts": options.attempts,
             "checked": "each piece" if pieces > 1 else "the clip",
             "require_verified": request.require_verified,
             "model": {"repo": settings.recogniser_repo, "revision": settings.recogniser_revision},

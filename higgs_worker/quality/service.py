@@ -17,7 +17,7 @@ from higgs_worker.quality.alignment import WordTime
 from higgs_worker.quality.captions import render
 from higgs_worker.quality.models import QualityModels
 from higgs_worker.quality.stream_alignment import StreamAligner
-from higgs_worker.quality.verification import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_WER, Verifier, VerifyOptions
+from higgs_worker.quality.verification import Verifier, VerifyOptions
 from higgs_worker.quality.words import transcript_words
 from higgs_worker.settings import Settings
 from higgs_worker.timings import Timings
@@ -65,11 +65,7 @@ class Quality:
             return None
         with timings.phase("load"):
             recogniser = self.models.recogniser()
-        options = VerifyOptions(
-            max_wer=DEFAULT_MAX_WER if request.max_wer is None else request.max_wer,
-            max_attempts=request.max_attempts or DEFAULT_MAX_ATTEMPTS,
-            retry=request.temperature > 0,
-        )
+        options = VerifyOptions.of(request.max_wer, request.max_attempts, request.temperature)
         return Verifier(recogniser, options, lambda seconds: timings.add("verify", seconds))
 
     def checked_pieces(

@@ -6,7 +6,9 @@ After each chunk the audio not yet accounted for is aligned against the words no
 ``SETTLE_GUARD_S`` before the end of the audio so far, since a word at the very end may still be growing.
 Sent words are final: later alignments start after the last sent word, so the times never move and stay
 monotonic. At the end of the stream the remaining words are aligned to the remaining audio as a whole clip.
-Each pass reads only the audio since the last sent word, so the work per chunk stays bounded.
+Each pass reads only the audio since the last sent word: while words settle, the work per chunk stays
+bounded; audio in which no word settles (silence, music, a clip that skips its text) keeps growing the pass,
+so such a stream costs more the longer it goes, up to one alignment of the whole clip per pass.
 """
 
 from __future__ import annotations

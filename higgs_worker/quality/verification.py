@@ -162,6 +162,20 @@ class VerifyOptions:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     retry: bool = True  # False for greedy requests: another seed would give the same clip
 
+    @classmethod
+    def of(cls, max_wer: float | None, max_attempts: int | None, temperature: float) -> VerifyOptions:
+        """A request's options: its own values, else the defaults; one attempt when it decodes greedily."""
+        return cls(
+            max_wer=DEFAULT_MAX_WER if max_wer is None else max_wer,
+            max_attempts=max_attempts or DEFAULT_MAX_ATTEMPTS,
+            retry=temperature > 0,
+        )
+
+    @property
+    def attempts(self) -> int:
+        """How many clips verification may make at most."""
+        return self.max_attempts if self.retry else 1
+
 
 def attempt_seed(seed: int | None, attempt: int) -> int | None:
     """The seed of attempt ``attempt`` (0 is the request's own); None stays None (unseeded: fresh draws)."""
