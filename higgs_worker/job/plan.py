@@ -65,13 +65,7 @@ def plan_job(
 ) -> Plan:
     """The plan for ``request`` whose voices are resolved; ``stream``: how the door would stream it."""
     prompt = prompt_request(request, references)
-    sampling = SamplingConfig(
-        temperature=request.temperature,
-        top_p=request.top_p,
-        top_k=request.top_k,
-        max_new_tokens=request.max_new_tokens,
-        seed=request.seed,
-    )
+    sampling = sampling_of(request)
     chunking = chunking_for(request, prompt.text, settings.longform_chunk_chars)
     streams = stream_plan(request, stream, long=chunking is not None)
     quality_models = {
@@ -92,6 +86,17 @@ def plan_job(
             quality_models=quality_models,
             live_stream=streams is not None and streams.live,
         ),
+    )
+
+
+def sampling_of(request: TTSRequest) -> SamplingConfig:
+    """How the request samples, in the engine's terms (which also say whether it is deterministic)."""
+    return SamplingConfig(
+        temperature=request.temperature,
+        top_p=request.top_p,
+        top_k=request.top_k,
+        max_new_tokens=request.max_new_tokens,
+        seed=request.seed,
     )
 
 
@@ -160,7 +165,7 @@ def cache_identity(
     words, captions or verification. ``live_stream``: the clip leaves while it is generated, so loudness is
     set from its start and words are aligned chunk by chunk, which a clip finished whole does not share.
     """
-    sampling = SamplingConfig(temperature=request.temperature, seed=request.seed)
+    sampling = sampling_of(request)
     if not sampling.deterministic:
         return None
     identity: dict[str, Any] = {
