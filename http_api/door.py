@@ -23,7 +23,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from higgs_worker.errors import JobAbandoned
+from higgs_worker.errors import Answer, JobAbandoned, answer
 from higgs_worker.job.plan import StreamKind
 from higgs_worker.pipeline import Clip, Pipeline, PreparedJob
 from higgs_worker.runtime import Readiness
@@ -47,6 +47,8 @@ class SpeechReply:
     media_type: Callable[[PreparedJob], str]
     closing: Callable[[dict[str, Any]], bytes]  # the last bytes of a stream, from what its body found
     whole: Callable[[Clip], Response]
+    # A failure after the first byte (the status is sent by then): the stream's error event; b"": none.
+    failed: Callable[[Answer], bytes] = lambda _answer: b""
 
 
 class ClosingStreamingResponse(StreamingResponse):
@@ -120,7 +122,7 @@ class HttpDoor:
                     found: dict[str, Any] = {}
                     pieces = iterate_in_threads(reply.body(self.pipeline, prepared, found), self.threads)
                     first = await anext(pieces, b"")  # a failure before any audio still gets its own status
-                    sent = _sent(first, pieces, lambda: reply.closing(found), prepared.cancel, slot.pop_all())
+                    sent = _sent(first, pieces, reply, found, prepared, slot.pop_all())
                     return ClosingStreamingResponse(sent, media_type=reply.media_type(prepared))
                 if clip is None:
                     clip = await self._whole_clip(request, prepared, slot.pop_all())
@@ -141,25 +143,36 @@ class HttpDoor:
 async def _sent(
     first: bytes,
     rest: AsyncIterator[bytes],
-    closing: Callable[[], bytes],
-    cancel: threading.Event,
+    reply: SpeechReply,
+    found: dict[str, Any],
+    prepared: PreparedJob,
     slot: ExitStack,
 ) -> AsyncIterator[bytes]:
     """The response body; closing it stops the generation and gives the slot back.
 
-    ``cancel`` is set when the body ends, so a stream that is still making its whole clip first (a tempo
-    change, verification) stops at its next check instead of running to the end for nobody.
+    The job's cancel is set when the body ends, so a stream that is still making its whole clip first (a
+    tempo change, verification) stops at its next check instead of running to the end for nobody. A failure
+    after the first byte ends the body with the reply's error event (SSE has one); a body with no such event
+    (raw audio) breaks off instead, so the client sees an incomplete transfer rather than a short clip.
     """
     try:
         if first:
             yield first
-        async for data in rest:
-            yield data
-        last = closing()
+        try:
+            async for data in rest:
+                yield data
+        except JobAbandoned:
+            return
+        except Exception as error:
+            last = reply.failed(answer(error, prepared.job_id, logger))
+            if not last:  # raw audio has no way to say it: the transfer breaks off, so the client knows
+                raise
+        else:
+            last = reply.closing(found)
         if last:
             yield last
     finally:
-        cancel.set()
+        prepared.cancel.set()
         await rest.aclose()  # type: ignore[attr-defined]
         slot.close()
 

@@ -16,9 +16,11 @@ from typing import Any
 from fastapi.responses import JSONResponse, Response
 
 from higgs_worker.audio.encoding import FORMATS
+from higgs_worker.errors import Answer
 from higgs_worker.pipeline import Clip, Pipeline, PreparedJob
 from http_api.captioned import captioned_json, captioned_lines
 from http_api.door import SpeechReply
+from http_api.errors import param_of
 
 STREAM_FORMATS = ("audio", "sse")
 OPENAI_DEFAULT_FORMAT = "mp3"  # what /v1/audio/speech returns when the body names no format
@@ -49,7 +51,13 @@ def speech_reply(stream_format: str) -> SpeechReply:
         delta = sse_event({"type": "speech.audio.delta", "audio": base64.b64encode(clip.audio.data).decode()})
         return Response(delta + closing(clip.quality), media_type="text/event-stream")
 
-    return SpeechReply("bytes", body, media_type, closing, whole)
+    def failed(error: Answer) -> bytes:
+        if not events:
+            return b""
+        described = {"message": error.message, "type": error.kind, "param": param_of(error.message)}
+        return sse_event({"type": "error", "error": described | {"code": None}})
+
+    return SpeechReply("bytes", body, media_type, closing, whole, failed)
 
 
 def captioned_reply(stream: bool) -> SpeechReply:
