@@ -83,7 +83,13 @@ for ((i = 0; i < ${#HANDLER_ARGS[@]}; i++)); do
     die "--rp_log_level $level would log every job's audio (inputs and outputs); use INFO, WARN or ERROR"
   fi
 done
-if $LOCAL; then log "mode: local (the runpod SDK's local API on 127.0.0.1:$PORT)"; else log "mode: container"; fi
+if ! $LOCAL; then
+  log "mode: container"
+elif $HTTP; then
+  log "mode: local (the OpenAI-compatible HTTP server on 127.0.0.1:$PORT)"
+else
+  log "mode: local (the runpod SDK's local API on 127.0.0.1:$PORT)"
+fi
 command -v "$BOOTSTRAP_PYTHON" >/dev/null || die "python not found ('$BOOTSTRAP_PYTHON'); set BOOTSTRAP_PYTHON"
 log "python: $("$BOOTSTRAP_PYTHON" -c 'import sys; print(sys.version.split()[0], sys.executable)')"
 

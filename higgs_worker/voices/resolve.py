@@ -223,7 +223,9 @@ def _from_name(name: str, text: str | None, field: str, settings: Settings) -> R
         ) from None
     except ReferenceAudioError as error:
         reason = str(error).removeprefix(f"{field}: ")
-        raise ReferenceAudioError(f"{field}: no saved voice named {name!r}, and {reason}") from None
+        raise ReferenceAudioError(
+            f"{field}: no saved voice named {name!r}, and {reason}{_available(settings)}"
+        ) from None
 
 
 def _from_saved(name: str, text: str | None, field: str, settings: Settings) -> ReferenceAudio | None:
