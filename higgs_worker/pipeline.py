@@ -113,9 +113,11 @@ class Pipeline:
         """The checked request; ``openai_names`` for OpenAI's route (errors say ``input``, ``voice``…)."""
         return parse_request(raw_input, self.limits, openai_names=openai_names)
 
-    def plan(self, job_id: str, request: TTSRequest, stream: StreamKind | None = None) -> Plan:
+    def plan(
+        self, job_id: str, request: TTSRequest, stream: StreamKind | None = None, *, to_s3: bool = True
+    ) -> Plan:
         """Everything decided before the models: voices, prompt, pieces, streaming, S3 target, identity."""
-        return plan_job(request, self._references(request), job_id, self.settings, stream)
+        return plan_job(request, self._references(request), job_id, self.settings, stream, to_s3=to_s3)
 
     def dry_run(self, request: TTSRequest) -> dict[str, Any]:
         """How the request would be read — transcript, voices, pieces, prompt — without models or a GPU."""
@@ -127,11 +129,13 @@ class Pipeline:
         request: TTSRequest,
         stream: StreamKind | None = None,
         timings: Timings | None = None,
+        *,
+        to_s3: bool = True,
     ) -> PreparedJob:
         """The plan, the models on the volume, the cache key: everything before generation."""
         timings = timings or Timings()
         with timings.phase("reference"):
-            plan = self.plan(job_id, request, stream)
+            plan = self.plan(job_id, request, stream, to_s3=to_s3)
         with timings.phase("download"):
             models, _ = self.runtime.models()
         key = None

@@ -116,7 +116,9 @@ class HttpDoor:
             slot.callback(self.slots.give_back)
             try:
                 job = self.pipeline.validate(body, openai_names=True)
-                prepared = await self.in_thread(self.pipeline.prepare, job_id, job, reply.stream)
+                prepared = await self.in_thread(
+                    lambda: self.pipeline.prepare(job_id, job, reply.stream, to_s3=False)
+                )
                 clip = self.pipeline.cached(prepared)
                 if clip is None and prepared.plan.stream is not None:
                     found: dict[str, Any] = {}

@@ -148,6 +148,11 @@ def test_errors_have_openai_shape_and_name_the_field(client: httpx.Client) -> No
     )
     assert_openai_error(client.post("/v1/audio/speech", content=b"{nope"), 400, None)
     assert client.get("/v1/nothing").status_code == 404
+    # the route answers with the audio itself: S3 fields would be silently ignored, so they are refused
+    message = assert_openai_error(
+        client.post("/v1/audio/speech", json=JOB | {"s3_bucket": "clips"}), 400, "s3_bucket"
+    )
+    assert "POST /generate" in message
 
 
 def test_errors_name_the_fields_as_an_openai_client_knows_them(

@@ -62,8 +62,18 @@ def plan_job(
     job_id: str,
     settings: Settings,
     stream: StreamKind | None = None,
+    *,
+    to_s3: bool = True,
 ) -> Plan:
-    """The plan for ``request`` whose voices are resolved; ``stream``: how the door would stream it."""
+    """The plan for ``request`` whose voices are resolved; ``stream``: how the door would stream it;
+    ``to_s3`` False for a door that answers with the audio itself (the S3 fields are then refused)."""
+    if not to_s3:
+        sent = [field for field in ("s3_bucket", "s3_key") if getattr(request, field) is not None]
+        if sent:
+            raise RequestPlanError(
+                f"{sent[0]}: this route answers with the audio itself; for delivery to S3 send the job to "
+                "POST /generate (or the queue endpoint)"
+            )
     prompt = prompt_request(request, references)
     sampling = sampling_of(request)
     chunking = chunking_for(request, prompt.text, settings.longform_chunk_chars)
@@ -78,7 +88,7 @@ def plan_job(
         speech=SpeechRequest(**vars(prompt), sampling=sampling),
         chunking=chunking,
         stream=streams,
-        target=s3_target_for(request, job_id, settings),
+        target=s3_target_for(request, job_id, settings) if to_s3 else None,
         identity=cache_identity(
             request,
             references,
