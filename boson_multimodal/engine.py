@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ from boson_multimodal.scheduler import (
     SequenceHandle,
     SequenceInput,
     SequenceTooLong,
+    sized_slots,
 )
 from boson_multimodal.speech_request import SamplingConfig, SpeechRequest
 
@@ -54,6 +55,9 @@ class EngineOptions:
     backend: str = "scheduler"  # or "transformers": its own generate(), one sequence at a time (reference)
     limits: SchedulerLimits = field(default_factory=SchedulerLimits)
     cuda_graphs: bool | None = None  # None: on when the model runs on CUDA
+    # Size the slots from the GPU memory free beside the loaded model, up to this many (``limits.slots``
+    # then serves off a GPU); None: ``limits.slots`` as given.
+    size_slots_up_to: int | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -76,6 +80,17 @@ class SpeechCodes:
     finished: bool  # as Speech.finished
 
 
+def sized_limits(model, limits: SchedulerLimits, free: int, total: int, most: int) -> SchedulerLimits:
+    """``limits`` with as many slots as the memory free beside ``model`` holds (see ``sized_slots``)."""
+    slots = sized_slots(model.config, limits.max_tokens, model.dtype, free, total, most)
+    logger.info(
+        "%d sequences at once, sized from the %.1f GB the GPU has free beside the model (of %.1f GB); set "
+        "SCHEDULER_SLOTS and CONCURRENCY to choose",
+        slots, free / 1e9, total / 1e9,
+    )  # fmt: skip
+    return replace(limits, slots=slots)
+
+
 class HiggsAudioEngine:
     def __init__(self, loaded: LoadedModel, options: EngineOptions | None = None) -> None:
         options = options or EngineOptions()
@@ -87,7 +102,12 @@ class HiggsAudioEngine:
             graphs = loaded.device.type == "cuda" if options.cuda_graphs is None else options.cuda_graphs
             if graphs and loaded.device.type != "cuda":
                 raise ValueError("CUDA graphs need the model on a CUDA device")
-            self._runner = Scheduler(loaded.model, options.limits, cuda_graphs=graphs)
+            limits = options.limits
+            if options.size_slots_up_to is not None and loaded.device.type == "cuda":
+                free, total = torch.cuda.mem_get_info(loaded.device)
+                limits = sized_limits(loaded.model, limits, free, total, options.size_slots_up_to)
+            self._runner = Scheduler(loaded.model, limits, cuda_graphs=graphs)
+        self.slots = self._runner.limits.slots if isinstance(self._runner, Scheduler) else 1
 
     @classmethod
     def load(

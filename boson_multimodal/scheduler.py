@@ -460,19 +460,18 @@ HEADROOM_FRACTION = 0.1
 
 
 KV_SHARE = 0.5  # of the memory free beside the model (less the headroom) that sized slots may take
-MAX_SIZED_SLOTS = 64  # beyond this a step's sampling and publishing, not memory, limit what a GPU gives
 
 
-def sized_slots(config, max_tokens: int, dtype: torch.dtype, free: int, total: int) -> int:
+def sized_slots(config, max_tokens: int, dtype: torch.dtype, free: int, total: int, most: int) -> int:
     """How many slots to run when the settings do not say: what half the GPU memory still free beside the
-    loaded model (less the headroom) holds in KV cache, 1 to ``MAX_SIZED_SLOTS``.
+    loaded model (less the headroom) holds in KV cache, 1 to ``most``.
 
     For the 3B model in bf16 with 6144-token slots (0.7 GB each) that is about 8 on a 24 GB card and 40–64 on
     an 80–141 GB one; the other half stays for prefill activations, the codec, and the CUDA graphs' pool.
     """
     per_slot = SlotCache.bytes_needed(config, 1, max_tokens, dtype)
     usable = KV_SHARE * (free - HEADROOM_FRACTION * total)
-    return max(1, min(MAX_SIZED_SLOTS, int(usable // per_slot)))
+    return max(1, min(most, int(usable // per_slot)))
 
 
 class SchedulerMemoryError(ValueError):

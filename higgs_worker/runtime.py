@@ -111,6 +111,7 @@ class Runtime:
                 backend=settings.generation_backend,
                 limits=SchedulerLimits(settings.scheduler_slots, settings.max_sequence_tokens),
                 cuda_graphs=settings.cuda_graphs,
+                size_slots_up_to=settings.size_slots_up_to,
             )
             try:
                 directories = (models.generation.path, models.audio_tokenizer.path)
@@ -125,6 +126,14 @@ class Runtime:
             self._engine = engine
             self.readiness = Readiness.READY
             return engine, time.perf_counter() - started
+
+    def concurrency(self) -> int:
+        """How many jobs to take at once: CONCURRENCY, or, when sizing from GPU memory, the slots the
+        loaded engine got (CONCURRENCY's default until it is loaded)."""
+        engine = self._engine
+        if self.settings.size_slots_up_to is not None and engine is not None:
+            return engine.slots
+        return self.settings.concurrency
 
     def prepare(self) -> bool:
         """Fetch and load everything now; on failure log the reason and keep it (never raises)."""

@@ -33,6 +33,7 @@ DEFAULT_RECOGNISER_REVISION = "main"
 DEFAULT_VOICES_BASE_URL = "https://raw.githubusercontent.com/boson-ai/higgs-audio/main/examples/voice_prompts"
 RUNPOD_VOLUME = Path("/runpod-volume")
 ENDPOINT_TYPES = ("QUEUE", "LOAD_BALANCER")  # RunPod's own names for the two kinds of serverless endpoint
+MOST_SIZED_SLOTS = 64  # beyond this a step's sampling and publishing, not memory, limit what a GPU gives
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,9 @@ class Settings:
     longform_chunk_chars: int
     generation_backend: str  # "scheduler" (continuous batching) or "transformers" (its generate(), reference)
     scheduler_slots: int  # sequences decoded together; each holds max_sequence_tokens of KV cache
+    # Neither CONCURRENCY nor SCHEDULER_SLOTS set: on a GPU both are sized from its free memory, up to this
+    # many (the doors' thread pools are made for it); None: they are as set (or 8 off a GPU).
+    size_slots_up_to: int | None
     max_sequence_tokens: int  # prompt (reference audio included) plus max_new_tokens, per sequence
     cuda_graphs: bool | None  # None: on when generating on CUDA
     endpoint_type: str  # QUEUE: the runpod SDK's worker loop; LOAD_BALANCER: the HTTP server
@@ -87,6 +91,11 @@ class Settings:
     @property
     def lock_dir(self) -> Path:
         return self.volume_path / ".locks"
+
+    @property
+    def most_concurrent(self) -> int:
+        """The most jobs this worker may take at once: CONCURRENCY, or the most that sizing may choose."""
+        return self.size_slots_up_to or self.concurrency
 
     @property
     def saved_voices_dir(self) -> Path:
@@ -208,6 +217,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise SettingsError(f"DEVICE={device!r} is not allowed; use auto, cpu, cuda or cuda:N")
     concurrency = _int(env, "CONCURRENCY", 8, minimum=1)
     slots = _int(env, "SCHEDULER_SLOTS", concurrency, minimum=1)  # by default one per job in flight
+    chosen = any(_str(env, name, "") for name in ("CONCURRENCY", "SCHEDULER_SLOTS"))
     max_new_tokens_limit = _int(env, "MAX_NEW_TOKENS_LIMIT", 4096, minimum=16)
     max_sequence_tokens = _int(env, "MAX_SEQUENCE_TOKENS", 6144, minimum=64)
     if max_sequence_tokens <= max_new_tokens_limit:
@@ -253,6 +263,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         longform_chunk_chars=_int(env, "LONGFORM_CHUNK_CHARS", 400, minimum=50),
         generation_backend=_choice(env, "GENERATION_BACKEND", "scheduler", ("scheduler", "transformers")),
         scheduler_slots=slots,
+        size_slots_up_to=None if chosen else MOST_SIZED_SLOTS,
         max_sequence_tokens=max_sequence_tokens,
         cuda_graphs=None if graphs == "auto" else graphs == "true",
         endpoint_type=_choice(env, "ENDPOINT_TYPE", "QUEUE", ENDPOINT_TYPES),

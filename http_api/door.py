@@ -69,9 +69,10 @@ class ClosingStreamingResponse(StreamingResponse):
 class HttpDoor:
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
-        self.slots = Slots(pipeline.settings.concurrency)
+        self.slots = Slots(pipeline.runtime.concurrency)
         # Threads for generations (one per slot) plus room for the short blocking steps around them.
-        self.threads = ThreadPoolExecutor(pipeline.settings.concurrency + 4, thread_name_prefix="http-job")
+        most = pipeline.settings.most_concurrent + 4
+        self.threads = ThreadPoolExecutor(most, thread_name_prefix="http-job")
 
     async def in_thread(self, function: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.threads, function, *args)

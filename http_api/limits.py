@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -18,16 +19,28 @@ RETRY_AFTER_S = 1
 
 
 class Slots:
-    """``CONCURRENCY`` generations at a time; taking a slot never waits."""
+    """As many generations at a time as ``capacity()`` says; taking a slot never waits.
 
-    def __init__(self, count: int) -> None:
-        self._free = threading.BoundedSemaphore(count)
+    The capacity is asked at every take: with slots sized from GPU memory it grows once the engine is loaded.
+    """
+
+    def __init__(self, capacity: Callable[[], int]) -> None:
+        self._capacity = capacity
+        self._taken = 0
+        self._lock = threading.Lock()
 
     def take(self) -> bool:
-        return self._free.acquire(blocking=False)
+        with self._lock:
+            if self._taken >= self._capacity():
+                return False
+            self._taken += 1
+            return True
 
     def give_back(self) -> None:
-        self._free.release()
+        with self._lock:
+            if self._taken == 0:
+                raise RuntimeError("a slot was given back that nobody held")
+            self._taken -= 1
 
 
 def _too_large_body(limit: int) -> bytes:

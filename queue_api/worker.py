@@ -77,7 +77,7 @@ class QueueDoor:
 
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
-        self.threads = ThreadPoolExecutor(pipeline.settings.concurrency, thread_name_prefix="job")
+        self.threads = ThreadPoolExecutor(pipeline.settings.most_concurrent, thread_name_prefix="job")
 
     async def handler(self, job: dict[str, Any]) -> dict[str, Any]:
         return await asyncio.get_running_loop().run_in_executor(self.threads, run_job, self.pipeline, job)
@@ -96,7 +96,8 @@ class QueueDoor:
             cancel.set()
 
     def concurrency_modifier(self, _current: int) -> int:
-        return self.pipeline.settings.concurrency
+        """The SDK asks again and again: the answer grows once the engine is sized from GPU memory."""
+        return self.pipeline.runtime.concurrency()
 
     def sdk_config(self) -> dict[str, Any]:
         """What ``runpod.serverless.start`` takes. The SDK fixes the handler's kind at start, so streaming

@@ -407,7 +407,7 @@ def test_slots_are_sized_from_the_free_gpu_memory() -> None:
 
     def slots(card_gb: float) -> int:
         return sized_slots(
-            config, 6144, torch.bfloat16, free=int((card_gb - 10.75) * gb), total=int(card_gb * gb)
+            config, 6144, torch.bfloat16, free=int((card_gb - 10.75) * gb), total=int(card_gb * gb), most=64
         )
 
     assert 7 <= slots(24) <= 9
