@@ -107,7 +107,9 @@ class HiggsAudioEngine:
                 free, total = torch.cuda.mem_get_info(loaded.device)
                 limits = sized_limits(loaded.model, limits, free, total, options.size_slots_up_to)
             self._runner = Scheduler(loaded.model, limits, cuda_graphs=graphs)
-        self.slots = self._runner.limits.slots if isinstance(self._runner, Scheduler) else 1
+        # how many jobs to take at once (the reference runs one at a time; jobs beyond it wait their turn)
+        runner = self._runner
+        self.slots = runner.limits.slots if isinstance(runner, Scheduler) else options.limits.slots
 
     @classmethod
     def load(
