@@ -26,7 +26,7 @@ from higgs_worker.runtime import Readiness
 from http_api.captioned import captioned_body, words_without_a_place
 from http_api.door import HttpDoor
 from http_api.errors import error_response
-from http_api.speech import OPENAI_DEFAULT_FORMAT, STREAM_FORMATS, captioned_reply, speech_reply
+from http_api.speech import STREAM_FORMATS, captioned_reply, speech_reply
 from http_api.voices import voice_routes
 
 logger = logging.getLogger("http_api")
@@ -65,8 +65,6 @@ def create_app(pipeline: Pipeline, *, with_health: bool = True) -> FastAPI:
         if stream_format not in STREAM_FORMATS:
             message = f"stream_format: must be one of {', '.join(STREAM_FORMATS)}"
             return error_response(400, message, param="stream_format")
-        if "response_format" not in body and "output_format" not in body:
-            body["response_format"] = OPENAI_DEFAULT_FORMAT
         unsent = words_without_a_place(body, stream_format)
         if unsent is not None:
             return error_response(400, unsent, param=unsent.split(":")[0])
@@ -79,7 +77,7 @@ def create_app(pipeline: Pipeline, *, with_health: bool = True) -> FastAPI:
         if isinstance(body, Response):
             return body
         try:
-            stream, body = captioned_body(body, OPENAI_DEFAULT_FORMAT)
+            stream, body = captioned_body(body)
         except ValueError as error:
             return error_response(400, str(error), param=str(error).split(":")[0])
         return await door.speak(request, body, captioned_reply(stream), "captioned")

@@ -21,7 +21,7 @@ from higgs_worker.quality.service import OUTPUT_KEYS
 FLAGS = ("stream", "return_timestamps")
 
 
-def captioned_body(body: dict[str, Any], default_format: str) -> tuple[bool, dict[str, Any]]:
+def captioned_body(body: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
     """Whether to stream, and the job's body with word timestamps asked for; ValueError names a bad flag."""
     body = dict(body)
     values = {}
@@ -32,8 +32,6 @@ def captioned_body(body: dict[str, Any], default_format: str) -> tuple[bool, dic
         values[name] = value
     if values["return_timestamps"]:
         body.setdefault("timestamps", "word")
-    if "response_format" not in body and "output_format" not in body:
-        body["response_format"] = default_format
     return values["stream"], body
 
 

@@ -35,6 +35,7 @@ logger = logging.getLogger("http_api")
 
 T = TypeVar("T")
 DISCONNECT_POLL_S = 0.5
+OPENAI_DEFAULT_FORMAT = "mp3"  # what OpenAI's speech API returns when the body names no format
 StreamBody = Callable[[Pipeline, PreparedJob, dict[str, Any]], Generator[bytes, None, None]]
 
 
@@ -107,6 +108,8 @@ class HttpDoor:
 
     async def speak(self, request: Request, body: dict[str, Any], reply: SpeechReply, name: str) -> Response:
         """One generation, from an OpenAI-shaped body to the route's response, streamed where it can be."""
+        if "response_format" not in body and "output_format" not in body:
+            body = body | {"response_format": OPENAI_DEFAULT_FORMAT}
         if body.get("dry_run") is True:
             return await self.dry_run(body)
         refusal = self.refusal()

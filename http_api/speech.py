@@ -23,7 +23,6 @@ from http_api.door import SpeechReply
 from http_api.errors import param_of
 
 STREAM_FORMATS = ("audio", "sse")
-OPENAI_DEFAULT_FORMAT = "mp3"  # what /v1/audio/speech returns when the body names no format
 
 
 def sse_event(event: dict[str, Any]) -> bytes:
