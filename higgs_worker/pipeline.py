@@ -11,6 +11,7 @@ send.
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import threading
 from collections.abc import Callable, Generator, Iterator
@@ -198,13 +199,9 @@ class Pipeline:
                 piece = verifier.generate(engine.generate) if verifier is not None else None
                 speech = generate_long(engine, plan.speech, plan.chunking, on_progress, generate_piece=piece)
             else:
-
-                def whole(request: SpeechRequest) -> Speech:
-                    return engine.generate(request, cancel=cancel)
-
+                whole = _cancellable(engine, prepared)
                 one = verifier.generate(whole) if verifier is not None else whole
-                request = plan.speech
-                speech = _abandoned_if_cancelled(lambda: one(request))
+                speech = _abandoned_if_cancelled(lambda: one(plan.speech))
         if verifier is not None:  # checked on the clip as generated; speed and finishing keep its words
             prepared.quality["verification"] = verifier.report()
             self.quality.check_required(plan.request, prepared.quality["verification"])
@@ -238,10 +235,7 @@ class Pipeline:
                 chunks = chunk_speech(self.generate(prepared), engine.frame_rate)
             elif plan.chunking is not None:  # with verify: each piece checked before any of it is sent
                 verifier = self.quality.verifier(plan.request, prepared.timings)
-
-                def whole_piece(request: SpeechRequest) -> Speech:  # stops when nobody waits any more
-                    return engine.generate(request, cancel=prepared.cancel)
-
+                whole_piece = _cancellable(engine, prepared)
                 piece = verifier.generate(whole_piece) if verifier is not None else None
                 generated = stream_long(engine, plan.speech, plan.chunking, generate_piece=piece)
                 if verifier is not None:
@@ -463,6 +457,11 @@ def _engine_refusals() -> Iterator[None]:
         yield
     except SpeechRequestError as error:
         raise SpeechNotPossible(str(error)) from error
+
+
+def _cancellable(engine: HiggsAudioEngine, prepared: PreparedJob) -> Callable[[SpeechRequest], Speech]:
+    """The engine's whole-clip generation, stopped when nobody waits for the job any more."""
+    return functools.partial(engine.generate, cancel=prepared.cancel)
 
 
 def _abandoned_if_cancelled(generate: Callable[[], Speech]) -> Speech:
