@@ -3,13 +3,13 @@
 Why our own: transformers applies its logits processing to a whole batch with one set of parameters, one
 delay-pattern state and torch's global random stream. A scheduler whose sequences join and leave at any
 step needs the same processing *per sequence*: each its own temperature, top-k, top-p, delay state,
-repetition-aware sampling window and random generator. The order and arithmetic follow
+repetition-aware sampling window and random stream. The order and arithmetic follow
 ``transformers/models/higgs_audio_v2/generation_higgs_audio_v2.py`` (``_sample`` and
 ``HiggsAudioV2DelayPatternLogitsProcessor``), so that
 
 * greedy decoding picks the tokens transformers' ``generate()`` picks, and
-* a seeded sequence draws exactly what ``generate()`` draws after ``torch.manual_seed(seed)`` for a batch
-  of one — and the same whatever runs beside it, because nothing else touches its generator.
+* a seeded sequence draws from the distribution ``generate()`` draws from, and the same codes whatever runs
+  beside it, because nothing else reads its random stream.
 
 The delay pattern, in words: the first K steps force codebook k to the stream BOS until step k (codebook
 k lags k steps); once any codebook emits the stream EOS, the text token becomes the "delay" token and from
@@ -18,37 +18,50 @@ the next step on codebook 0, then 0–1, … are forced to EOS, until a row of a
 How it runs (``SlotSampler``): every per-sequence parameter and counter lives in a tensor indexed by slot,
 preallocated on the model's device and written once when a sequence is admitted — temperature, top-k,
 top-p threshold, greedy flag, the delay pattern's BOS/EOS countdowns and delaying flag, the RAS window as a
-ring of the last rows. A step is one code path of tensor ops over the whole batch, greedy and sampled rows
-alike: delay masks, temperature, per-row top-k (one ``topk`` at the batch's largest k, then each row's own
-k-th value) and top-p, the draw, the RAS test and the state update; what no row of the step needs (the
-warpers and the draw when all are greedy) is left out, decided from host-side copies of the settings, never
-from tensor values. The host's per-step work does not grow with the batch, apart from one copy of the chosen
-rows, which the handles publish.
+ring of the last rows, and the slot's random stream (two keys and a counter). A step is one code path of
+tensor ops over the whole batch, greedy and sampled rows alike, with no per-sequence loop and no branch on
+tensor values: what no row of the step needs (the draw when all are greedy, top-k or top-p or RAS when none
+asks for it) is left out, decided from host-side copies of the settings. The host's per-step work does not
+grow with the batch, apart from one copy of the chosen rows, which the handles publish.
 
-The draw is the *exponential race*, chosen over counter-based noise because it keeps draw-for-draw parity
-with ``generate()``: ``torch.multinomial(p, 1)`` is itself implemented as
-``q = empty_like(p).exponential_()`` then ``argmax(p / q)``, so filling ``q`` from the sequence's own
-generator and taking ``argmax(p / q)`` consumes exactly what ``multinomial`` consumes and picks the same
-codes (``tests/test_sampling.py`` checks it). Each slot keeps one ``torch.Generator``, seeded at admission,
-so a seeded sequence's draws do not depend on its neighbours or on when it arrived. The one call per sampled
-slot, ``noise[slot].exponential_(generator=g)``, is the only per-sequence operation of a step (torch has no
-batched draw from several generators); on CUDA it runs inside the step's graph. Counter-based noise from
-(seed, step) would batch that call too, but makes parity with ``generate()`` distributional only.
+* The delay pattern forces whole codebooks, so it is applied to the chosen codes (a forced codebook takes
+  the stream BOS or EOS), not as a mask over the vocabulary: the same rows, without a pass over all codes.
+* Greedy rows take the ``argmax`` of the raw logits, as ``generate()`` does (ties fall on the lowest code).
+* Sampled rows work on their *candidates*: the ``topk`` of the batch's largest top-k plus ``TIE_ROOM``
+  codes (every code when some row asks for no top-k), sorted. Temperature, the row's own k-th score (codes
+  tied with it stay in, as in transformers), top-p (each candidate's mass with everything below it, as
+  transformers' ascending cumulative sum) and the draw all run over those few candidates, not over 1,026
+  codes: sorting and drawing over the whole vocabulary cost 0.2 ms a row on a CPU.
+* The draw is by inverse CDF: one uniform number per codebook, from counter-based noise — a hash of the
+  slot's two keys (from the request's seed, or random when it has none), its row counter, the codebook and
+  the stream (draw or RAS redraw). Nothing else consumes it, so a seeded sequence draws the same whatever
+  runs beside it, in whichever slot, whenever it arrives; it is pure tensor arithmetic, so it needs no
+  ``torch.Generator`` per slot and can be captured in a CUDA graph with the rest of the step.
 
-Repetition-aware sampling (RAS) redraws an over-repeated code from the raw logits with ``multinomial`` over
-only the redrawn codebooks, so how much it consumes depends on how many there are. To stay draw-for-draw
-equal, the test runs on the device for the whole batch and travels back with the chosen rows (still one
-copy), and only a step where some row must redraw does the redraw, for those rows, from the host.
+The price, chosen knowingly: a seeded sequence no longer draws what ``generate()`` draws after
+``torch.manual_seed`` (the exponential race that does so consumes 8 × 1,026 draws per row from a generator
+per slot, one call per slot, and cost 0.17 ms a row on a CPU). Parity with transformers is distributional:
+``tests/test_sampling.py`` checks on fixed logits that the drawn codes follow the distribution transformers'
+warpers (temperature, top-k, top-p) and RAS give, and greedy rows stay exactly ``generate()``'s.
+
+Repetition-aware sampling (RAS), as transformers does it: a chosen code already chosen ``ras_max_repeat``
+times in the slot's window (stream BOS/EOS not counted) is redrawn from the softmax of the raw logits, with
+the stream's second uniform number; the test and the redraw run for the whole batch on the device.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from boson_multimodal.speech_request import RAS_WINDOW_LIMIT, SamplingConfig
+
+TIE_ROOM = 16  # candidates beyond the batch's largest top-k: codes tied with a row's k-th score stay in
+_DRAW, _REDRAW = 0, 1  # what a random number is read for: a code's draw, or a codebook's RAS redraw
+_BITS = 2**31 - 1  # the noise works in 31 bits, so that no int64 product overflows
 
 
 @dataclass(frozen=True)
@@ -82,7 +95,7 @@ class SlotSampler:
     """
 
     def __init__(self, slots: int, tokens: StreamTokens, device: torch.device) -> None:
-        k, vocab = tokens.num_codebooks, tokens.codebook_size
+        k = tokens.num_codebooks
         self.tokens = tokens
         self.device = device
 
@@ -94,7 +107,7 @@ class SlotSampler:
         self._divide = device.type != "cuda"
         self.temperature = torch.ones(slots, device=device)  # the divisor (or its reciprocal on CUDA)
         self.top_k = zeros(slots)  # 0: no top-k
-        self.top_p_cut = zeros(slots, dtype=torch.float32)  # remove cumulative ≤ this; −1: no top-p
+        self.top_p_cut = zeros(slots, dtype=torch.float32)  # remove a tail of mass ≤ this; −1: no top-p
         self.greedy = zeros(slots, dtype=torch.bool)
         self.bos_delay = zeros(slots, k)  # per codebook: ≥ 0 forces the stream BOS this step
         self.eos_delay = zeros(slots, k)  # per codebook: ≤ 0 forces the stream EOS this step
@@ -103,9 +116,9 @@ class SlotSampler:
         self.ras_count = zeros(slots)  # rows written to the ring so far
         self.ras_window = zeros(slots)  # 0: no RAS
         self.ras_max_repeat = zeros(slots)
-        self.noise = torch.ones(slots, k, vocab, dtype=torch.float32, device=device)
-        self.generators = [torch.Generator(device=device) for _ in range(slots)]
-        self._codes = torch.arange(vocab, device=device)
+        self.keys = zeros(slots, 2)  # the slot's random stream: two 31-bit keys from the seed …
+        self.drawn = zeros(slots)  # … and its counter, the rows chosen so far
+        self._codebooks = torch.arange(k, device=device)[:, None]  # (K, 1), beside each row's codes
         self._slot_ids = torch.arange(slots, device=device)
         # Host copies of what decides the shapes of a step (never read back from the device).
         self._sampled = [False] * slots
@@ -127,11 +140,6 @@ class SlotSampler:
         there starts the EOS countdown the same way.
         """
         tokens, vocab = self.tokens, self.tokens.codebook_size
-        generator = self.generators[slot]
-        if config.seed is not None:
-            generator.manual_seed(config.seed)
-        else:
-            generator.seed()
         window = prompt_ids[-tokens.num_codebooks :].tolist()
         pattern = list(range(1, tokens.num_codebooks + 1))
         temperature = 1.0 if config.greedy else config.temperature
@@ -163,6 +171,8 @@ class SlotSampler:
             self.ras_window[slot] = config.ras_window if config.ras_on else 0
             # With RAS off the window is empty, so no code can reach this many repeats.
             self.ras_max_repeat[slot] = config.ras_max_repeat if config.ras_on else RAS_WINDOW_LIMIT + 1
+            self.keys[slot] = torch.tensor(stream_keys(config.seed))
+            self.drawn[slot] = 0
         self._sampled[slot] = not config.greedy
         self._ras_on[slot] = config.ras_on
         self._top_k[slot] = top_k
@@ -174,64 +184,98 @@ class SlotSampler:
         """The next row ``(m, K)`` of slots ``[first, first + m)`` from their raw float32 logits
         ``(m, K, V)``, on the device (the next step's input) and on the CPU (for the handles); advances their
         state. Slots in that range not in ``active`` (free ones, computing padding) get a row too, which
-        means nothing, and draw nothing from any generator."""
-        m, k = logits.shape[0], self.tokens.num_codebooks
-        span = slice(first, first + m)
-        candidates = self._choose(logits, span, active)
-        if any(self._ras_on[slot] for slot in active):
-            redraw = self._repeated(candidates, span)
-            host = torch.cat([candidates, redraw.long()], dim=-1).cpu()  # the one copy
-            rows = host[:, :k]
-            if bool(host[:, k:].any()):
-                self._redraw(logits, candidates, rows, host[:, k:].bool(), first, active)
-        else:
-            rows = candidates.cpu()  # the one copy
-        self._commit(candidates, span)
-        return candidates, rows
+        means nothing."""
+        span = slice(first, first + logits.shape[0])
+        rows = self._choose(logits, span, active)
+        self._commit(rows, span)
+        return rows, rows.cpu()  # the one copy
 
     def _choose(self, logits: torch.Tensor, span: slice, active: Sequence[int]) -> torch.Tensor:
-        """Candidate rows for the slots in ``span``, before RAS. What no active slot uses (the warpers and
-        the draw when all are greedy, top-k or top-p when none asks for it) is left out: the host knows it."""
+        """The rows of the slots in ``span``: drawn or greedy, the delay pattern's forced codes, RAS."""
+        sampled = [self._sampled[slot] for slot in active]
+        if not any(sampled):
+            return self._force(logits.argmax(dim=-1), span)
+        rows = self._draw(logits, span, active)
+        if not all(sampled):
+            rows = torch.where(self.greedy[span, None], logits.argmax(dim=-1), rows)
+        rows = self._force(rows, span)
+        if any(self._ras_on[slot] for slot in active):  # only sampled rows have RAS on
+            redraw = self._repeated(rows, span)
+            again = self._redraw(logits, span)
+            rows = torch.where(redraw, again, rows)
+        return rows
+
+    def _force(self, rows: torch.Tensor, span: slice) -> torch.Tensor:
+        """The delay pattern: this step's forced codebooks take the stream BOS or EOS (a codebook forced to
+        both has no code left, and takes code 0, as an argmax over all −inf does), advancing the countdowns
+        as the processor does."""
         tokens = self.tokens
-        # The delay pattern: this step's forced codebooks, advancing the countdowns as the processor does.
         bos_delay = self.bos_delay[span]
         forced_bos = bos_delay >= 0
         bos_delay -= forced_bos.long()
         eos_delay = self.eos_delay[span]
         eos_delay -= self.delaying[span, None].long()
         forced_eos = eos_delay <= 0
-        masked = (forced_bos[..., None] & (self._codes != tokens.stream_bos)) | (
-            forced_eos[..., None] & (self._codes != tokens.stream_eos)
-        )
-        scores = logits.masked_fill(masked, -float("inf"))
-        if not any(self._sampled[slot] for slot in active):
-            return scores.argmax(dim=-1)
-        # Temperature, top-k and top-p, operation for operation as transformers' warpers do them (bf16 logits
-        # tie often, and ties must fall as transformers lets them); a row whose warper transformers would not
-        # add leaves it unchanged (divided by 1, its k-th value −inf, its cut below every probability).
+        rows = torch.where(forced_bos, tokens.stream_bos, rows)
+        rows = torch.where(forced_eos, tokens.stream_eos, rows)
+        return rows.masked_fill(forced_bos & forced_eos, 0)
+
+    def _draw(self, logits: torch.Tensor, span: slice, active: Sequence[int]) -> torch.Tensor:
+        """Sampled rows over each row's candidates: temperature, top-k, top-p and the draw, in the order of
+        transformers' warpers (see the module docstring). A row whose warper transformers would not add
+        leaves it unchanged (divided by 1, its k-th score −inf, its cut below every tail).
+
+        Nothing here depends on how many candidates there are or how ties among them are ordered, so a row
+        draws the same beside any neighbours: weights are taken relative to the best score, a tail's mass
+        counts every code tied with it (tied codes are kept or cut together), and the draw is a race between
+        codes, each with its own noise, not a walk along the candidates' order.
+        """
+        vocab = self.tokens.codebook_size
+        top_ks = [self._top_k[slot] for slot in active if self._sampled[slot]]
+        width = vocab if 0 in top_ks else min(vocab, max(top_ks) + TIE_ROOM)
+        scores, codes = logits.topk(width, dim=-1)  # highest first
         divisor = self.temperature[span, None, None]
         warped = scores / divisor if self._divide else scores * divisor
-        largest_k = max(self._top_k[slot] for slot in active)
-        if largest_k:
+        if any(top_ks):
             top_k = self.top_k[span]
-            largest = warped.topk(largest_k, dim=-1).values
             index = (top_k.clamp(min=1) - 1)[:, None, None].expand(-1, warped.shape[1], 1)
-            kth = largest.gather(-1, index).masked_fill((top_k == 0)[:, None, None], -float("inf"))
+            kth = warped.gather(-1, index).masked_fill((top_k == 0)[:, None, None], -float("inf"))
             warped = warped.masked_fill(warped < kth, -float("inf"))
+        weights = (warped - warped[..., :1]).exp()  # the softmax, unnormalised
         if any(self._nucleus[slot] for slot in active):
-            sorted_scores, order = warped.sort(dim=-1, descending=False)
-            cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-            remove = cumulative <= self.top_p_cut[span, None, None]
-            remove[..., -1:] = False  # keep at least one
-            warped = warped.masked_fill(remove.scatter(-1, order, remove), -float("inf"))
-        # The draw: the exponential race (see the module docstring); a greedy row takes the argmax of its
-        # delay-masked scores instead.
-        noise = self.noise[span]
-        for slot in active:
-            if self._sampled[slot]:
-                self.noise[slot].exponential_(generator=self.generators[slot])
-        race = warped.softmax(dim=-1) / noise
-        return torch.where(self.greedy[span, None, None], scores, race).argmax(dim=-1)
+            tail = weights.flip(-1).cumsum(dim=-1).flip(-1)  # each candidate's mass and all below it …
+            # … and of the codes tied with it: the tail where its run of equal scores begins.
+            starts = torch.ones_like(warped, dtype=torch.bool)
+            starts[..., 1:] = warped[..., 1:] != warped[..., :-1]
+            position = torch.arange(width, device=self.device).expand_as(warped)
+            tail = tail.gather(-1, position.masked_fill(~starts, 0).cummax(dim=-1).values)
+            remove = tail <= self.top_p_cut[span, None, None] * tail[..., :1]
+            remove[..., 0] = False  # keep at least the best
+            weights = weights.masked_fill(remove, 0)
+        noise = -self._uniforms(self._counter(span, codes, _DRAW), span).log()  # exponential, per code
+        return codes.gather(-1, (weights / noise).argmax(dim=-1, keepdim=True))[..., 0]
+
+    def _redraw(self, logits: torch.Tensor, span: slice) -> torch.Tensor:
+        """RAS's redraw for every codebook: from the raw logits' softmax over all codes, by inverse CDF in
+        code order with one uniform number per codebook (summed in that order, whatever else runs)."""
+        uniform = self._uniforms(self._counter(span, torch.zeros_like(self._codebooks), _REDRAW), span)
+        weights = (logits - logits.amax(dim=-1, keepdim=True)).exp()
+        cumulative = weights.cumsum(dim=-1)
+        target = uniform[..., 0, None] * cumulative[..., -1:]
+        index = torch.searchsorted(cumulative, target, right=True)  # a zero-weight code is never picked
+        return index.clamp(max=weights.shape[-1] - 1)[..., 0]
+
+    def _counter(self, span: slice, codes: torch.Tensor, use: int) -> torch.Tensor:
+        """Where in each slot's random stream a number is read ``(m, K, W)``: (row, codebook, code, use)."""
+        row = self.drawn[span, None, None] * self.tokens.num_codebooks + self._codebooks
+        return ((row * self.tokens.codebook_size + codes) * 2 + use) & _BITS
+
+    def _uniforms(self, counter: torch.Tensor, span: slice) -> torch.Tensor:
+        """Uniform numbers in (0, 1), 24 bits each (exact in float32), one per counter ``(m, K, W)``, the
+        slot's keys scrambling it: the same seed and counter, the same number."""
+        keys = self.keys[span, :, None, None]
+        scrambled = _mix(_mix(counter ^ keys[:, 0]) ^ keys[:, 1])
+        return ((scrambled >> 7).float() + 0.5) * 2**-24
 
     def _repeated(self, candidates: torch.Tensor, span: slice) -> torch.Tensor:
         """RAS's test: which codes were chosen ras_max_repeat times already in the slot's window (stream
@@ -247,34 +291,31 @@ class SlotSampler:
         ).sum(dim=1)
         return repeats >= self.ras_max_repeat[span, None]
 
-    def _redraw(
-        self,
-        logits: torch.Tensor,
-        candidates: torch.Tensor,
-        rows: torch.Tensor,
-        redraw: torch.Tensor,
-        first: int,
-        active: Sequence[int],
-    ) -> None:
-        """RAS's redraw, from the untempered raw logits of only the codebooks that need it, drawing what
-        ``multinomial`` over them would draw (in place on the device candidates and the host rows)."""
-        for slot in active:
-            codebooks = redraw[slot - first].nonzero().view(-1)
-            if codebooks.numel() == 0:
-                continue
-            probs = logits[slot - first, codebooks.to(self.device)].softmax(dim=-1)
-            noise = torch.empty_like(probs).exponential_(generator=self.generators[slot])
-            drawn = (probs / noise).argmax(dim=-1)
-            candidates[slot - first, codebooks.to(self.device)] = drawn
-            rows[slot - first, codebooks] = drawn.cpu()
-
     def _commit(self, rows: torch.Tensor, span: slice) -> None:
-        """After the rows are chosen: the delaying flag they imply, and the RAS ring."""
+        """After the rows are chosen: the delaying flag they imply, the RAS ring, the random streams."""
         self.delaying[span] |= (rows == self.tokens.stream_eos).any(dim=-1)
         count = self.ras_count[span]
         at = count % self.ras_window[span].clamp(min=1)
         self.ras_rows[self._slot_ids[span], at] = rows
         count += 1
+        self.drawn[span] += 1
+
+
+def stream_keys(seed: int | None) -> tuple[int, int]:
+    """A slot's two 31-bit noise keys: from the seed (the same on every machine and Python version), or
+    random when the request has none."""
+    source = random.Random(seed) if seed is not None else random.SystemRandom()
+    return source.getrandbits(31), source.getrandbits(31)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A bijection of [0, 2³¹) that scrambles its bits: xorshift-multiply rounds (the products stay below
+    2⁶³, so int64 arithmetic never overflows, on any device)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x45D9F3B) & _BITS
+    x = x ^ (x >> 16)
+    x = (x * 0x45D9F3B) & _BITS
+    return x ^ (x >> 16)
 
 
 def _shifted(pattern: list[int], window: list[int], token: int, otherwise: list[int]) -> list[int]:

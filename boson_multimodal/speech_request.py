@@ -15,6 +15,9 @@ from boson_multimodal.prompt import PromptRequest
 RAS_WINDOW = 7
 RAS_MAX_REPEAT = 2
 RAS_WINDOW_LIMIT = 64  # the ring of recent rows each slot keeps
+# How a seed becomes codes (``boson_multimodal/sampling.py``). Results are cached under it: bump it with any
+# change that makes the same seed draw other codes. 2: counter-based noise, drawn over the candidates.
+SAMPLER_VERSION = 2
 
 
 @dataclass(frozen=True)

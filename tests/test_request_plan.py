@@ -68,6 +68,17 @@ def test_the_prompt_version_is_part_of_the_identity(monkeypatch: pytest.MonkeyPa
     assert before is not None and after is not None and before != after
 
 
+def test_the_sampler_version_is_part_of_a_seeded_identity_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seeded results made before the same seed drew other codes are not served after it; greedy ones,
+    which no sampler change touches, still are."""
+    from higgs_worker.job import plan as request_plan
+
+    seeded, greedy = cache_identity(request(seed=1), []), cache_identity(request(temperature=0), [])
+    monkeypatch.setattr(request_plan, "SAMPLER_VERSION", request_plan.SAMPLER_VERSION + 1)
+    assert cache_identity(request(seed=1), []) != seeded
+    assert cache_identity(request(temperature=0), []) == greedy
+
+
 def test_the_quality_models_and_a_live_stream_are_part_of_the_identity_only_where_they_shape_it() -> None:
     """Another aligner gives other words, another recogniser another verdict; a live stream levels its
     loudness from its start and aligns chunk by chunk, so it never answers for a clip finished whole."""

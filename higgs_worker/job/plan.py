@@ -25,7 +25,7 @@ import numpy as np
 
 from boson_multimodal.longform import Chunking
 from boson_multimodal.prompt import PROMPT_VERSION
-from boson_multimodal.speech_request import SamplingConfig, SpeechRequest
+from boson_multimodal.speech_request import SAMPLER_VERSION, SamplingConfig, SpeechRequest
 from higgs_worker.audio.stream_encoding import STREAMABLE
 from higgs_worker.delivery import S3Target, default_s3_key, validate_bucket_name, validate_s3_key
 from higgs_worker.errors import RequestPlanError
@@ -214,4 +214,5 @@ def cache_identity(
     if not sampling.greedy:
         identity |= {"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k}
         identity["seed"] = request.seed
+        identity["sampler_version"] = SAMPLER_VERSION  # how the seed becomes codes
     return identity
