@@ -214,7 +214,8 @@ def per_step(engine: HiggsAudioEngine, batch: int, steps: int = 20) -> dict:
 
 
 def per_replay(engine: HiggsAudioEngine, batch: int, replays: int = 20) -> dict:
-    """Kernels and GPU time of one replay of the captured step for ``batch`` rows (the smallest span)."""
+    """Kernels and GPU time of one replay of the captured step (forward, sampling, state update) for ``batch``
+    rows (the smallest span), between jobs: a replay advances the state of the slots it covers."""
     runner = engine._runner
     assert isinstance(runner, Scheduler) and runner._graphed is not None
     graphed = runner._graphed

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from transformers.models.higgs_audio_v2 import modeling_higgs_audio_v2 as higgs
 
+from boson_multimodal.sampling import SlotSampler, StepNeeds
+
 logger = logging.getLogger(__name__)
 
 # Batch sizes the CUDA graphs are captured for (a step pads to the next one) and the attention spans (a
@@ -125,6 +127,23 @@ class DecodeStep:
         return logits.float().view(n, *self._shape)
 
 
+class SampledStep:
+    """The whole decode step: the forward, then the choice of every slot's next row and the update of its
+    sampling state (``SlotSampler.choose``), rows ``(n, K)`` at ``positions`` → next rows ``(n, K)``, on the
+    device. One callable, so that one CUDA graph holds all of it."""
+
+    def __init__(self, forward: DecodeStep, sampler: SlotSampler) -> None:
+        self.forward = forward
+        self.sampler = sampler
+
+    def __call__(
+        self, rows: torch.Tensor, positions: torch.Tensor, span: int, masked: bool, needs: StepNeeds | None
+    ) -> torch.Tensor:
+        """``needs``: what this step's rows ask of the sampler; None (a graph's capture) asks for all."""
+        logits = self.forward(rows, positions, span, masked)
+        return self.sampler.choose(logits, 0, needs or self.sampler.everything)
+
+
 Replay = Callable[[], torch.Tensor]  # runs a captured step again on its static inputs; returns its output
 Capture = Callable[[Callable[[], torch.Tensor]], Replay]  # records one run of a step, returns its replay
 
@@ -159,7 +178,8 @@ class CudaCapture:
 
 
 class GraphedDecodeStep:
-    """The decode step replayed from CUDA graphs, one per (batch bucket, span bucket), captured at start-up.
+    """The whole decode step (forward, sampling, state update) replayed from CUDA graphs, one per (batch
+    bucket, span bucket), captured at start-up.
 
     Why: at batch 1 a step of the real model launches hundreds of small kernels, and launching them from
     Python costs more than running them. A graph replays all of them with one call. Shapes are fixed per
@@ -171,13 +191,18 @@ class GraphedDecodeStep:
     bucket whose capture fails runs eagerly, with a warning, and never fails a job. Then one replay is
     checked against the eager step on the same inputs: if their greedy rows differ, graphs are switched off
     and the log says so. ``capture`` is injectable so that this logic runs on a CPU too.
+
+    A graph is captured before any row is known, so it samples with every warper on (``needs`` None), which
+    gives every row the codes the eager step gives it; it also advances the padding slots' state, which
+    means nothing: a slot's state is written afresh when a sequence takes it.
     """
 
-    def __init__(self, step: DecodeStep, cache: SlotCache, device: torch.device, capture: Capture) -> None:
+    def __init__(self, step: SampledStep, cache: SlotCache, device: torch.device, capture: Capture) -> None:
         self._step = step
         self._cache = cache
         self._capture = capture
-        self._rows = torch.zeros(cache.slots, step._shape[0], dtype=torch.long, device=device)
+        self._codebooks = step.forward._shape[0]
+        self._rows = torch.zeros(cache.slots, self._codebooks, dtype=torch.long, device=device)
         self._positions = torch.zeros(cache.slots, dtype=torch.long, device=device)
         self._graphs: dict[tuple[int, int], Replay] = {}
         self.batch_buckets = [b for b in GRAPH_BATCH_BUCKETS if b < cache.slots] + [cache.slots]
@@ -212,21 +237,24 @@ class GraphedDecodeStep:
     def _static_step(self, batch: int, span: int) -> Callable[[], torch.Tensor]:
         """The step over the first ``batch`` static input rows, as a graph records and replays it."""
         rows, positions = self._rows[:batch], self._positions[:batch]
-        return lambda: self._step(rows, positions, span, masked=True)
+        return lambda: self._step(rows, positions, span, masked=True, needs=None)
 
     def _check(self) -> None:
         if not self._graphs:
             return
         batch, span = min(self._graphs)
         generator = torch.Generator().manual_seed(0)
-        rows = torch.randint(0, self._step._shape[1] - 2, (batch, self._step._shape[0]), generator=generator)
+        vocab = self._step.forward._shape[1]
+        rows = torch.randint(0, vocab - 2, (batch, self._codebooks), generator=generator)
         positions = torch.arange(batch) % span
         rows, positions = rows.to(self._rows.device), positions.to(self._rows.device)
-        eager = self._step(rows, positions, span, masked=True).argmax(dim=-1)
+        with self._step.sampler.greedy_trial(batch):
+            eager = self._step(rows, positions, span, masked=True, needs=None)
         self._rows[:batch].copy_(rows)
         self._positions[:batch].copy_(positions)
         try:
-            replayed = self._graphs[batch, span]()[:batch].argmax(dim=-1)
+            with self._step.sampler.greedy_trial(batch):
+                replayed = self._graphs[batch, span]()[:batch]
         except Exception as error:  # a replay that cannot run is one that disagrees: never a dead scheduler
             self.enabled = False
             logger.error(
@@ -243,13 +271,15 @@ class GraphedDecodeStep:
                 batch, span,
             )  # fmt: skip
 
-    def __call__(self, rows: torch.Tensor, positions: torch.Tensor, span: int, masked: bool) -> torch.Tensor:
+    def __call__(
+        self, rows: torch.Tensor, positions: torch.Tensor, span: int, masked: bool, needs: StepNeeds | None
+    ) -> torch.Tensor:
         n = rows.shape[0]
         batch = next(b for b in self.batch_buckets if b >= n)
         bucket = next(s for s in self.span_buckets if s >= span)
         replay = self._graphs.get((batch, bucket)) if self.enabled else None
         if replay is None:
-            return self._step(rows, positions, span, masked)
+            return self._step(rows, positions, span, masked, needs)
         self._rows[:batch].zero_()
         self._positions[:batch].zero_()
         self._rows[:n].copy_(rows)

@@ -52,7 +52,8 @@ the stream's second uniform number; the test and the redraw run for the whole ba
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +86,20 @@ class StreamTokens:
             num_codebooks=config.num_codebooks,
             codebook_size=config.codebook_size,
         )
+
+
+@dataclass(frozen=True)
+class StepNeeds:
+    """What a step's rows ask of the sampler, known on the host: what none asks for is left out, and a CUDA
+    graph, captured before any row is known, asks for everything (which leaves every row's codes the same:
+    a warper a row does not use is a no-op for it)."""
+
+    sampled: bool  # some row samples
+    greedy: bool  # some row is greedy
+    width: int  # candidates per codebook row: the largest top-k plus TIE_ROOM, or every code
+    top_k: bool  # some sampled row has a top-k
+    nucleus: bool  # some sampled row has a top-p
+    ras: bool  # some row has repetition-aware sampling
 
 
 class SlotSampler:
@@ -185,25 +200,68 @@ class SlotSampler:
         ``(m, K, V)``, on the device (the next step's input) and on the CPU (for the handles); advances their
         state. Slots in that range not in ``active`` (free ones, computing padding) get a row too, which
         means nothing."""
-        span = slice(first, first + logits.shape[0])
-        rows = self._choose(logits, span, active)
-        self._commit(rows, span)
+        rows = self.choose(logits, first, self.needs(active))
         return rows, rows.cpu()  # the one copy
 
-    def _choose(self, logits: torch.Tensor, span: slice, active: Sequence[int]) -> torch.Tensor:
-        """The rows of the slots in ``span``: drawn or greedy, the delay pattern's forced codes, RAS."""
-        sampled = [self._sampled[slot] for slot in active]
-        if not any(sampled):
-            return self._force(logits.argmax(dim=-1), span)
-        rows = self._draw(logits, span, active)
-        if not all(sampled):
-            rows = torch.where(self.greedy[span, None], logits.argmax(dim=-1), rows)
+    def needs(self, active: Sequence[int]) -> StepNeeds:
+        sampled = [slot for slot in active if self._sampled[slot]]
+        top_ks = [self._top_k[slot] for slot in sampled]
+        vocab = self.tokens.codebook_size
+        return StepNeeds(
+            sampled=bool(sampled),
+            greedy=len(sampled) < len(active),
+            width=vocab if 0 in top_ks or not top_ks else min(vocab, max(top_ks) + TIE_ROOM),
+            top_k=any(top_ks),
+            nucleus=any(self._nucleus[slot] for slot in sampled),
+            ras=any(self._ras_on[slot] for slot in active),
+        )
+
+    @property
+    def everything(self) -> StepNeeds:
+        """What a step asks for when its rows are not known (a CUDA graph): every warper, every code."""
+        vocab = self.tokens.codebook_size
+        return StepNeeds(sampled=True, greedy=True, width=vocab, top_k=True, nucleus=True, ras=True)
+
+    def choose(self, logits: torch.Tensor, first: int, needs: StepNeeds) -> torch.Tensor:
+        """The next rows of slots ``[first, first + m)``, on the device, advancing their state: drawn or
+        greedy, the delay pattern's forced codes, RAS. Tensor ops only, so a CUDA graph can hold them."""
+        span = slice(first, first + logits.shape[0])
+        if needs.sampled:
+            rows = self._draw(logits, span, needs)
+            if needs.greedy:
+                rows = torch.where(self.greedy[span, None], logits.argmax(dim=-1), rows)
+        else:
+            rows = logits.argmax(dim=-1)
         rows = self._force(rows, span)
-        if any(self._ras_on[slot] for slot in active):  # only sampled rows have RAS on
-            redraw = self._repeated(rows, span)
-            again = self._redraw(logits, span)
-            rows = torch.where(redraw, again, rows)
+        if needs.ras:
+            rows = torch.where(self._repeated(rows, span), self._redraw(logits, span), rows)
+        self._commit(rows, span)
         return rows
+
+    @contextmanager
+    def greedy_trial(self, slots: int) -> Iterator[None]:
+        """Slots ``[0, slots)`` greedy with no codebook forced, for a check of the step (CUDA graphs against
+        the eager step) that compares the forward's own choices; every slot's state is restored after."""
+        state = [tensor.clone() for tensor in self._state()]
+        try:
+            with torch.inference_mode():
+                self.greedy[:slots] = True
+                self.bos_delay[:slots] = -1
+                self.eos_delay[:slots] = self.tokens.num_codebooks + 1
+                self.delaying[:slots] = False
+                self.ras_max_repeat[:slots] = RAS_WINDOW_LIMIT + 1
+            yield
+        finally:
+            with torch.inference_mode():
+                for tensor, saved in zip(self._state(), state, strict=True):
+                    tensor.copy_(saved)
+
+    def _state(self) -> list[torch.Tensor]:
+        return [
+            self.temperature, self.top_k, self.top_p_cut, self.greedy, self.bos_delay, self.eos_delay,
+            self.delaying, self.ras_rows, self.ras_count, self.ras_window, self.ras_max_repeat, self.keys,
+            self.drawn,
+        ]  # fmt: skip
 
     def _force(self, rows: torch.Tensor, span: slice) -> torch.Tensor:
         """The delay pattern: this step's forced codebooks take the stream BOS or EOS (a codebook forced to
@@ -220,7 +278,7 @@ class SlotSampler:
         rows = torch.where(forced_eos, tokens.stream_eos, rows)
         return rows.masked_fill(forced_bos & forced_eos, 0)
 
-    def _draw(self, logits: torch.Tensor, span: slice, active: Sequence[int]) -> torch.Tensor:
+    def _draw(self, logits: torch.Tensor, span: slice, needs: StepNeeds) -> torch.Tensor:
         """Sampled rows over each row's candidates: temperature, top-k, top-p and the draw, in the order of
         transformers' warpers (see the module docstring). A row whose warper transformers would not add
         leaves it unchanged (divided by 1, its k-th score −inf, its cut below every tail).
@@ -230,24 +288,21 @@ class SlotSampler:
         counts every code tied with it (tied codes are kept or cut together), and the draw is a race between
         codes, each with its own noise, not a walk along the candidates' order.
         """
-        vocab = self.tokens.codebook_size
-        top_ks = [self._top_k[slot] for slot in active if self._sampled[slot]]
-        width = vocab if 0 in top_ks else min(vocab, max(top_ks) + TIE_ROOM)
-        scores, codes = logits.topk(width, dim=-1)  # highest first
+        scores, codes = logits.topk(needs.width, dim=-1)  # highest first
         divisor = self.temperature[span, None, None]
         warped = scores / divisor if self._divide else scores * divisor
-        if any(top_ks):
+        if needs.top_k:
             top_k = self.top_k[span]
             index = (top_k.clamp(min=1) - 1)[:, None, None].expand(-1, warped.shape[1], 1)
             kth = warped.gather(-1, index).masked_fill((top_k == 0)[:, None, None], -float("inf"))
             warped = warped.masked_fill(warped < kth, -float("inf"))
         weights = (warped - warped[..., :1]).exp()  # the softmax, unnormalised
-        if any(self._nucleus[slot] for slot in active):
+        if needs.nucleus:
             tail = weights.flip(-1).cumsum(dim=-1).flip(-1)  # each candidate's mass and all below it …
             # … and of the codes tied with it: the tail where its run of equal scores begins.
             starts = torch.ones_like(warped, dtype=torch.bool)
             starts[..., 1:] = warped[..., 1:] != warped[..., :-1]
-            position = torch.arange(width, device=self.device).expand_as(warped)
+            position = torch.arange(needs.width, device=self.device).expand_as(warped)
             tail = tail.gather(-1, position.masked_fill(~starts, 0).cummax(dim=-1).values)
             remove = tail <= self.top_p_cut[span, None, None] * tail[..., :1]
             remove[..., 0] = False  # keep at least the best

@@ -8,7 +8,8 @@ scheduler thread loops:
     admit   waiting sequences while a slot is free: prefill the prompt (transformers' forward), copy its
             keys and values into the slot, choose the first row from the prefill's logits;
     step    one decode forward for all active slots, then every sequence's own logits processing, batched
-            over the slots (``sampling.SlotSampler``); publish the new rows to each handle;
+            over the slots (``sampling.SlotSampler``), as one step (``decode_step.SampledStep``; with CUDA
+            graphs, one replay); copy the rows to the host once and publish them to each handle;
     retire  sequences that ended (all-EOS row, ``max_new_tokens``) or were cancelled: their slot is free
             for the next admission at once.
 
@@ -38,7 +39,14 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import DynamicCache
 
-from boson_multimodal.decode_step import Capture, CudaCapture, DecodeStep, GraphedDecodeStep, SlotCache
+from boson_multimodal.decode_step import (
+    Capture,
+    CudaCapture,
+    DecodeStep,
+    GraphedDecodeStep,
+    SampledStep,
+    SlotCache,
+)
 from boson_multimodal.errors import SequenceTooLong
 from boson_multimodal.sampling import SlotSampler, StreamTokens
 from boson_multimodal.speech_request import SamplingConfig
@@ -282,7 +290,7 @@ class Scheduler:
         self._running = torch.zeros(limits.slots, dtype=torch.long, device=self.device)
         # Its own stream: replays and prefills do not queue behind the codec's work on the default stream.
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        step = DecodeStep(model, self._cache)
+        step = SampledStep(DecodeStep(model, self._cache), self._sampler)
         self._graphed: GraphedDecodeStep | None = None
         if cuda_graphs:
             if capture is None and self._stream is None:
@@ -427,8 +435,9 @@ class Scheduler:
         uniform = len(self._active) == width and min(positions) == span - 1
         order = sorted(self._active)
         try:
-            logits = self._step(self._rows[:width], self._positions[:width], span, masked=not uniform)
-            on_device, chosen = self._sampler.next_rows(logits, 0, order)
+            needs = self._sampler.needs(order)
+            on_device = self._step(self._rows[:width], self._positions[:width], span, not uniform, needs)
+            chosen = on_device.cpu()  # the one copy
             self._rows[:width] = on_device
             self._positions[:width] += self._running[:width]
         except Exception as error:

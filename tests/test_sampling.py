@@ -16,6 +16,7 @@ from transformers.generation.logits_process import (
 
 from boson_multimodal.sampling import SlotSampler, StreamTokens
 from boson_multimodal.speech_request import SamplingConfig
+
 K, V = 8, 1026
 TOKENS = StreamTokens(
     audio_bos_token=5,

@@ -282,13 +282,13 @@ def test_admissions_beside_a_running_sequence_prefill_one_per_step(demo_schedule
         admit(*args)
 
     monkeypatch.setattr(runner, "_admit", recording_admit)
+    prompts = [PROMPTS["scene"], PROMPTS["cloned voice"], PROMPTS["smart voice"]]
+    short = [replace(p, sampling=replace(GREEDY, max_new_tokens=20)) for p in prompts]
+    inputs = [demo_scheduler._sequence_input(request) for request in short]  # encoded before the long one
     long = replace(PROMPTS["smart voice"], sampling=replace(GREEDY, max_new_tokens=200))
     running = demo_scheduler.submit(long)
     running.wait_newer(0)
-    prompts = [PROMPTS["scene"], PROMPTS["cloned voice"], PROMPTS["smart voice"]]
-    short = [replace(p, sampling=replace(GREEDY, max_new_tokens=20)) for p in prompts]
-    inputs = [demo_scheduler._sequence_input(request) for request in short]
-    handles = [runner.submit(sequence) for sequence in inputs]  # encoded first: they arrive together
+    handles = [runner.submit(sequence) for sequence in inputs]  # they arrive together, while it runs
     for handle in handles:
         handle.result()
     assert running.result().rows.shape[0] == 200  # it ran all along
