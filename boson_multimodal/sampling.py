@@ -32,11 +32,14 @@ grow with the batch, apart from one copy of the chosen rows, which the handles p
   tied with it stay in, as in transformers), top-p (each candidate's mass with everything below it, as
   transformers' ascending cumulative sum) and the draw all run over those few candidates, not over 1,026
   codes: sorting and drawing over the whole vocabulary cost 0.2 ms a row on a CPU.
-* The draw is by inverse CDF: one uniform number per codebook, from counter-based noise — a hash of the
-  slot's two keys (from the request's seed, or random when it has none), its row counter, the codebook and
-  the stream (draw or RAS redraw). Nothing else consumes it, so a seeded sequence draws the same whatever
-  runs beside it, in whichever slot, whenever it arrives; it is pure tensor arithmetic, so it needs no
-  ``torch.Generator`` per slot and can be captured in a CUDA graph with the rest of the step.
+* The draw is the exponential race ``torch.multinomial`` itself runs — the code with the largest
+  ``weight / noise``, the noise exponential — with counter-based noise: each code's number is a hash of the
+  slot's two keys (from the request's seed, or random when it has none), its row counter, the codebook, the
+  code and the use (draw or RAS redraw). Nothing else reads it, so a seeded sequence draws the same whatever
+  runs beside it, in whichever slot, whenever it arrives; a race does not depend on the candidates' order or
+  number; and it is pure tensor arithmetic, so it needs no ``torch.Generator`` per slot and a CUDA graph
+  holds it with the rest of the step. That invariance has one bound: more than ``TIE_ROOM`` codes tied at a
+  row's k-th score (flat logits, never seen with real ones) are not all candidates at every width.
 
 The price, chosen knowingly: a seeded sequence no longer draws what ``generate()`` draws after
 ``torch.manual_seed`` (the exponential race that does so consumes 8 × 1,026 draws per row from a generator
@@ -45,8 +48,9 @@ per slot, one call per slot, and cost 0.17 ms a row on a CPU). Parity with trans
 warpers (temperature, top-k, top-p) and RAS give, and greedy rows stay exactly ``generate()``'s.
 
 Repetition-aware sampling (RAS), as transformers does it: a chosen code already chosen ``ras_max_repeat``
-times in the slot's window (stream BOS/EOS not counted) is redrawn from the softmax of the raw logits, with
-the stream's second uniform number; the test and the redraw run for the whole batch on the device.
+times in the slot's window (stream BOS/EOS not counted) is redrawn from the softmax of the raw logits over
+all codes, by inverse CDF in code order with one number per codebook; the test and the redraw run for the
+whole batch on the device.
 """
 
 from __future__ import annotations
@@ -57,10 +61,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from boson_multimodal.speech_request import RAS_WINDOW_LIMIT, SamplingConfig
 
-TIE_ROOM = 16  # candidates beyond the batch's largest top-k: codes tied with a row's k-th score stay in
+TIE_ROOM = 16  # candidates beyond the batch's largest top-k: up to this many codes tied at the k-th stay in
 _DRAW, _REDRAW = 0, 1  # what a random number is read for: a code's draw, or a codebook's RAS redraw
 _BITS = 2**31 - 1  # the noise works in 31 bits, so that no int64 product overflows
 
@@ -117,10 +122,7 @@ class SlotSampler:
         def zeros(*shape: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
             return torch.zeros(shape, dtype=dtype, device=device)
 
-        # CUDA divides a tensor by a Python number as a multiplication by its float32 reciprocal, and
-        # transformers divides by a Python number: to match it bit for bit, do what the device would do.
-        self._divide = device.type != "cuda"
-        self.temperature = torch.ones(slots, device=device)  # the divisor (or its reciprocal on CUDA)
+        self.temperature = torch.ones(slots, device=device)
         self.top_k = zeros(slots)  # 0: no top-k
         self.top_p_cut = zeros(slots, dtype=torch.float32)  # remove a tail of mass ≤ this; −1: no top-p
         self.greedy = zeros(slots, dtype=torch.bool)
@@ -158,11 +160,10 @@ class SlotSampler:
         window = prompt_ids[-tokens.num_codebooks :].tolist()
         pattern = list(range(1, tokens.num_codebooks + 1))
         temperature = 1.0 if config.greedy else config.temperature
-        divisor = torch.tensor(temperature, dtype=torch.float32)
         top_k = 0 if config.greedy or not config.top_k else min(config.top_k, vocab)
         nucleus = not config.greedy and config.top_p < 1.0
         with torch.inference_mode():
-            self.temperature[slot] = divisor if self._divide else 1 / divisor
+            self.temperature[slot] = temperature
             self.top_k[slot] = top_k
             # transformers compares float32 cumulative probabilities with the Python number 1 − top_p
             self.top_p_cut[slot] = (
@@ -289,23 +290,26 @@ class SlotSampler:
         codes, each with its own noise, not a walk along the candidates' order.
         """
         scores, codes = logits.topk(needs.width, dim=-1)  # highest first
-        divisor = self.temperature[span, None, None]
-        warped = scores / divisor if self._divide else scores * divisor
+        warped = scores / self.temperature[span, None, None]
         if needs.top_k:
             top_k = self.top_k[span]
-            index = (top_k.clamp(min=1) - 1)[:, None, None].expand(-1, warped.shape[1], 1)
+            # (clamped: a free slot in the span may hold a larger top-k from its last sequence)
+            index = (top_k.clamp(min=1, max=needs.width) - 1)[:, None, None].expand(-1, warped.shape[1], 1)
             kth = warped.gather(-1, index).masked_fill((top_k == 0)[:, None, None], -float("inf"))
             warped = warped.masked_fill(warped < kth, -float("inf"))
         weights = (warped - warped[..., :1]).exp()  # the softmax, unnormalised
         if needs.nucleus:
-            tail = weights.flip(-1).cumsum(dim=-1).flip(-1)  # each candidate's mass and all below it …
-            # … and of the codes tied with it: the tail where its run of equal scores begins.
+            # Each candidate's tail: its mass and all below it, with every code tied with it (taken where its
+            # run of equal scores begins), as the whole mass less what scores higher (summed from the best,
+            # so the sums do not depend on how many candidates follow).
+            before = F.pad(weights.cumsum(dim=-1), (1, 0))
             starts = torch.ones_like(warped, dtype=torch.bool)
             starts[..., 1:] = warped[..., 1:] != warped[..., :-1]
             position = torch.arange(needs.width, device=self.device).expand_as(warped)
-            tail = tail.gather(-1, position.masked_fill(~starts, 0).cummax(dim=-1).values)
-            remove = tail <= self.top_p_cut[span, None, None] * tail[..., :1]
-            remove[..., 0] = False  # keep at least the best
+            total = before[..., -1:]
+            tail = total - before.gather(-1, position.masked_fill(~starts, 0).cummax(dim=-1).values)
+            remove = tail <= self.top_p_cut[span, None, None] * total
+            remove &= warped != warped[..., :1]  # keep at least the best (all of them, if tied)
             weights = weights.masked_fill(remove, 0)
         noise = -self._uniforms(self._counter(span, codes, _DRAW), span).log()  # exponential, per code
         return codes.gather(-1, (weights / noise).argmax(dim=-1, keepdim=True))[..., 0]
@@ -316,21 +320,21 @@ class SlotSampler:
         uniform = self._uniforms(self._counter(span, torch.zeros_like(self._codebooks), _REDRAW), span)
         weights = (logits - logits.amax(dim=-1, keepdim=True)).exp()
         cumulative = weights.cumsum(dim=-1)
-        target = uniform[..., 0, None] * cumulative[..., -1:]
-        index = torch.searchsorted(cumulative, target, right=True)  # a zero-weight code is never picked
-        return index.clamp(max=weights.shape[-1] - 1)[..., 0]
+        total = cumulative[..., -1:]
+        # Strictly below the total, so the first code whose cumulative mass exceeds it has weight.
+        target = torch.minimum(uniform[..., 0, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+        return torch.searchsorted(cumulative, target, right=True)[..., 0]
 
     def _counter(self, span: slice, codes: torch.Tensor, use: int) -> torch.Tensor:
-        """Where in each slot's random stream a number is read ``(m, K, W)``: (row, codebook, code, use)."""
-        row = self.drawn[span, None, None] * self.tokens.num_codebooks + self._codebooks
-        return ((row * self.tokens.codebook_size + codes) * 2 + use) & _BITS
+        """Which number of its row a slot reads ``(m, K, W)``: (codebook, code, use), below 2¹⁵."""
+        return (self._codebooks * self.tokens.codebook_size + codes) * 2 + use
 
     def _uniforms(self, counter: torch.Tensor, span: slice) -> torch.Tensor:
-        """Uniform numbers in (0, 1), 24 bits each (exact in float32), one per counter ``(m, K, W)``, the
-        slot's keys scrambling it: the same seed and counter, the same number."""
+        """Uniform numbers strictly inside (0, 1), one per counter ``(m, K, W)`` of each slot's next row: the
+        slot's keys and row counter scramble it, so the same seed, row and counter give the same number."""
         keys = self.keys[span, :, None, None]
-        scrambled = _mix(_mix(counter ^ keys[:, 0]) ^ keys[:, 1])
-        return ((scrambled >> 7).float() + 0.5) * 2**-24
+        row = _mix(_mix((self.drawn[span, None, None] & _BITS) ^ keys[:, 0]) ^ keys[:, 1])
+        return unit(_mix(_mix(counter ^ row) ^ keys[:, 0]))
 
     def _repeated(self, candidates: torch.Tensor, span: slice) -> torch.Tensor:
         """RAS's test: which codes were chosen ras_max_repeat times already in the slot's window (stream
@@ -361,6 +365,12 @@ def stream_keys(seed: int | None) -> tuple[int, int]:
     random when the request has none."""
     source = random.Random(seed) if seed is not None else random.SystemRandom()
     return source.getrandbits(31), source.getrandbits(31)
+
+
+def unit(bits: torch.Tensor) -> torch.Tensor:
+    """31-bit integers as float32 numbers strictly inside (0, 1): their top 23 bits and a half, exact (the
+    draw's noise is −log of it, so neither end may be reached)."""
+    return ((bits >> 8).float() + 0.5) * 2**-23
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:

@@ -110,7 +110,7 @@ class SequenceHandle:
         self._condition = threading.Condition()
         self._rows: torch.Tensor | None = None
         self._version = 0
-        self._wanted = 0  # rows the consumer waits for: publishing fewer (or to no such wait) wakes no one
+        self._wanted = 0  # rows the one consumer waits for: publishing fewer (or no such wait) wakes no one
         self._result: SequenceResult | None = None
         self._error: BaseException | None = None
         self.cancel_event = cancel or threading.Event()
@@ -331,8 +331,8 @@ class Scheduler:
         if not cuda:
             # A step's tensors are small: on a CPU, fanning each op out over the cores costs more than it
             # saves (a batch-8 step of the tiny model: 2.95 ms with 2 threads, 1.18 ms with 1, on 2 cores),
-            # and the codec and encoders of running jobs want the other cores. torch applies this to the
-            # threads started after it too.
+            # and the codec and encoders of running jobs want the other cores. torch also starts every
+            # thread created after this (job and codec threads) with one; the main thread keeps its own.
             torch.set_num_threads(1)
         device = torch.cuda.device(self.device) if cuda else nullcontext()
         stream = torch.cuda.stream(self._stream) if cuda else nullcontext()

@@ -68,12 +68,14 @@ def test_the_prompt_version_is_part_of_the_identity(monkeypatch: pytest.MonkeyPa
     assert before is not None and after is not None and before != after
 
 
-def test_the_sampler_version_is_part_of_a_seeded_identity_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Seeded results made before the same seed drew other codes are not served after it; greedy ones,
-    which no sampler change touches, still are."""
+def test_the_sampler_is_part_of_a_seeded_identity_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seeded results drawn another way (before a sampler change, or by the other backend) are not served;
+    greedy ones, which the sampler does not touch, still are."""
     from higgs_worker.job import plan as request_plan
 
     seeded, greedy = cache_identity(request(seed=1), []), cache_identity(request(temperature=0), [])
+    assert cache_identity(request(seed=1), [], backend="transformers") != seeded  # generate() draws others
+    assert cache_identity(request(temperature=0), [], backend="transformers") == greedy
     monkeypatch.setattr(request_plan, "SAMPLER_VERSION", request_plan.SAMPLER_VERSION + 1)
     assert cache_identity(request(seed=1), []) != seeded
     assert cache_identity(request(temperature=0), []) == greedy

@@ -14,7 +14,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from boson_multimodal.sampling import SlotSampler, StreamTokens
+from boson_multimodal.sampling import SlotSampler, StreamTokens, unit
 from boson_multimodal.speech_request import SamplingConfig
 
 K, V = 8, 1026
@@ -199,3 +199,39 @@ def test_tied_scores_draw_the_same_however_many_candidates_the_batch_takes() -> 
     # The six tied at the k-th score hold 6 / (3e + 6) = 0.42 of the mass, one of them 0.07: top-p 0.8
     # removes a tail of at most 0.2, which would be some of them one by one, but is none of them together.
     assert set(drawn.tolist()) == set(range(9))
+
+
+def test_one_seed_draws_from_the_distribution_row_after_row() -> None:
+    """A single slot's random stream over many rows (not fresh seeds): the codes still follow the warpers."""
+    config = SamplingConfig(temperature=0.7, top_k=50, top_p=0.95, seed=12, ras_window=0)
+    sampler = SlotSampler(1, TOKENS, torch.device("cpu"))
+    sampler.admit(0, config, torch.tensor([7, 8, 9, 10, 11, 12, 13, 14]), None)
+    step = LOGITS.expand(1, K, V)
+    with torch.inference_mode():
+        rows = torch.cat([sampler.next_rows(step, 0, [0])[1] for _ in range(2001)][1:])  # after the BOS row
+    draws = Draws(torch.bincount(rows.view(-1), minlength=V), rows.numel())
+    statistic, bound = chi_square(draws, warped(LOGITS, config))
+    assert statistic < bound, (statistic, bound)
+
+
+def test_the_noise_never_reaches_either_end_of_the_unit_interval() -> None:
+    """Its draw's noise is −log(u): u = 1 would make a removed code win the race, u = 0 an infinite one."""
+    ends = unit(torch.tensor([0, 1, 2**30, 2**31 - 2, 2**31 - 1]))
+    assert bool((ends > 0).all() and (ends < 1).all())
+    assert bool(torch.isfinite(-ends.log()).all() and (-ends.log() > 0).all())
+
+
+def test_a_free_slot_with_a_larger_top_k_does_not_upset_the_step() -> None:
+    """Slot 0's last sequence had top-k 200; slot 1 now runs alone with top-k 5 over slots [0, 2)."""
+    prompt_ids = torch.tensor([1, 2, 3, 4, 7, 8, 9, 10])
+    running = SamplingConfig(top_k=5, seed=1)
+    logits = [3 * torch.randn(2, K, V, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    beside = SlotSampler(2, TOKENS, torch.device("cpu"))
+    beside.admit(0, SamplingConfig(top_k=200, seed=2), prompt_ids, None)  # then freed: stale state
+    beside.admit(1, running, prompt_ids, None)
+    alone = SlotSampler(2, TOKENS, torch.device("cpu"))
+    alone.admit(1, running, prompt_ids, None)
+    with torch.inference_mode():
+        got = [beside.next_rows(step, 0, [1])[1][1] for step in logits]
+        want = [alone.next_rows(step[1:], 1, [1])[1][0] for step in logits]
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))

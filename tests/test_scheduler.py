@@ -100,7 +100,7 @@ def test_greedy_tokens_hold_while_other_sequences_join_and_leave(reference, sche
         replace(PROMPTS["scene"], sampling=replace(GREEDY, max_new_tokens=35)),
     ]
     # Greedy rows are generate()'s; the seeded sampled one is what the scheduler draws for it alone.
-    expected = [rows_of(scheduler if r.sampling.seed else reference, r) for r in (long, *others)]
+    expected = [rows_of(scheduler if r.sampling.seed is not None else reference, r) for r in (long, *others)]
     handle = scheduler.submit(long)
     handles, version = [], 0
     for joins_at, other in zip((5, 15, 30), others, strict=True):

@@ -95,6 +95,7 @@ def plan_job(
             chunking,
             quality_models=quality_models,
             live_stream=streams is not None and streams.live,
+            backend=settings.generation_backend,
         ),
     )
 
@@ -167,6 +168,7 @@ def cache_identity(
     *,
     quality_models: Mapping[str, str] | None = None,
     live_stream: bool = False,
+    backend: str = "scheduler",
 ) -> dict[str, Any] | None:
     """Everything that shapes the result, or None when the request is not deterministic (sampling, no seed).
 
@@ -174,6 +176,7 @@ def cache_identity(
     ``quality_models`` names the aligner and the recogniser (``repo@revision``): another one gives other
     words, captions or verification. ``live_stream``: the clip leaves while it is generated, so loudness is
     set from its start and words are aligned chunk by chunk, which a clip finished whole does not share.
+    ``backend``: the scheduler and transformers' ``generate()`` draw other codes from the same seed.
     """
     sampling = sampling_of(request)
     if not sampling.deterministic:
@@ -214,5 +217,6 @@ def cache_identity(
     if not sampling.greedy:
         identity |= {"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k}
         identity["seed"] = request.seed
-        identity["sampler_version"] = SAMPLER_VERSION  # how the seed becomes codes
+        # how the seed becomes codes
+        identity["sampler"] = SAMPLER_VERSION if backend == "scheduler" else "transformers generate()"
     return identity
