@@ -311,13 +311,13 @@ class SlotSampler:
             remove = tail <= self.top_p_cut[span, None, None] * total
             remove &= warped != warped[..., :1]  # keep at least the best (all of them, if tied)
             weights = weights.masked_fill(remove, 0)
-        noise = -self._uniforms(self._counter(span, codes, _DRAW), span).log()  # exponential, per code
+        noise = -self._uniforms(self._counter(codes, _DRAW), span).log()  # exponential, per code
         return codes.gather(-1, (weights / noise).argmax(dim=-1, keepdim=True))[..., 0]
 
     def _redraw(self, logits: torch.Tensor, span: slice) -> torch.Tensor:
         """RAS's redraw for every codebook: from the raw logits' softmax over all codes, by inverse CDF in
         code order with one uniform number per codebook (summed in that order, whatever else runs)."""
-        uniform = self._uniforms(self._counter(span, torch.zeros_like(self._codebooks), _REDRAW), span)
+        uniform = self._uniforms(self._counter(torch.zeros_like(self._codebooks), _REDRAW), span)
         weights = (logits - logits.amax(dim=-1, keepdim=True)).exp()
         cumulative = weights.cumsum(dim=-1)
         total = cumulative[..., -1:]
@@ -325,7 +325,7 @@ class SlotSampler:
         target = torch.minimum(uniform[..., 0, None] * total, torch.nextafter(total, torch.zeros_like(total)))
         return torch.searchsorted(cumulative, target, right=True)[..., 0]
 
-    def _counter(self, span: slice, codes: torch.Tensor, use: int) -> torch.Tensor:
+    def _counter(self, codes: torch.Tensor, use: int) -> torch.Tensor:
         """Which number of its row a slot reads ``(m, K, W)``: (codebook, code, use), below 2¹⁵."""
         return (self._codebooks * self.tokens.codebook_size + codes) * 2 + use
 
