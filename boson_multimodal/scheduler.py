@@ -5,21 +5,29 @@ batch size, so on a GPU sixteen sequences cost little more than one. Everything 
 jobs, streams, the pieces of a long text, benchmarks — submits a *sequence* here and gets a handle. The
 scheduler thread loops:
 
-    admit   waiting sequences while a slot is free: prefill the prompt (transformers' forward), copy its
-            keys and values into the slot, choose the first row from the prefill's logits;
+    admit   waiting sequences while a slot is free: prefill the prompt (transformers' forward, piece by
+            piece), copy its keys and values into the slot, choose the first row from the prefill's logits;
     step    one decode forward for all active slots, then every sequence's own logits processing, batched
             over the slots (``sampling.SlotSampler``), as one step (``decode_step.SampledStep``; with CUDA
             graphs, one replay); copy the rows to the host once and publish them to each handle;
     retire  sequences that ended (all-EOS row, ``max_new_tokens``) or were cancelled: their slot is free
             for the next admission at once.
 
-Admissions do not stall the running sequences: while any run, at most ``ADMISSIONS_PER_STEP`` prompts are
-prefilled between two decode steps (sixteen arrivals cost the running streams sixteen short pauses, not one
-long one); with none running, every waiting prompt is admitted at once. Each prompt is prefilled alone, on
-purpose: prefilled in a padded batch beside another prompt, its logits differ from its prefill alone (by
-about 4e-6 on the tiny CPU model), so its tokens would depend on its neighbours, and greedy parity with
-``generate()`` and seeded reproducibility come first. Reference audio is encoded on the submitting thread
-(``engine.py``), never here.
+Admissions do not stall the running sequences. While any run, one piece of prefill runs between two decode
+steps at most: a whole prompt of up to ``SchedulerLimits.prefill_piece`` tokens (512), or the next piece of a
+longer one (``prefill.PiecewisePrefill``; 50 s of reference audio is three pieces). A prompt's first piece
+runs at the next step, so sixteen arrivals cost the running streams sixteen short pauses, not one long one;
+a long prompt's later pieces wait until the running sequences have taken a step for every
+``PREFILL_TOKENS_PER_STEP`` tokens of the piece, so its prefill is spread over several of their chunks
+rather than stretching one (50 s of reference audio waits about 28 of their steps longer for its first
+row). With none running, every waiting prompt is prefilled at once. One prompt is admitted at a time: a
+short one waits behind a long one's pieces.
+
+Each prompt is prefilled alone, on purpose: prefilled in a padded batch beside another prompt, its logits
+differ from its prefill alone (by about 4e-6 on the tiny CPU model), so its tokens would depend on its
+neighbours, and greedy parity with ``generate()`` and seeded reproducibility come first (where a long
+prompt's pieces fall depends on the prompt alone, for the same reason). Reference audio is encoded on the
+submitting thread (``engine.py``), never here.
 
 A long sequence never blocks a short one, N streams progress together, and because only this thread calls
 into the model, its CUDA graphs are captured and replayed by one thread (torch.compile's cudagraph trees
@@ -37,7 +45,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
-from transformers import DynamicCache
 
 from boson_multimodal.decode_step import (
     Capture,
@@ -48,13 +55,16 @@ from boson_multimodal.decode_step import (
     SlotCache,
 )
 from boson_multimodal.errors import SequenceTooLong
+from boson_multimodal.prefill import PREFILL_PIECE, PiecewisePrefill
 from boson_multimodal.sampling import SlotSampler, StreamTokens
 from boson_multimodal.speech_request import SamplingConfig
 
 logger = logging.getLogger(__name__)
 
 
-ADMISSIONS_PER_STEP = 1  # prompts prefilled between two decode steps while other sequences run
+# A long prompt's pieces after its first wait until the running sequences have taken a step for every this
+# many of the piece's tokens since the last piece (a 512-token piece: 16 steps).
+PREFILL_TOKENS_PER_STEP = 32
 
 
 class GenerationCancelled(Exception):
@@ -230,16 +240,20 @@ class Submissions:
 
 @dataclass(frozen=True)
 class SchedulerLimits:
-    """How many sequences run at once and how long one may be (prompt plus generated rows), in tokens."""
+    """How many sequences run at once, how long one may be (prompt plus generated rows), and how many prompt
+    tokens one piece of prefill takes between two decode steps (``prefill.py``), in tokens."""
 
     slots: int = 8
     max_tokens: int = 6144
+    prefill_piece: int = PREFILL_PIECE
 
     def __post_init__(self) -> None:
         if self.slots < 1:
             raise ValueError(f"slots must be at least 1, got {self.slots}")
         if self.max_tokens < 64:
             raise ValueError(f"max_tokens must be at least 64, got {self.max_tokens}")
+        if self.prefill_piece < 1:
+            raise ValueError(f"prefill_piece must be at least 1, got {self.prefill_piece}")
 
 
 class _Sequence:
@@ -263,6 +277,16 @@ class _Sequence:
     @property
     def done(self) -> bool:
         return self.finished or self.count >= self.rows.shape[0]
+
+
+@dataclass
+class _Admission:
+    """A prompt being prefilled into the slot it holds; the prefill starts with its first piece."""
+
+    sequence: SequenceInput
+    handle: SequenceHandle
+    slot: int
+    prefill: PiecewisePrefill | None = None
 
 
 class Scheduler:
@@ -303,6 +327,8 @@ class Scheduler:
         self._submissions = Submissions()
         self._active: dict[int, _Sequence] = {}  # slot → sequence
         self._pending: list[tuple[SequenceInput, SequenceHandle]] = []  # taken from the queue, not admitted
+        self._admitting: _Admission | None = None  # the prompt being prefilled, piece by piece
+        self._prefill_credit = 0  # prompt tokens the steps since the last piece have paid for
         self.steps = 0  # decode steps run so far (for benchmarks and tests)
         self._thread = threading.Thread(target=self._run, name="higgs-scheduler", daemon=True)
         self._thread.start()
@@ -354,21 +380,32 @@ class Scheduler:
                 sequence.handle.fail(error)
             for _, handle in self._pending:
                 handle.fail(error)
+            if self._admitting is not None:
+                self._admitting.handle.fail(error)
             self._submissions.fail_all(error)
 
     def _loop(self) -> None:
         closing = False
         pending = self._pending
-        while not (closing and not self._active and not pending):
-            closing = self._take(pending, block=not self._active and not pending) or closing
+        while not (closing and not self._active and not pending and self._admitting is None):
+            idle = not self._active and not pending and self._admitting is None
+            closing = self._take(pending, block=idle) or closing
             for item in [item for item in pending if item[1].cancelled]:
                 pending.remove(item)
                 item[1].fail(GenerationCancelled("cancelled before it started"))
-            # Between two steps of running sequences, ADMISSIONS_PER_STEP prefills at most (module docstring).
-            admissions = len(pending) if not self._active else ADMISSIONS_PER_STEP
-            while pending and admissions and len(self._active) < self.limits.slots:
-                self._admit(*pending.pop(0))
-                admissions -= 1
+            if self._admitting is not None and self._admitting.handle.cancelled:
+                self._admitting.handle.fail(GenerationCancelled("cancelled before it started"))
+                self._admitting = None
+            if self._active:  # one piece at most between two steps, a long prompt's later ones paced
+                if self._admitting is None and pending and self._free_slots():
+                    self._admitting = self._start(*pending.pop(0))
+                if self._admitting is not None and self._paid_for(self._admitting):
+                    self._prefill_piece()
+            else:  # nothing to stall: every waiting prompt, whole
+                while self._admitting is not None or (pending and self._free_slots()):
+                    if self._admitting is None:
+                        self._admitting = self._start(*pending.pop(0))
+                    self._prefill_piece()
             self._retire()
             if self._active:
                 self._advance()
@@ -388,40 +425,76 @@ class Scheduler:
             else:
                 pending.append(item)
 
+    def _free_slots(self) -> list[int]:
+        taken = set(self._active)
+        if self._admitting is not None:
+            taken.add(self._admitting.slot)
+        return [slot for slot in range(self.limits.slots) if slot not in taken]
+
     def _admit(self, sequence: SequenceInput, handle: SequenceHandle) -> None:
-        """Prefill the prompt into the lowest free slot and choose the first row from its logits."""
-        slot = min(set(range(self.limits.slots)) - set(self._active))
+        """Prefill a whole prompt into the lowest free slot at once and choose its first row."""
+        self._admitting = self._start(sequence, handle)
+        while self._admitting is not None:
+            self._prefill_piece()
+
+    def _start(self, sequence: SequenceInput, handle: SequenceHandle) -> _Admission:
+        """Take the lowest free slot for a prompt; its prefill runs piece by piece (``_prefill_piece``)."""
+        return _Admission(sequence, handle, slot=self._free_slots()[0])
+
+    def _paid_for(self, admission: _Admission) -> bool:
+        """Whether the prompt's next piece may run beside running sequences: its first at once, a later one
+        once they have taken a step per PREFILL_TOKENS_PER_STEP of its tokens since the last piece."""
+        prefill = admission.prefill
+        return prefill is None or self._prefill_credit >= prefill.next_piece
+
+    def _prefill_piece(self) -> None:
+        """The next piece of the prompt being admitted; after its last, the sequence joins the batch."""
+        admission = self._admitting
+        assert admission is not None
+        self._prefill_credit = 0
         try:
-            sequence = sequence.to(self.device)
-            cache = DynamicCache(config=self._model.config)
-            output = self._model(
-                input_ids=sequence.input_ids,
-                attention_mask=sequence.attention_mask,
-                audio_input_ids=sequence.audio_input_ids,
-                audio_input_ids_mask=sequence.audio_input_ids_mask,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            length = self._cache.load_prefill(slot, cache)
-            audio = sequence.audio_input_ids
-            self._sampler.admit(
-                slot,
-                sequence.sampling,
-                prompt_ids=sequence.input_ids[0].cpu(),
-                prompt_audio_rows=audio[0].cpu() if audio is not None else None,
-            )
-            logits = output.logits[:, -1].float().view(1, *self._step_shape())
-            active = _Sequence(length, sequence.sampling.max_new_tokens, handle, self._tokens.num_codebooks)
-            on_device, on_host = self._sampler.next_rows(logits, slot, [slot])
-            active.append(on_host[0], self._ended(on_host)[0])
-            self._rows[slot] = on_device[0]
-            self._positions[slot] = length
-            self._running[slot] = 1
+            if admission.prefill is None:
+                sequence = admission.sequence.to(self.device)
+                admission.sequence = sequence
+                admission.prefill = PiecewisePrefill(
+                    self._model,
+                    sequence.input_ids,
+                    sequence.attention_mask,
+                    sequence.audio_input_ids,
+                    sequence.audio_input_ids_mask,
+                    self.limits.prefill_piece,
+                )
+            logits = admission.prefill.step()
+            if logits is not None:
+                self._activate(admission, logits)
         except Exception as error:  # a bad prompt fails its own sequence, not the scheduler
             logger.exception("prefill failed")
-            handle.fail(error)
-            return
+            admission.handle.fail(error)
+            self._admitting = None
+
+    def _activate(self, admission: _Admission, logits: torch.Tensor) -> None:
+        """A prefilled prompt into its slot: its keys and values, its sampling state, its first row."""
+        self._admitting = None
+        slot, sequence, prefill = admission.slot, admission.sequence, admission.prefill
+        assert prefill is not None
+        length = self._cache.load_prefill(slot, prefill.cache)
+        audio = sequence.audio_input_ids
+        self._sampler.admit(
+            slot,
+            sequence.sampling,
+            prompt_ids=sequence.input_ids[0].cpu(),
+            prompt_audio_rows=audio[0].cpu() if audio is not None else None,
+        )
+        active = _Sequence(
+            length, sequence.sampling.max_new_tokens, admission.handle, self._tokens.num_codebooks
+        )
+        on_device, on_host = self._sampler.next_rows(
+            logits.float().view(1, *self._step_shape()), slot, [slot]
+        )
+        active.append(on_host[0], self._ended(on_host)[0])
+        self._rows[slot] = on_device[0]
+        self._positions[slot] = length
+        self._running[slot] = 1
         self._active[slot] = active
 
     def _step_shape(self) -> tuple[int, int]:
@@ -446,6 +519,7 @@ class Scheduler:
                 self._free(slot).handle.fail(error)
             return
         self.steps += 1
+        self._prefill_credit += PREFILL_TOKENS_PER_STEP
         ended = self._ended(chosen)
         for slot in order:
             sequence = self._active[slot]

@@ -275,13 +275,13 @@ def test_admissions_beside_a_running_sequence_prefill_one_per_step(demo_schedule
     one never waits for more than one prefill between two of its rows."""
     runner = demo_scheduler._runner
     admitted_at: list[tuple[int, int]] = []  # (step, sequences running) at each admission
-    admit = runner._admit
+    activate = runner._activate
 
-    def recording_admit(*args) -> None:
+    def recording_activate(*args) -> None:
         admitted_at.append((runner.steps, len(runner._active)))
-        admit(*args)
+        activate(*args)
 
-    monkeypatch.setattr(runner, "_admit", recording_admit)
+    monkeypatch.setattr(runner, "_activate", recording_activate)
     prompts = [PROMPTS["scene"], PROMPTS["cloned voice"], PROMPTS["smart voice"]]
     short = [replace(p, sampling=replace(GREEDY, max_new_tokens=20)) for p in prompts]
     inputs = [demo_scheduler._sequence_input(request) for request in short]  # encoded before the long one

@@ -1,0 +1,92 @@
+"""A prompt's prefill in fixed pieces, so that a long one (30–60 s of reference audio) stalls no stream.
+
+Why pieces: a prompt with 50 s of reference audio is about 1,400 tokens; prefilled in one forward between two
+decode steps, it holds every running stream for that whole forward. The scheduler instead runs a piece of at
+most ``PREFILL_PIECE`` tokens between two steps, and spaces a prompt's pieces by several steps
+(``scheduler.py``), so no gap between two of a stream's rows is longer than one step and one piece, and no
+chunk of its rows waits for more than about one piece.
+
+Each piece is transformers' own forward over the next positions, on the cache of the pieces before it, with
+the reference-audio frames whose placeholders fall in it (the model scatters audio embeddings over its
+placeholder tokens in order, so piece ``[a, b)`` takes the frames after the placeholders before ``a``).
+
+Where the pieces fall depends on the prompt alone, never on what runs beside it, so a sequence's tokens are
+the same whatever its neighbours and whenever it arrives. A prompt of at most ``PREFILL_PIECE`` tokens (a
+request with a reference clip up to about 15 s) is one piece: the same forward as ``generate()``'s prefill,
+so its greedy tokens are exactly ``generate()``'s. A longer prompt's logits equal the one-forward prefill's
+up to float rounding (about 1e-6 on the tiny CPU model, ``tests/test_prefill.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+PREFILL_PIECE = 512  # prompt tokens per piece, by default (SchedulerLimits.prefill_piece)
+
+
+class PiecewisePrefill:
+    """One prompt (batch of one) prefilled a piece at a time into its own transformers cache."""
+
+    def __init__(
+        self,
+        model,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        audio_input_ids: torch.Tensor | None,
+        audio_input_ids_mask: torch.Tensor | None,
+        piece: int,
+    ) -> None:
+        self._model = model
+        self._input_ids = input_ids
+        self._attention_mask = attention_mask
+        self._piece = piece
+        self.cache = DynamicCache(config=model.config)
+        self.done = 0  # prompt positions prefilled so far
+        self._frames: torch.Tensor | None = None  # (F, K): the valid reference frames, in placeholder order
+        self._frame_starts: list[int] = [0]  # frames used by the pieces before each piece
+        if audio_input_ids is not None:
+            valid = audio_input_ids[0]
+            if audio_input_ids_mask is not None:
+                valid = valid[audio_input_ids_mask[0].bool()]
+            self._frames = valid
+            config = model.config
+            placeholders = (input_ids[0] == config.audio_token_id) | (
+                input_ids[0] == config.audio_delay_token_id
+            )
+            before = placeholders.long().cumsum(0)
+            for end in range(piece, self.length + piece, piece):
+                self._frame_starts.append(int(before[min(end, self.length) - 1]))
+
+    @property
+    def length(self) -> int:
+        return int(self._input_ids.shape[1])
+
+    @property
+    def next_piece(self) -> int:
+        """Prompt tokens the next ``step`` prefills."""
+        return min(self._piece, self.length - self.done)
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= self.length
+
+    def step(self) -> torch.Tensor | None:
+        """Prefill the next piece; after the last one, return the logits of the prompt's last position."""
+        start, end = self.done, self.done + self.next_piece
+        index = start // self._piece
+        frames = None
+        if self._frames is not None:
+            first, last = self._frame_starts[index], self._frame_starts[index + 1]
+            if last > first:
+                frames = self._frames[first:last][None]
+        output = self._model(
+            input_ids=self._input_ids[:, start:end],
+            attention_mask=self._attention_mask[:, :end],
+            audio_input_ids=frames,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.done = end
+        return output.logits[:, -1] if self.finished else None

@@ -1,0 +1,197 @@
+"""A long prompt prefilled in pieces: the one-forward prefill's logits and cache, one piece between two steps
+of the running sequences, and the same rows whatever runs beside it."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+from transformers import DynamicCache
+
+from boson_multimodal import scheduler as scheduler_module
+from boson_multimodal.engine import EngineOptions, HiggsAudioEngine, SpeechRequest
+from boson_multimodal.loading import LoadedModel, load_model
+from boson_multimodal.prefill import PREFILL_PIECE, PiecewisePrefill
+from boson_multimodal.prompt import Voice
+from boson_multimodal.scheduler import (
+    PREFILL_TOKENS_PER_STEP,
+    GenerationCancelled,
+    SchedulerLimits,
+    SequenceInput,
+)
+from boson_multimodal.speech_request import SamplingConfig
+from boson_multimodal.tiny_model import build_tiny_checkpoint
+from tests.test_scheduler import GEOMETRIES
+
+PIECE = 128  # small pieces, so that a reference clip of a few seconds is several of them
+
+
+def long_request(seconds: float, sampling: SamplingConfig) -> SpeechRequest:
+    waveform = 0.1 * np.random.default_rng(7).standard_normal(int(24000 * seconds)).astype(np.float32)
+    voice = Voice(waveform=waveform, sample_rate=24000, transcript="A reference clip.")
+    return SpeechRequest("Say it like the reference.", voices=(voice,), sampling=sampling)
+
+
+@pytest.fixture(scope="module", params=sorted(GEOMETRIES))
+def loaded(request, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    root: Path = tmp_path_factory.mktemp(request.param)
+    build_tiny_checkpoint(root / "model", root / "codec", GEOMETRIES[request.param])
+    return load_model(root / "model", root / "codec", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory):
+    """The demo geometry, whose clips always run to max_new_tokens: a running sequence stays running."""
+    root: Path = tmp_path_factory.mktemp("demo-pieces")
+    build_tiny_checkpoint(root / "model", root / "codec", GEOMETRIES["demo"])
+    limits = SchedulerLimits(slots=2, max_tokens=2048, prefill_piece=PIECE)
+    engine = HiggsAudioEngine(
+        load_model(root / "model", root / "codec", device="cpu"), EngineOptions(limits=limits)
+    )
+    yield engine
+    engine.close()
+
+
+def one_forward(model, sequence: SequenceInput) -> tuple[torch.Tensor, DynamicCache]:
+    cache = DynamicCache(config=model.config)
+    output = model(
+        input_ids=sequence.input_ids,
+        attention_mask=sequence.attention_mask,
+        audio_input_ids=sequence.audio_input_ids,
+        audio_input_ids_mask=sequence.audio_input_ids_mask,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return output.logits[:, -1], cache
+
+
+def in_pieces(model, sequence: SequenceInput, piece: int) -> tuple[torch.Tensor, DynamicCache, int]:
+    prefill = PiecewisePrefill(
+        model,
+        sequence.input_ids,
+        sequence.attention_mask,
+        sequence.audio_input_ids,
+        sequence.audio_input_ids_mask,
+        piece,
+    )
+    pieces = 1
+    while (logits := prefill.step()) is None:
+        pieces += 1
+    return logits, prefill.cache, pieces
+
+
+@torch.inference_mode()
+def test_pieces_give_the_one_forward_prefill(loaded: LoadedModel) -> None:
+    """Pieces that cut the reference audio anywhere give the one-forward prefill's logits and keys and values
+    up to float rounding; a prompt that fits one piece gives them exactly (it is the same forward)."""
+    encoder = HiggsAudioEngine(loaded, EngineOptions(backend="transformers"))
+    try:
+        sequence = encoder._sequence_input(long_request(6, SamplingConfig()))
+    finally:
+        encoder.close()
+    length = sequence.prompt_tokens
+    assert 2 * PIECE < length < PREFILL_PIECE
+    expected, expected_cache = one_forward(loaded.model, sequence)
+    for piece in (length, 97, PIECE, 13):
+        logits, cache, pieces = in_pieces(loaded.model, sequence, piece)
+        assert pieces == math.ceil(length / piece)
+        assert cache.get_seq_length() == length
+        pairs = list(zip(cache.layers, expected_cache.layers, strict=True))
+        if piece == length:
+            assert torch.equal(logits, expected)
+            assert all(torch.equal(ours.keys, theirs.keys) for ours, theirs in pairs)
+            continue
+        torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4)
+        for ours, theirs in pairs:
+            torch.testing.assert_close(ours.keys, theirs.keys, rtol=0, atol=1e-5)
+            torch.testing.assert_close(ours.values, theirs.values, rtol=0, atol=1e-5)
+    # A piece that feeds the wrong frames would move the logits far more than rounding does.
+    shifted = replace(sequence, audio_input_ids=sequence.audio_input_ids.roll(1, dims=1))
+    wrong, _, _ = in_pieces(loaded.model, shifted, PIECE)
+    assert not torch.allclose(wrong, expected, atol=1e-3)
+
+
+class RecordingPrefill(PiecewisePrefill):
+    """Records the scheduler's step count at each piece; ``after_first`` runs once the first piece is done."""
+
+    pieces_at: ClassVar[list[int]] = []
+    scheduler = None
+    after_first: threading.Event | None = None
+
+    def step(self):
+        RecordingPrefill.pieces_at.append(RecordingPrefill.scheduler.steps)
+        logits = super().step()
+        if RecordingPrefill.after_first is not None:
+            RecordingPrefill.after_first.set()
+        return logits
+
+
+@pytest.fixture
+def recording(engine: HiggsAudioEngine, monkeypatch):
+    monkeypatch.setattr(scheduler_module, "PiecewisePrefill", RecordingPrefill)
+    monkeypatch.setattr(RecordingPrefill, "pieces_at", [])
+    monkeypatch.setattr(RecordingPrefill, "scheduler", engine._runner)
+    monkeypatch.setattr(RecordingPrefill, "after_first", None)
+    return RecordingPrefill
+
+
+def running_beside(engine: HiggsAudioEngine, steps: int):
+    """A sequence that runs for ``steps`` steps, started and producing rows before this returns (the pieces
+    recorded so far, its own, are forgotten)."""
+    handle = engine.submit(SpeechRequest("Keep talking.", sampling=SamplingConfig(max_new_tokens=steps)))
+    handle.wait_newer(0)
+    RecordingPrefill.pieces_at.clear()
+    return handle
+
+
+def test_a_long_prompt_beside_running_sequences_prefills_paced_pieces(engine, recording) -> None:
+    """One piece between two steps at most, and a piece after the first only once the running sequence has
+    taken a step per PREFILL_TOKENS_PER_STEP of its tokens: the prefill is spread, not run in one go."""
+    sampling = SamplingConfig(temperature=0, max_new_tokens=30)
+    sequence = engine._sequence_input(long_request(6, sampling))
+    running = running_beside(engine, 600)
+    admitted = engine._runner.submit(sequence)
+    admitted.result(timeout=120)
+    running.cancel()
+    length, pieces = sequence.prompt_tokens, recording.pieces_at
+    assert len(pieces) == math.ceil(length / PIECE) >= 3
+    sizes = [min(PIECE, length - start) for start in range(0, length, PIECE)]
+    paid = [math.ceil(size / PREFILL_TOKENS_PER_STEP) for size in sizes[1:]]
+    assert [later - earlier for earlier, later in itertools.pairwise(pieces)] == paid, (pieces, sizes)
+
+
+def test_a_long_prompt_draws_the_same_rows_alone_and_beside_others(engine, recording) -> None:
+    """Its pieces fall where its own length puts them, so a seeded long prompt draws the same rows whether it
+    is prefilled at once (nothing else running) or a piece per step beside other sequences."""
+    request = long_request(6, SamplingConfig(seed=11, max_new_tokens=40))
+    alone = engine.submit(request).result(timeout=120).rows
+    assert len(recording.pieces_at) > 2 and len(set(recording.pieces_at)) == 1  # all before one step
+    running = running_beside(engine, 600)
+    beside = engine.submit(request).result(timeout=120).rows
+    running.cancel()
+    assert len(set(recording.pieces_at)) == len(recording.pieces_at) > 2  # spread over steps this time
+    assert torch.equal(alone, beside)
+
+
+def test_a_prompt_cancelled_between_its_pieces_frees_its_slot(engine, recording) -> None:
+    running = running_beside(engine, 400)
+    cancel = threading.Event()
+    recording.after_first = cancel  # the consumer goes away once the first piece is in
+    sequence = engine._sequence_input(long_request(6, SamplingConfig(max_new_tokens=20)))
+    cancelled = engine._runner.submit(sequence, cancel)
+    with pytest.raises(GenerationCancelled):
+        cancelled.result(timeout=120)
+    assert 1 <= len(recording.pieces_at) < math.ceil(sequence.prompt_tokens / PIECE)
+    recording.after_first = None
+    # its slot is free again: the next prompt is admitted beside the running sequence (2 slots)
+    nxt = engine.submit(SpeechRequest("Next one.", sampling=SamplingConfig(max_new_tokens=10)))
+    assert nxt.result(timeout=120).rows.shape[0] == 10
+    running.cancel()
