@@ -28,7 +28,7 @@ from boson_multimodal.scheduler import (
 )
 from boson_multimodal.speech_request import SamplingConfig
 from boson_multimodal.tiny_model import build_tiny_checkpoint
-from tests.test_scheduler import GEOMETRIES
+from tests.support.checkpoints import GEOMETRIES
 
 PIECE = 128  # small pieces, so that a reference clip of a few seconds is several of them
 

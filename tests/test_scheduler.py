@@ -30,15 +30,8 @@ from boson_multimodal.scheduler import (
     sized_slots,
 )
 from boson_multimodal.speech_request import SamplingConfig
-from boson_multimodal.tiny_model import TinyModelSpec, build_tiny_checkpoint
-
-GEOMETRIES = {
-    "demo": TinyModelSpec(),
-    "wide-raw": TinyModelSpec(
-        hidden_size=48, num_layers=3, num_heads=6, num_kv_heads=3, intermediate_size=96, seed=3,
-        code_logit_scale=1.0,
-    ),
-}  # fmt: skip
+from boson_multimodal.tiny_model import build_tiny_checkpoint
+from tests.support.checkpoints import GEOMETRIES
 
 
 @pytest.fixture(scope="module", params=sorted(GEOMETRIES))

@@ -5,11 +5,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from boson_multimodal.tiny_model import TinyModelSpec
 from higgs_worker.settings import Settings
 from higgs_worker.store.model_store import RepoSpec, ensure_repo
 
 MODEL_REPO = "bosonai/higgs-audio-v2-generation-3B-base"
 TOKENIZER_REPO = "bosonai/higgs-audio-v2-tokenizer"
+
+# Two tiny geometries for parity: the default demo checkpoint (sharp code logits: clips run to
+# max_new_tokens) and a wider, deeper one with raw random logits, whose clips the model ends itself.
+GEOMETRIES = {
+    "demo": TinyModelSpec(),
+    "wide-raw": TinyModelSpec(
+        hidden_size=48, num_layers=3, num_heads=6, num_kv_heads=3, intermediate_size=96, seed=3,
+        code_logit_scale=1.0,
+    ),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
