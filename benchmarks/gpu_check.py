@@ -18,6 +18,9 @@ Writes one JSON file:
 - per decode step of the scheduler at batch 1 and 16 (profiler): host ops, GPU kernels, blocking host-device
   synchronisations (``cudaStreamSynchronize`` / ``cudaDeviceSynchronize`` / ``cudaEventSynchronize`` calls)
   and wall time; per graph replay: kernels and GPU time;
+- a stream's rows while a prompt with 50 s of reference audio is admitted beside it
+  (``benchmarks/admission.py``): its median and longest pause between rows and 12-row chunk interval, and the
+  long job's wait for its first row, prefilled in pieces as the scheduler does it;
 - graph-versus-eager agreement: the rows of the same greedy request through both;
 - the word-timestamp aligner (wav2vec2-base) and the verification recogniser (Whisper large-v3 turbo) on a
   10 s clip, at their real geometries with random weights (``benchmarks/quality_cost.py``);
@@ -48,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 import transformers
 
+from benchmarks.admission import long_reference_input, stream_beside_admission
 from benchmarks.quality_cost import quality_models_on_clip
 from boson_multimodal.engine import EngineOptions, HiggsAudioEngine, SamplingConfig, SpeechRequest
 from boson_multimodal.loading import LoadedModel, build_processor
@@ -285,7 +289,8 @@ def main() -> int:
     for batch in batches:
         report["generate"][f"batch_{batch}"] = generate_throughput(loaded, batch, steps)
         print("generate", batch, report["generate"][f"batch_{batch}"], flush=True)
-    limits = SchedulerLimits(slots=max(batches), max_tokens=steps + 512)
+    # room for the 50 s reference prompt (about 1,400 tokens) beside the decode figures' sequences
+    limits = SchedulerLimits(slots=max(batches), max_tokens=steps + 2048)
     graph_modes = [False, True] if device.type == "cuda" else [False]
     small = batches[:2]
     greedy = SpeechRequest(TEXT, sampling=SamplingConfig(temperature=0, max_new_tokens=steps))
@@ -308,6 +313,9 @@ def main() -> int:
             if graphs:
                 figures["per_replay"] = {f"batch_{b}": per_replay(engine, b) for b in small}
                 print(name, "per replay", figures["per_replay"], flush=True)
+            if graphs or device.type != "cuda":
+                figures["long_reference"] = stream_beside_admission(engine, long_reference_input(engine))
+                print(name, "long reference", figures["long_reference"], flush=True)
             greedy_rows[graphs] = engine.submit(greedy).result().rows
         finally:
             engine.close()

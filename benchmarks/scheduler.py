@@ -31,7 +31,8 @@ In this process:
                encoded beforehand, so that only the admission is timed): the longest pause between two of
                its rows and its longest 12-row chunk interval (the first chunk's size) from the submission
                until the job's first row, against its median pause and interval before, and the job's wait
-               for its first row, with the prompt prefilled in paced pieces (the default) and in one forward.
+               for its first row, with the prompt prefilled in paced pieces of 512 tokens (the default) and
+               of 128, and in one forward.
 
     python benchmarks/scheduler.py [--only streams,short-long,mixed,step,sampling,reference] [--json PATH]
 
@@ -66,7 +67,6 @@ FIXED_BATCHES = "not measured: the fixed-batch path was removed with the schedul
 STREAM_STEPS = 200  # long enough that every stream is still generating when the others send their first chunk
 SHORT_STEPS, LONG_STEPS = 40, 1000
 STEP_LENGTHS = (50, 200)  # decode steps of the two runs whose difference times a step
-REFERENCE_SECONDS, STREAM_CHUNK_ROWS, ADMITTED_AT_ROW = 50, 12, 120
 
 
 class Figures:
@@ -407,89 +407,57 @@ def measure_sampling(figures: Figures, steps: int = 50, repeats: int = 9) -> Non
 
 
 def measure_reference(checkpoint: Path, figures: Figures, repeats: int) -> None:
-    import threading
-
-    import numpy as np
-
-    from boson_multimodal.engine import EngineOptions, HiggsAudioEngine, SamplingConfig, SpeechRequest
+    from benchmarks.admission import (
+        CHUNK_ROWS,
+        REFERENCE_SECONDS,
+        long_reference_input,
+        stream_beside_admission,
+    )
+    from boson_multimodal.engine import EngineOptions, HiggsAudioEngine
     from boson_multimodal.loading import load_model
     from boson_multimodal.prefill import PREFILL_PIECE
-    from boson_multimodal.prompt import Voice
     from boson_multimodal.scheduler import SchedulerLimits
 
     print(
         f"reference: a stream's rows while {REFERENCE_SECONDS} s of reference audio is admitted", flush=True
     )
     loaded = load_model(checkpoint / "model", checkpoint / "codec", device="cpu")
-    waveform = 0.1 * np.random.default_rng(0).standard_normal(24000 * REFERENCE_SECONDS).astype(np.float32)
-    voice = Voice(waveform=waveform, sample_rate=24000, transcript="A long reference clip.")
-    long_job = SpeechRequest("Speak like this.", voices=(voice,), sampling=SamplingConfig(max_new_tokens=20))
-    stream = SpeechRequest("A stream that keeps going.", sampling=SamplingConfig(max_new_tokens=400))
-
-    def first_row(job, admitted: list[float]) -> None:
-        job.wait_rows(1)
-        admitted.append(time.perf_counter())
-
-    def one_run(engine: HiggsAudioEngine, long_input) -> tuple[float, ...]:
-        """The stream's median pause and longest while admitting, its median chunk interval and longest while
-        admitting, and the long job's wait for its first row."""
-        handle = engine.submit(stream)
-        arrived: list[float] = []  # when row i + 1 was first seen
-        admitted: list[float] = []  # when the long job's first row was
-        until = None  # rows of the stream by then
-        while True:
-            rows, result = handle.wait_rows(len(arrived) + 1)
-            now = time.perf_counter()
-            assert rows is not None  # the stream's first row comes before its result
-            arrived.extend([now] * (rows.shape[0] - len(arrived)))
-            if len(arrived) == ADMITTED_AT_ROW:
-                job = engine._runner.submit(long_input)
-                threading.Thread(target=first_row, args=(job, admitted), daemon=True).start()
-            if until is None and admitted:
-                until = len(arrived)
-            if result is not None:
-                break
-        job.result()
-        assert until is not None, "the stream ended before the long job was admitted"
-        gaps = np.diff(arrived)
-        chunks = np.diff(arrived[::STREAM_CHUNK_ROWS])
-        first, last = (ADMITTED_AT_ROW - 1) // STREAM_CHUNK_ROWS, until // STREAM_CHUNK_ROWS + 1
-        return (
-            float(np.median(gaps[: ADMITTED_AT_ROW - 1])), float(gaps[ADMITTED_AT_ROW - 1 : until].max()),
-            float(np.median(chunks[:first])), float(chunks[first:last].max()),
-            admitted[0] - arrived[ADMITTED_AT_ROW - 1],
-        )  # fmt: skip
-
-    for label, piece in (("in paced pieces", PREFILL_PIECE), ("in one forward", 4096)):
+    for label, piece in (
+        (f"in paced pieces of {PREFILL_PIECE}", PREFILL_PIECE),
+        ("in paced pieces of 128", 128),
+        ("in one forward", 4096),
+    ):
         limits = SchedulerLimits(slots=4, max_tokens=4096, prefill_piece=piece)
         engine = HiggsAudioEngine(loaded, EngineOptions(limits=limits))
         try:
-            long_input = engine._sequence_input(long_job)  # encoded here, before the timed runs
-            runs = [one_run(engine, long_input) for _ in range(repeats + 1)][1:]  # the first warms up
+            long_input = long_reference_input(engine)
+            runs = [stream_beside_admission(engine, long_input) for _ in range(repeats + 1)][1:]  # 1st warms
         finally:
             engine.close()
-        gap, stall, interval, worst, wait = (statistics.median(values) for values in zip(*runs, strict=True))
+        median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
         tokens, key = long_input.prompt_tokens, label.replace(" ", "_")
+        pause, stall = median["pause_ms"], median["longest_pause_ms"]
+        chunk, worst = median["chunk_ms"], median["longest_chunk_ms"]
         figures.add(
             "reference",
             f"{tokens}-token prompt {label}: longest pause between rows / median",
-            f"{stall * 1000:.1f} / {gap * 1000:.2f} ms = {stall / gap:.1f}×",
+            f"{stall:.1f} / {pause:.2f} ms = {stall / pause:.1f}×",
             f"reference_pause_ms_{key}",
-            [stall * 1000, gap * 1000],
+            [stall, pause],
         )
         figures.add(
             "reference",
-            f"{tokens}-token prompt {label}: longest {STREAM_CHUNK_ROWS}-row chunk interval / median",
-            f"{worst * 1000:.1f} / {interval * 1000:.1f} ms = {worst / interval:.2f}×",
+            f"{tokens}-token prompt {label}: longest {CHUNK_ROWS}-row chunk interval / median",
+            f"{worst:.1f} / {chunk:.1f} ms = {worst / chunk:.2f}×",
             f"reference_chunk_ms_{key}",
-            [worst * 1000, interval * 1000],
+            [worst, chunk],
         )
         figures.add(
             "reference",
             f"{tokens}-token prompt {label}: its wait for its first row",
-            f"{wait * 1000:.1f} ms",
+            f"{median['first_row_ms']:.1f} ms",
             f"reference_first_row_ms_{key}",
-            wait * 1000,
+            median["first_row_ms"],
         )
 
 

@@ -35,6 +35,10 @@ def test_the_gpu_check_writes_its_figures(tmp_path: Path) -> None:
         step = report["scheduler_eager"]["per_step"][batch]
         assert step["host_ops"] > 0 and step["ms"] > 0
         assert step["gpu_kernels"] == 0 and step["blocking_syncs"] == 0  # a CPU has neither
+    admission = report["scheduler_eager"]["long_reference"]
+    assert admission["prompt_tokens"] > 1250  # 50 s of reference audio at 25 frames/s, and the text
+    assert 0 < admission["pause_ms"] <= admission["longest_pause_ms"]
+    assert admission["chunk_ms"] > 0 and admission["first_row_ms"] > 0
     assert "scheduler_cuda_graphs" not in report and "graph_vs_eager_greedy" not in report  # only on CUDA
     quality = report["quality_models"]
     assert quality["geometry"] == "tiny" and quality["clip_s"] == 10

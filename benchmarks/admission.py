@@ -1,0 +1,73 @@
+"""A stream's rows while a prompt with 50 s of reference audio is admitted beside it (shared by the CPU
+benchmark, ``benchmarks/scheduler.py --only reference``, and the GPU check).
+
+The long prompt is encoded before the stream starts, so that only its admission (the prefill, in pieces or
+in one forward) is timed, not the codec's encoding of the reference. The stream's rows are timed as its
+consumer sees them (``SequenceHandle.wait_rows``); the long job is submitted at its 120th row.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from boson_multimodal.engine import HiggsAudioEngine, SamplingConfig, SpeechRequest
+from boson_multimodal.prompt import Voice
+from boson_multimodal.scheduler import SequenceHandle, SequenceInput
+
+REFERENCE_SECONDS = 50
+CHUNK_ROWS = 12  # a stream's first chunk (``ChunkSchedule.first_frames``)
+ADMITTED_AT_ROW = 120
+STREAM_ROWS = 400
+
+
+def long_reference_input(engine: HiggsAudioEngine, sample_rate: int = 24000) -> SequenceInput:
+    """A short text spoken like 50 s of reference audio (noise: the prompt's length is what matters)."""
+    waveform = 0.1 * np.random.default_rng(0).standard_normal(sample_rate * REFERENCE_SECONDS)
+    voice = Voice(waveform=waveform.astype(np.float32), sample_rate=sample_rate, transcript="A long clip.")
+    request = SpeechRequest("Speak like this.", voices=(voice,), sampling=SamplingConfig(max_new_tokens=20))
+    return engine._sequence_input(request)
+
+
+def stream_beside_admission(engine: HiggsAudioEngine, long_input: SequenceInput) -> dict:
+    """One stream of ``STREAM_ROWS`` rows with the long prompt submitted at its ``ADMITTED_AT_ROW``-th row:
+    its median pause between rows and chunk interval before, the longest of each from the submission until
+    the long job's first row, and how long that first row took, in ms."""
+    stream = SpeechRequest("A stream that keeps going.", sampling=SamplingConfig(max_new_tokens=STREAM_ROWS))
+    handle = engine.submit(stream)
+    arrived: list[float] = []  # when row i + 1 was first seen
+    admitted: list[float] = []  # when the long job's first row was
+    until = None  # the stream's rows by then
+    job: SequenceHandle | None = None
+    while True:
+        rows, result = handle.wait_rows(len(arrived) + 1)
+        now = time.perf_counter()
+        assert rows is not None  # the stream's first row comes before its result
+        arrived.extend([now] * (rows.shape[0] - len(arrived)))
+        if job is None and len(arrived) >= ADMITTED_AT_ROW:
+            job = engine._runner.submit(long_input)
+            threading.Thread(target=_first_row, args=(job, admitted), daemon=True).start()
+        if until is None and admitted:
+            until = len(arrived)
+        if result is not None:
+            break
+    assert job is not None and until is not None, "the stream ended before the long job was admitted"
+    job.result()
+    gaps = np.diff(arrived) * 1000
+    chunks = np.diff(arrived[::CHUNK_ROWS]) * 1000
+    first, last = (ADMITTED_AT_ROW - 1) // CHUNK_ROWS, until // CHUNK_ROWS + 1
+    return {
+        "prompt_tokens": long_input.prompt_tokens,
+        "pause_ms": round(float(np.median(gaps[: ADMITTED_AT_ROW - 1])), 2),
+        "longest_pause_ms": round(float(gaps[ADMITTED_AT_ROW - 1 : until].max()), 2),
+        "chunk_ms": round(float(np.median(chunks[:first])), 2),
+        "longest_chunk_ms": round(float(chunks[first:last].max()), 2),
+        "first_row_ms": round((admitted[0] - arrived[ADMITTED_AT_ROW - 1]) * 1000, 2),
+    }
+
+
+def _first_row(job: SequenceHandle, admitted: list[float]) -> None:
+    job.wait_rows(1)
+    admitted.append(time.perf_counter())
