@@ -259,6 +259,9 @@ fi
 # --- hand over to Python --------------------------------------------------------------------------------------
 PYTHON="$ENV_DIR/bin/python"
 export VIRTUAL_ENV="$ENV_DIR" PATH="$ENV_DIR/bin:$PATH"
+# COMPILE_STEP's kernels, compiled once per runtime and kept beside it on the volume (they depend on its torch)
+export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$ENV_DIR/compile-cache/inductor}"
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$ENV_DIR/compile-cache/triton}"
 if $DEMO; then
   export DEMO_MODEL=true # the worker serves the local demo build; without it the hub's model replaces it
   log "publishing the demo model (python demo_model.py)"

@@ -24,13 +24,16 @@ Writes one JSON file:
 - graph-versus-eager agreement: the rows of the same greedy request through both;
 - the word-timestamp aligner (wav2vec2-base) and the verification recogniser (Whisper large-v3 turbo) on a
   10 s clip, at their real geometries with random weights (``benchmarks/quality_cost.py``);
-- peak GPU memory.
+- peak GPU memory;
+- with ``--compile-step``, all of it with the decode forward through ``torch.compile`` (each scheduler's
+  ``start_s`` then includes compiling it).
 
 It needs nothing but torch, transformers and this repository. To try a newer transformers than the machine
 has, bring its wheel and put it first on the path:
 ``python -m pip install --no-deps --target /tmp/tf transformers-*.whl`` then ``PYTHONPATH=/tmp/tf python …``.
 
     python benchmarks/gpu_check.py --out "$OUT/gpu_check.json"            # on the GPU machine, ≈ 5 min
+    python benchmarks/gpu_check.py --compile-step --out "$OUT/gpu_compiled.json"   # the same, compiled
     python benchmarks/gpu_check.py --tiny --device cpu --out /tmp/x.json   # the same code path, on a CPU
 """
 
@@ -266,6 +269,9 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="the tiny demo geometry (a check of the script)")
     parser.add_argument("--steps", type=int, default=None, help="decode steps per sequence")
     parser.add_argument("--batches", default="1,16,64", help="the first two also time a step and first audio")
+    parser.add_argument(
+        "--compile-step", action="store_true", help="the scheduler's decode forward through torch.compile"
+    )
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -279,6 +285,7 @@ def main() -> int:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "steps_per_sequence": steps,
+        "compile_step": args.compile_step,
     }
     started = time.perf_counter()
     loaded = build(TinyModelSpec() if args.tiny else REAL, device)
@@ -297,9 +304,11 @@ def main() -> int:
     greedy_rows = {}
     for graphs in graph_modes:
         name = "scheduler_cuda_graphs" if graphs else "scheduler_eager"
-        engine = HiggsAudioEngine(loaded, EngineOptions(limits=limits, cuda_graphs=graphs))
+        options = EngineOptions(limits=limits, cuda_graphs=graphs, compile_step=args.compile_step)
+        started_engine = time.perf_counter()
+        engine = HiggsAudioEngine(loaded, options)
         try:
-            figures: dict = {}
+            figures: dict = {"start_s": round(time.perf_counter() - started_engine, 1)}
             report[name] = figures
             if graphs:
                 figures["captures"] = captures(engine)

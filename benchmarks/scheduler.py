@@ -34,7 +34,12 @@ In this process:
                for its first row, with the prompt prefilled in paced pieces of 512 tokens (the default) and
                of 128, and in one forward.
 
-    python benchmarks/scheduler.py [--only streams,short-long,mixed,step,sampling,reference] [--json PATH]
+- compiled     the decode forward alone (``DecodeStep``, masked, over 64 positions) at batch 1 and 8, eager
+               and through torch.compile (``COMPILE_STEP``), host time on one thread, the fastest of 9
+               runs of 100 forwards each; and how long compiling took.
+
+    python benchmarks/scheduler.py [--only streams,short-long,mixed,step,sampling,reference,compiled]
+                                   [--json PATH]
 
 Other processes on the machine move the absolute figures; the ratios are taken within one run.
 """
@@ -61,7 +66,7 @@ from tests.support.hub_server import HubServer
 from tests.support.runpod_queue import JobOutcome, ProductionWorker, RunPodQueue
 from tests.support.worker_process import worker_env
 
-PARTS = ("streams", "short-long", "mixed", "step", "sampling", "reference")
+PARTS = ("streams", "short-long", "mixed", "step", "sampling", "reference", "compiled")
 # The old BatchingEngine (b6f9c25:boson_multimodal/batching.py) calls the removed engine.generate_batch.
 FIXED_BATCHES = "not measured: the fixed-batch path was removed with the scheduler"
 STREAM_STEPS = 200  # long enough that every stream is still generating when the others send their first chunk
@@ -461,6 +466,46 @@ def measure_reference(checkpoint: Path, figures: Figures, repeats: int) -> None:
         )
 
 
+def measure_compiled(checkpoint: Path, figures: Figures, runs: int = 9, forwards: int = 100) -> None:
+    import torch
+
+    from boson_multimodal.decode_step import DecodeStep, SlotCache
+    from boson_multimodal.loading import load_model
+
+    print("compiled: the decode forward, eager and through torch.compile, one thread", flush=True)
+    model = load_model(checkpoint / "model", checkpoint / "codec", device="cpu").model
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cache = SlotCache(model.config, 8, 1024, torch.device("cpu"), torch.float32)
+        eager, compiled = DecodeStep(model, cache), DecodeStep(model, cache, compiled=True)
+        compile_s = compiled.warm_up()
+        with torch.inference_mode():
+            for batch in (1, 8):
+                rows = torch.zeros(batch, model.config.num_codebooks, dtype=torch.long)
+                positions = torch.arange(batch) * 5 + 3
+                best = {}
+                for name, step in (("eager", eager), ("compiled", compiled)):
+                    times = []
+                    for _ in range(runs):
+                        started = time.perf_counter()
+                        for _ in range(forwards):
+                            step(rows, positions, 64, True)
+                        times.append((time.perf_counter() - started) / forwards * 1000)
+                    best[name] = min(times)
+                ours, theirs = best["eager"], best["compiled"]
+                figures.add(
+                    "compiled",
+                    f"decode forward, batch {batch}: eager / compiled",
+                    f"{ours:.3f} / {theirs:.3f} ms = {ours / theirs:.2f}×",
+                    f"forward_ms_batch{batch}",
+                    [ours, theirs],
+                )
+    finally:
+        torch.set_num_threads(threads)
+    figures.add("compiled", "compiling it (every shape family)", f"{compile_s:.1f} s", "compile_s", compile_s)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
@@ -483,7 +528,9 @@ def main() -> int:
             measure_sampling(figures)
         if "reference" in parts:
             measure_reference(checkpoint, figures, args.repeats)
-        loop_parts = [part for part in parts if part not in ("step", "sampling", "reference")]
+        if "compiled" in parts:
+            measure_compiled(checkpoint, figures)
+        loop_parts = [part for part in parts if part not in ("step", "sampling", "reference", "compiled")]
         if loop_parts:
             repos = {MODEL_REPO: checkpoint / "model", TOKENIZER_REPO: checkpoint / "codec"}
             with HubServer(repos) as hub, RunPodQueue() as queue:

@@ -77,13 +77,24 @@ class SlotCache:
 
 
 class DecodeStep:
-    """The model's decode forward for slots ``[0, n)``: rows ``(n, K)`` at ``positions`` ``(n,)`` → logits."""
+    """The model's decode forward for slots ``[0, n)``: rows ``(n, K)`` at ``positions`` ``(n,)`` → logits.
 
-    def __init__(self, model, cache: SlotCache) -> None:
+    ``compiled``: the forward through ``torch.compile`` (inductor, dynamic shapes, no CUDA graphs of its own:
+    the scheduler captures its own). Why: a step of the real model runs about 43 kernels per layer, most of
+    them tiny (norms, RoPE, casts, residual adds); inductor fuses them into a few per layer, which a CUDA
+    graph then replays. The price: fused kernels round differently (about 4e-6 in the tiny CPU model's
+    logits), so greedy rows equal ``generate()``'s exactly only uncompiled, and the first steps of each
+    shape family (one row or several, masked or not) wait for the compiler (``warm_up``), cached on disk
+    where ``TORCHINDUCTOR_CACHE_DIR`` says.
+    """
+
+    def __init__(self, model, cache: SlotCache, compiled: bool = False) -> None:
         self._model = model
         self._cache = cache
         config = model.config
         self._shape = (config.num_codebooks, config.codebook_size)
+        self.compiled = compiled
+        self._forward = torch.compile(self._body, dynamic=True) if compiled else self._body
 
     @torch.inference_mode()
     def __call__(self, rows: torch.Tensor, positions: torch.Tensor, span: int, masked: bool) -> torch.Tensor:
@@ -93,6 +104,33 @@ class DecodeStep:
         or all of one length): each row sees the whole span and, as in transformers' own decode step, no
         mask is passed to the attention. Otherwise row b sees positions ``≤ positions[b]``.
         """
+        return self._forward(rows, positions, span, masked)
+
+    def warm_up(self) -> float:
+        """Compile every shape family the scheduler runs (one row or several, masked or not) on free slots'
+        padding (their state is written afresh at admission); seconds it took, 0 when not compiled. Sizes
+        of 1 are compiled apart (torch specialises them), so the spans here are 3 and the rows 1 and 2.
+
+        A compilation that fails leaves the step eager, with a warning: a missing compiler never stops the
+        worker from serving."""
+        if not self.compiled:
+            return 0.0
+        started = time.perf_counter()
+        device = self._cache.keys[0].device
+        try:
+            for n in sorted({1, min(2, self._cache.slots)}):
+                rows = torch.zeros(n, self._shape[0], dtype=torch.long, device=device)
+                positions = torch.zeros(n, dtype=torch.long, device=device)
+                for masked in (False, True):
+                    self(rows, positions, min(3, self._cache.max_tokens), masked)
+        except Exception as error:
+            logger.warning(
+                "compiling the decode step failed (%s: %s); it runs uncompiled", type(error).__name__, error
+            )
+            self.compiled, self._forward = False, self._body
+        return time.perf_counter() - started
+
+    def _body(self, rows: torch.Tensor, positions: torch.Tensor, span: int, masked: bool) -> torch.Tensor:
         backbone = self._model.model
         n = rows.shape[0]
         hidden = backbone.embed_audio_tokens(rows[:, None, :])  # (n, 1, H): the K codes summed

@@ -55,6 +55,9 @@ class EngineOptions:
     backend: str = "scheduler"  # or "transformers": its own generate(), one sequence at a time (reference)
     limits: SchedulerLimits = field(default_factory=SchedulerLimits)
     cuda_graphs: bool | None = None  # None: on when the model runs on CUDA
+    # The decode forward through torch.compile (fused kernels; greedy rows then equal generate()'s only up to
+    # rounding): off unless asked for.
+    compile_step: bool = False
     # Size the slots from the GPU memory free beside the loaded model, up to this many (``limits.slots``
     # then serves off a GPU); None: ``limits.slots`` as given.
     size_slots_up_to: int | None = None
@@ -106,7 +109,9 @@ class HiggsAudioEngine:
             if options.size_slots_up_to is not None and loaded.device.type == "cuda":
                 free, total = torch.cuda.mem_get_info(loaded.device)
                 limits = sized_limits(loaded.model, limits, free, total, options.size_slots_up_to)
-            self._runner = Scheduler(loaded.model, limits, cuda_graphs=graphs)
+            self._runner = Scheduler(
+                loaded.model, limits, cuda_graphs=graphs, compile_step=options.compile_step
+            )
         # how many jobs to take at once (the reference runs one at a time; jobs beyond it wait their turn)
         runner = self._runner
         self.slots = runner.limits.slots if isinstance(runner, Scheduler) else options.limits.slots

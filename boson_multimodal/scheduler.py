@@ -293,10 +293,17 @@ class Scheduler:
     """Runs every submitted sequence on one thread with continuous batching (see the module docstring)."""
 
     def __init__(
-        self, model, limits: SchedulerLimits, *, cuda_graphs: bool = False, capture: Capture | None = None
+        self,
+        model,
+        limits: SchedulerLimits,
+        *,
+        cuda_graphs: bool = False,
+        capture: Capture | None = None,
+        compile_step: bool = False,
     ) -> None:
         """``cuda_graphs``: replay the decode step from graphs captured before this returns (``capture``
-        records them; by default a CUDA graph on the scheduler's own stream)."""
+        records them; by default a CUDA graph on the scheduler's own stream). ``compile_step``: the decode
+        forward through ``torch.compile`` (``DecodeStep``), compiled before this returns."""
         self._model = model
         self.limits = limits
         self.device = next(model.parameters()).device
@@ -314,7 +321,8 @@ class Scheduler:
         self._running = torch.zeros(limits.slots, dtype=torch.long, device=self.device)
         # Its own stream: replays and prefills do not queue behind the codec's work on the default stream.
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        step = SampledStep(DecodeStep(model, self._cache), self._sampler)
+        self._forward = DecodeStep(model, self._cache, compiled=compile_step)
+        step = SampledStep(self._forward, self._sampler)
         self._graphed: GraphedDecodeStep | None = None
         if cuda_graphs:
             if capture is None and self._stream is None:
@@ -369,6 +377,9 @@ class Scheduler:
                 torch.inference_mode(),
             ):  # every tensor the thread makes is an inference tensor
                 try:
+                    if self._forward.compiled:
+                        seconds = self._forward.warm_up()
+                        logger.info("compiled the decode step in %.1f s", seconds)
                     if self._graphed is not None:
                         self._graphed.prepare()
                 finally:

@@ -111,6 +111,7 @@ class Runtime:
                 backend=settings.generation_backend,
                 limits=SchedulerLimits(settings.scheduler_slots, settings.max_sequence_tokens),
                 cuda_graphs=settings.cuda_graphs,
+                compile_step=settings.compile_step,
                 size_slots_up_to=settings.size_slots_up_to,
             )
             try:

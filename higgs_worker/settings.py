@@ -75,6 +75,7 @@ class Settings:
     size_slots_up_to: int | None
     max_sequence_tokens: int  # prompt (reference audio included) plus max_new_tokens, per sequence
     cuda_graphs: bool | None  # None: on when generating on CUDA
+    compile_step: bool  # the decode forward through torch.compile (boson_multimodal/decode_step.py)
     endpoint_type: str  # QUEUE: the runpod SDK's worker loop; LOAD_BALANCER: the HTTP server
     http_host: str
     port: int
@@ -266,6 +267,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         size_slots_up_to=None if chosen else MOST_SIZED_SLOTS,
         max_sequence_tokens=max_sequence_tokens,
         cuda_graphs=None if graphs == "auto" else graphs == "true",
+        compile_step=_bool(env, "COMPILE_STEP", False),
         endpoint_type=_choice(env, "ENDPOINT_TYPE", "QUEUE", ENDPOINT_TYPES),
         http_host=_str(env, "HTTP_HOST", "0.0.0.0"),
         port=port,

@@ -43,3 +43,22 @@ def test_the_gpu_check_writes_its_figures(tmp_path: Path) -> None:
     quality = report["quality_models"]
     assert quality["geometry"] == "tiny" and quality["clip_s"] == 10
     assert quality["align_ms"] > 0 and quality["transcribe_ms"] > 0 and quality["recogniser_tokens"] == 116
+
+
+def test_the_gpu_check_compiles_the_step_when_asked(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    command = [sys.executable, "benchmarks/gpu_check.py", "--tiny", "--device", "cpu", "--out", str(out)]
+    done = subprocess.run(
+        [*command, "--compile-step", "--steps", "8", "--batches", "1,2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["compile_step"] is True
+    assert "compiling the decode step failed" not in done.stderr
+    assert (
+        report["scheduler_eager"]["start_s"] > 0 and report["scheduler_eager"]["batch_2"]["frames_per_s"] > 0
+    )

@@ -148,3 +148,9 @@ def test_the_worker_refuses_to_start_with_a_bad_setting(
     assert done.returncode != 0
     assert named in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "bosonai").exists(), "nothing was fetched"
+
+
+def test_the_compiled_decode_step_is_off_unless_asked_for(tmp_path: Path) -> None:
+    assert settings_with(tmp_path).compile_step is False
+    assert settings_with(tmp_path, COMPILE_STEP="true").compile_step is True
+    assert "COMPILE_STEP='fast' is not a boolean" in refusal(tmp_path, COMPILE_STEP="fast")
