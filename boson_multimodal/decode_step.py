@@ -53,8 +53,12 @@ GRAPH_SPAN_BUCKET = 512
 class SlotCache:
     """Preallocated keys and values: ``slots`` sequences of up to ``max_tokens`` positions, every layer."""
 
+    # One spare position per slot, never read: a step's span then never covers the whole axis, so the keys it
+    # reads are always a strided slice (torch.compile would compile the slice that covers it apart).
+    SPARE = 1
+
     def __init__(self, config, slots: int, max_tokens: int, device: torch.device, dtype: torch.dtype):
-        shape = (slots, config.num_key_value_heads, max_tokens, config.head_dim)
+        shape = (slots, config.num_key_value_heads, max_tokens + self.SPARE, config.head_dim)
         layers = range(config.num_hidden_layers)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in layers]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in layers]
@@ -64,7 +68,7 @@ class SlotCache:
     @staticmethod
     def bytes_needed(config, slots: int, max_tokens: int, dtype: torch.dtype) -> int:
         per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
-        return slots * max_tokens * per_token * dtype.itemsize
+        return slots * (max_tokens + SlotCache.SPARE) * per_token * dtype.itemsize
 
     def load_prefill(self, slot: int, past_key_values) -> int:
         """Copy a prefilled transformers cache (batch of one) into ``slot``; returns the prompt length."""
@@ -104,30 +108,35 @@ class DecodeStep:
         or all of one length): each row sees the whole span and, as in transformers' own decode step, no
         mask is passed to the attention. Otherwise row b sees positions ``≤ positions[b]``.
         """
-        return self._forward(rows, positions, span, masked)
+        if self.compiled:
+            try:
+                return self._forward(rows, positions, span, masked)
+            except Exception as error:  # a compiler that fails never fails a step: it runs uncompiled
+                logger.warning(
+                    "compiling the decode step failed (%s: %s); it runs uncompiled from now on",
+                    type(error).__name__, error,
+                )  # fmt: skip
+                self.compiled, self._forward = False, self._body
+        return self._body(rows, positions, span, masked)
 
     def warm_up(self) -> float:
         """Compile every shape family the scheduler runs (one row or several, masked or not) on free slots'
-        padding (their state is written afresh at admission); seconds it took, 0 when not compiled. Sizes
-        of 1 are compiled apart (torch specialises them), so the spans here are 3 and the rows 1 and 2.
+        padding (their state is written afresh at admission); seconds it took, 0 when not compiled.
 
-        A compilation that fails leaves the step eager, with a warning: a missing compiler never stops the
-        worker from serving."""
+        The inputs are made as the scheduler's are, outside inference mode (torch.compile guards on it, so
+        inference tensors here would leave the serving steps to compile again), and their sizes avoid 1
+        and the model's own sizes (torch specialises a size of 1, and compiles sizes that happen to be
+        equal as one): one row and two, over 5 positions."""
         if not self.compiled:
             return 0.0
         started = time.perf_counter()
         device = self._cache.keys[0].device
-        try:
-            for n in sorted({1, min(2, self._cache.slots)}):
+        for n in sorted({1, min(2, self._cache.slots)}):
+            with torch.inference_mode(False):
                 rows = torch.zeros(n, self._shape[0], dtype=torch.long, device=device)
                 positions = torch.zeros(n, dtype=torch.long, device=device)
-                for masked in (False, True):
-                    self(rows, positions, min(3, self._cache.max_tokens), masked)
-        except Exception as error:
-            logger.warning(
-                "compiling the decode step failed (%s: %s); it runs uncompiled", type(error).__name__, error
-            )
-            self.compiled, self._forward = False, self._body
+            for masked in (False, True):
+                self(rows, positions, min(5, self._cache.max_tokens), masked)
         return time.perf_counter() - started
 
     def _body(self, rows: torch.Tensor, positions: torch.Tensor, span: int, masked: bool) -> torch.Tensor:

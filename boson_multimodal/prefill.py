@@ -2,9 +2,9 @@
 
 Why pieces: a prompt with 50 s of reference audio is about 1,400 tokens; prefilled in one forward between two
 decode steps, it holds every running stream for that whole forward. The scheduler instead runs a piece of at
-most ``PREFILL_PIECE`` tokens between two steps, and spaces a prompt's pieces by several steps
-(``scheduler.py``), so no gap between two of a stream's rows is longer than one step and one piece, and no
-chunk of its rows waits for more than about one piece.
+most ``PREFILL_PIECE`` tokens between two steps, and spaces a long prompt's later pieces by several steps
+(``scheduler.py``), so no gap between two of a stream's rows is longer than one step and one piece, and one
+long prompt adds about one piece to a chunk of its rows rather than its whole prefill.
 
 Each piece is transformers' own forward over the next positions, on the cache of the pieces before it, with
 the reference-audio frames whose placeholders fall in it (the model scatters audio embeddings over its

@@ -443,7 +443,9 @@ class Scheduler:
         return [slot for slot in range(self.limits.slots) if slot not in taken]
 
     def _admit(self, sequence: SequenceInput, handle: SequenceHandle) -> None:
-        """Prefill a whole prompt into the lowest free slot at once and choose its first row."""
+        """Prefill a whole prompt into the lowest free slot at once and choose its first row. For the GPU
+        check's step profile, which calls it on its own thread while this one is idle (the loop itself
+        admits piece by piece)."""
         self._admitting = self._start(sequence, handle)
         while self._admitting is not None:
             self._prefill_piece()
@@ -485,7 +487,6 @@ class Scheduler:
 
     def _activate(self, admission: _Admission, logits: torch.Tensor) -> None:
         """A prefilled prompt into its slot: its keys and values, its sampling state, its first row."""
-        self._admitting = None
         slot, sequence, prefill = admission.slot, admission.sequence, admission.prefill
         assert prefill is not None
         length = self._cache.load_prefill(slot, prefill.cache)
@@ -507,6 +508,7 @@ class Scheduler:
         self._positions[slot] = length
         self._running[slot] = 1
         self._active[slot] = active
+        self._admitting = None  # only now: until the sequence is active, a stopping thread fails its handle
 
     def _step_shape(self) -> tuple[int, int]:
         return self._tokens.num_codebooks, self._tokens.codebook_size

@@ -157,7 +157,7 @@ def test_a_long_prompt_beside_running_sequences_prefills_paced_pieces(engine, re
     taken a step per PREFILL_TOKENS_PER_STEP of its tokens: the prefill is spread, not run in one go."""
     sampling = SamplingConfig(temperature=0, max_new_tokens=30)
     sequence = engine._sequence_input(long_request(6, sampling))
-    running = running_beside(engine, 600)
+    running = running_beside(engine, 1500)
     admitted = engine._runner.submit(sequence)
     admitted.result(timeout=120)
     running.cancel()
@@ -174,7 +174,7 @@ def test_a_long_prompt_draws_the_same_rows_alone_and_beside_others(engine, recor
     request = long_request(6, SamplingConfig(seed=11, max_new_tokens=40))
     alone = engine.submit(request).result(timeout=120).rows
     assert len(recording.pieces_at) > 2 and len(set(recording.pieces_at)) == 1  # all before one step
-    running = running_beside(engine, 600)
+    running = running_beside(engine, 1500)
     beside = engine.submit(request).result(timeout=120).rows
     running.cancel()
     assert len(set(recording.pieces_at)) == len(recording.pieces_at) > 2  # spread over steps this time
@@ -182,10 +182,10 @@ def test_a_long_prompt_draws_the_same_rows_alone_and_beside_others(engine, recor
 
 
 def test_a_prompt_cancelled_between_its_pieces_frees_its_slot(engine, recording) -> None:
-    running = running_beside(engine, 400)
+    sequence = engine._sequence_input(long_request(6, SamplingConfig(max_new_tokens=20)))  # encoded first
+    running = running_beside(engine, 1500)
     cancel = threading.Event()
     recording.after_first = cancel  # the consumer goes away once the first piece is in
-    sequence = engine._sequence_input(long_request(6, SamplingConfig(max_new_tokens=20)))
     cancelled = engine._runner.submit(sequence, cancel)
     with pytest.raises(GenerationCancelled):
         cancelled.result(timeout=120)
