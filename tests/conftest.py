@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.bootstrap_rig import Rig, build_wheelhouse
-from tests.support.checkpoints import MODEL_REPO, TOKENIZER_REPO, TinyCheckpoint
+from tests.support.checkpoints import GEOMETRIES, MODEL_REPO, TOKENIZER_REPO, TinyCheckpoint
 from tests.support.hub_server import HubServer
 from tests.support.speech import speak
 
@@ -22,6 +22,18 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> TinyCheckpoint:
     checkpoint = TinyCheckpoint(root / "model", root / "codec")
     build_tiny_checkpoint(checkpoint.model_dir, checkpoint.codec_dir)
     return checkpoint
+
+
+@pytest.fixture(scope="module", params=sorted(GEOMETRIES))
+def loaded(request, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny model loaded on the CPU, in each parity geometry in turn (a module that needs one geometry
+    defines its own ``loaded``)."""
+    from boson_multimodal.loading import load_model
+    from boson_multimodal.tiny_model import build_tiny_checkpoint
+
+    root: Path = tmp_path_factory.mktemp(request.param)
+    build_tiny_checkpoint(root / "model", root / "codec", GEOMETRIES[request.param])
+    return load_model(root / "model", root / "codec", device="cpu")
 
 
 @pytest.fixture(scope="session")

@@ -39,13 +39,6 @@ def long_request(seconds: float, sampling: SamplingConfig) -> SpeechRequest:
     return SpeechRequest("Say it like the reference.", voices=(voice,), sampling=sampling)
 
 
-@pytest.fixture(scope="module", params=sorted(GEOMETRIES))
-def loaded(request, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    root: Path = tmp_path_factory.mktemp(request.param)
-    build_tiny_checkpoint(root / "model", root / "codec", GEOMETRIES[request.param])
-    return load_model(root / "model", root / "codec", device="cpu")
-
-
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory: pytest.TempPathFactory):
     """The demo geometry, whose clips always run to max_new_tokens: a running sequence stays running."""

@@ -34,13 +34,6 @@ from boson_multimodal.tiny_model import build_tiny_checkpoint
 from tests.support.checkpoints import GEOMETRIES
 
 
-@pytest.fixture(scope="module", params=sorted(GEOMETRIES))
-def loaded(request, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    root: Path = tmp_path_factory.mktemp(request.param)
-    build_tiny_checkpoint(root / "model", root / "codec", GEOMETRIES[request.param])
-    return load_model(root / "model", root / "codec", device="cpu")
-
-
 @pytest.fixture(scope="module")
 def reference(loaded: LoadedModel):
     engine = HiggsAudioEngine(loaded, EngineOptions(backend="transformers"))
