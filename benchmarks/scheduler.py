@@ -257,31 +257,42 @@ def frames_per_second(outcomes: list[JobOutcome]) -> tuple[float, int]:
     return frames / wall, frames
 
 
-def measure_mixed(loop: Loop, figures: Figures) -> None:
+def measure_mixed(loop: Loop, figures: Figures, repeats: int) -> None:
+    """``repeats`` rounds of the 8 jobs each way, after one round to warm up: the median of each way, with
+    its range, because a single round moves by up to 2× on this machine."""
     jobs = mixed_jobs(reference_uri(loop.root))
     rates: dict[str, float] = {}
 
-    def add(key: str, label: str, outcomes: list[JobOutcome]) -> None:
-        rates[key], frames = frames_per_second(outcomes)
+    def together() -> tuple[float, int]:
+        loop.settle()
+        return frames_per_second(loop.run(jobs))
+
+    def one_at_a_time() -> tuple[float, int]:
+        return frames_per_second([loop.run([job])[0] for job in jobs])
+
+    def add(key: str, label: str, measure: Callable[[], tuple[float, int]]) -> None:
+        measure()  # warm-up round
+        rounds = [measure() for _ in range(repeats)]
+        runs = [rate for rate, _ in rounds]
+        rates[key] = statistics.median(runs)
         figures.add(
             "mixed",
             f"8 jobs, {label}",
-            f"{rates[key]:.0f} frames/s ({frames} frames)",
+            f"{rates[key]:.0f} frames/s (median of {repeats}, {min(runs):.0f}–{max(runs):.0f}; "
+            f"{rounds[0][1]} frames)",
             f"mixed_frames_per_s_{key}",
-            rates[key],
+            runs,
         )
 
-    print("mixed: 8 jobs at once, then one after another, scheduler, CONCURRENCY=8", flush=True)
+    print(f"mixed: 8 jobs at once, then one after another, CONCURRENCY=8, {repeats} rounds", flush=True)
     with loop.worker("mixed-scheduler", CONCURRENCY="8"):
-        loop.run([jobs[0]])  # warm-up, reference voice included
-        loop.settle()
-        add("together", "at once (scheduler)", loop.run(jobs))
-        add("one_at_a_time", "one after another (scheduler)", [loop.run([job])[0] for job in jobs])
+        loop.run([jobs[0]])  # the first job: models loaded, reference voice included
+        add("together", "at once (scheduler)", together)
+        add("one_at_a_time", "one after another (scheduler)", one_at_a_time)
     print("mixed: 8 jobs one after another, GENERATION_BACKEND=transformers", flush=True)
     with loop.worker("mixed-transformers", CONCURRENCY="8", GENERATION_BACKEND="transformers"):
         loop.run([jobs[0]])
-        outcomes = [loop.run([job])[0] for job in jobs]
-        add("transformers", "one after another (transformers generate())", outcomes)
+        add("transformers", "one after another (transformers generate())", one_at_a_time)
     for key, label in (("one_at_a_time", "one after another"), ("transformers", "transformers one by one")):
         ratio = rates["together"] / rates[key]
         figures.add("mixed", f"together / {label}", f"{ratio:.2f}×", f"mixed_ratio_vs_{key}", ratio)
@@ -540,7 +551,7 @@ def main() -> int:
                 if "short-long" in parts:
                     measure_short_beside_long(loop, figures, args.repeats)
                 if "mixed" in parts:
-                    measure_mixed(loop, figures)
+                    measure_mixed(loop, figures, args.repeats)
     print("\ntiny model, CPU (" + ", ".join(parts) + ")\n" + figures.table())
     if args.json:
         args.json.write_text(json.dumps(figures.values, indent=2) + "\n")
