@@ -136,6 +136,7 @@ class SlotSampler:
         self.keys = zeros(slots, 2)  # the slot's random stream: two 31-bit keys from the seed …
         self.drawn = zeros(slots)  # … and its counter, the rows chosen so far
         self._codebooks = torch.arange(k, device=device)[:, None]  # (K, 1), beside each row's codes
+        self._redraw_counter = self._counter(torch.zeros_like(self._codebooks), _REDRAW)  # (K, 1)
         self._slot_ids = torch.arange(slots, device=device)
         # Host copies of what decides the shapes of a step (never read back from the device).
         self._sampled = [False] * slots
@@ -214,7 +215,7 @@ class SlotSampler:
             width=vocab if 0 in top_ks or not top_ks else min(vocab, max(top_ks) + TIE_ROOM),
             top_k=any(top_ks),
             nucleus=any(self._nucleus[slot] for slot in sampled),
-            ras=any(self._ras_on[slot] for slot in active),
+            ras=any(self._ras_on[slot] for slot in sampled),  # (greedy rows never redraw)
         )
 
     @property
@@ -227,15 +228,22 @@ class SlotSampler:
         """The next rows of slots ``[first, first + m)``, on the device, advancing their state: drawn or
         greedy, the delay pattern's forced codes, RAS. Tensor ops only, so a CUDA graph can hold them."""
         span = slice(first, first + logits.shape[0])
-        if needs.sampled:
-            rows = self._draw(logits, span, needs)
+        if not needs.sampled:
+            rows = self._force(logits.argmax(dim=-1), span)
+        else:
+            scores, codes = logits.topk(needs.width, dim=-1)  # highest first
+            # The numbers of the draw and of RAS's redraw in one pass: the same numbers, half the ops.
+            counters = self._counter(codes, _DRAW)
+            if needs.ras:
+                counters = torch.cat([counters, self._redraw_counter.expand(codes.shape[0], -1, 1)], dim=-1)
+            numbers = self._uniforms(counters, span)
+            rows = self._draw(scores, codes, numbers[..., : needs.width], span, needs)
             if needs.greedy:
                 rows = torch.where(self.greedy[span, None], logits.argmax(dim=-1), rows)
-        else:
-            rows = logits.argmax(dim=-1)
-        rows = self._force(rows, span)
-        if needs.ras:
-            rows = torch.where(self._repeated(rows, span), self._redraw(logits, span), rows)
+            rows = self._force(rows, span)
+            if needs.ras:
+                redrawn = self._redraw(logits, scores[..., :1], numbers[..., needs.width :])
+                rows = torch.where(self._repeated(rows, span), redrawn, rows)
         self._commit(rows, span)
         return rows
 
@@ -279,8 +287,11 @@ class SlotSampler:
         rows = torch.where(forced_eos, tokens.stream_eos, rows)
         return rows.masked_fill(forced_bos & forced_eos, 0)
 
-    def _draw(self, logits: torch.Tensor, span: slice, needs: StepNeeds) -> torch.Tensor:
-        """Sampled rows over each row's candidates: temperature, top-k, top-p and the draw, in the order of
+    def _draw(
+        self, scores: torch.Tensor, codes: torch.Tensor, uniforms: torch.Tensor, span: slice, needs: StepNeeds
+    ) -> torch.Tensor:
+        """Sampled rows over each row's candidates (the ``topk`` ``scores`` of ``codes``, one uniform number
+        each): temperature, top-k, top-p and the draw, in the order of
         transformers' warpers (see the module docstring). A row whose warper transformers would not add
         leaves it unchanged (divided by 1, its k-th score −inf, its cut below every tail).
 
@@ -289,7 +300,6 @@ class SlotSampler:
         counts every code tied with it (tied codes are kept or cut together), and the draw is a race between
         codes, each with its own noise, not a walk along the candidates' order.
         """
-        scores, codes = logits.topk(needs.width, dim=-1)  # highest first
         warped = scores / self.temperature[span, None, None]
         if needs.top_k:
             top_k = self.top_k[span]
@@ -311,18 +321,18 @@ class SlotSampler:
             remove = tail <= self.top_p_cut[span, None, None] * total
             remove &= warped != warped[..., :1]  # keep at least the best (all of them, if tied)
             weights = weights.masked_fill(remove, 0)
-        noise = -self._uniforms(self._counter(codes, _DRAW), span).log()  # exponential, per code
+        noise = -uniforms.log()  # exponential, per code
         return codes.gather(-1, (weights / noise).argmax(dim=-1, keepdim=True))[..., 0]
 
-    def _redraw(self, logits: torch.Tensor, span: slice) -> torch.Tensor:
-        """RAS's redraw for every codebook: from the raw logits' softmax over all codes, by inverse CDF in
-        code order with one uniform number per codebook (summed in that order, whatever else runs)."""
-        uniform = self._uniforms(self._counter(torch.zeros_like(self._codebooks), _REDRAW), span)
-        weights = (logits - logits.amax(dim=-1, keepdim=True)).exp()
+    def _redraw(self, logits: torch.Tensor, best: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+        """RAS's redraw for every codebook: from the raw logits' softmax over all codes (``best``: their
+        largest), by inverse CDF in code order with one ``uniform`` number per codebook (summed in that
+        order, whatever else runs)."""
+        weights = (logits - best).exp()
         cumulative = weights.cumsum(dim=-1)
         total = cumulative[..., -1:]
         # Strictly below the total, so the first code whose cumulative mass exceeds it has weight.
-        target = torch.minimum(uniform[..., 0, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+        target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
         return torch.searchsorted(cumulative, target, right=True)[..., 0]
 
     def _counter(self, codes: torch.Tensor, use: int) -> torch.Tensor:
