@@ -21,7 +21,9 @@ In this process:
                between runs of two lengths, so prompt prefill and start-up cancel out. With the tiny model
                a step is almost all host overhead; greedy against sampled shows what choosing rows costs.
                Then the ops per step (the profiler's top-level aten ops of one scheduler step, sampled) at
-               batch 1 and 8: the host work that must not grow with the batch.
+               batch 1 and 8: the host work that must not grow with the batch. Last, a sampled batch-8 step
+               alone against the same with a thread of this process decoding audio with the codec, as a
+               finished job's thread does: what sharing the GIL costs the step (it bounds ``mixed``).
 
 - sampling     choosing the rows alone (``SlotSampler.next_rows``, default sampling, fixed random logits of
                the real vocabulary) at batch 1 and 8, in CPU time of this process on one thread: what the
@@ -52,8 +54,10 @@ import json
 import statistics
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -374,8 +378,42 @@ def measure_step(checkpoint: Path, figures: Figures, repeats: int) -> None:
         for batch in (1, 8):
             ops = per_step(engine, batch)["host_ops"]
             figures.add("step", f"ops per step, batch {batch}", str(ops), f"ops_per_step_batch{batch}", ops)
+        alone = seconds_per_step(scheduler_run(8, kinds["sampled"]), repeats) * 1000
+        with codec_decoding(engine.codec):
+            beside = seconds_per_step(scheduler_run(8, kinds["sampled"]), repeats) * 1000
+        figures.add(
+            "step",
+            "sampled, batch 8: alone / a codec decoding in another thread",
+            f"{alone:.2f} / {beside:.2f} ms/step = {beside / alone:.2f}×",
+            "step_ms_sampled_batch8_codec_beside",
+            [alone, beside],
+        )
     finally:
         engine.close()
+
+
+@contextmanager
+def codec_decoding(codec) -> Iterator[None]:
+    """A thread of this process decoding 8 s of codes with ``codec`` over and over, as a finished job's does:
+    on its own core, but sharing the GIL, which every op of the scheduler's step releases and takes back."""
+    import torch
+
+    from boson_multimodal.codes import decode_frames
+
+    frames = torch.randint(0, codec.config.codebook_size, (200, codec.config.num_quantizers))
+    stop = threading.Event()
+
+    def decode() -> None:
+        while not stop.is_set():
+            decode_frames(codec, frames)
+
+    thread = threading.Thread(target=decode, name="codec-beside")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def measure_sampling(figures: Figures, steps: int = 50, repeats: int = 9) -> None:
