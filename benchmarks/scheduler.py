@@ -10,7 +10,8 @@ first stream chunk or its result arriving):
 - mixed        8 mixed jobs at once (lengths 40–240 steps, seeded and unseeded, half with a reference voice):
                aggregate frames/s, against the same 8 submitted one after another (each when the previous
                one's result arrived), and one after another through transformers' ``generate()``
-               (GENERATION_BACKEND=transformers); CONCURRENCY=8 throughout. The old fixed-batch path is gone
+               (GENERATION_BACKEND=transformers); CONCURRENCY=8 throughout; the median of --repeats
+               rounds each way, after a warm-up round. The old fixed-batch path is gone
                from the package and is not rebuilt here (see ``FIXED_BATCHES``).
 
 In this process:
@@ -22,8 +23,9 @@ In this process:
                a step is almost all host overhead; greedy against sampled shows what choosing rows costs.
                Then the ops per step (the profiler's top-level aten ops of one scheduler step, sampled) at
                batch 1 and 8: the host work that must not grow with the batch. Last, a sampled batch-8 step
-               alone against the same with a thread of this process decoding audio with the codec, as a
-               finished job's thread does: what sharing the GIL costs the step (it bounds ``mixed``).
+               alone against the same with the codec decoding audio beside it, as a finished job's thread
+               does: in another thread of this process, and in another process, which shares the cores but
+               not the GIL.
 
 - sampling     choosing the rows alone (``SlotSampler.next_rows``, default sampling, fixed random logits of
                the real vocabulary) at batch 1 and 8, in CPU time of this process on one thread: what the
@@ -51,6 +53,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -59,6 +62,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from multiprocessing.sharedctypes import Synchronized
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -262,8 +267,8 @@ def frames_per_second(outcomes: list[JobOutcome]) -> tuple[float, int]:
 
 
 def measure_mixed(loop: Loop, figures: Figures, repeats: int) -> None:
-    """``repeats`` rounds of the 8 jobs each way, after one round to warm up: the median of each way, with
-    its range, because a single round moves by up to 2× on this machine."""
+    """``repeats`` rounds of the 8 jobs each way, after a round of each to warm up, the scheduler's two ways
+    taking turns: the median of each way with its range, because a single round moves by up to 2× here."""
     jobs = mixed_jobs(reference_uri(loop.root))
     rates: dict[str, float] = {}
 
@@ -274,29 +279,39 @@ def measure_mixed(loop: Loop, figures: Figures, repeats: int) -> None:
     def one_at_a_time() -> tuple[float, int]:
         return frames_per_second([loop.run([job])[0] for job in jobs])
 
-    def add(key: str, label: str, measure: Callable[[], tuple[float, int]]) -> None:
-        measure()  # warm-up round
-        rounds = [measure() for _ in range(repeats)]
-        runs = [rate for rate, _ in rounds]
+    def rounds(ways: dict[str, Callable[[], tuple[float, int]]]) -> dict[str, list[tuple[float, int]]]:
+        for measure in ways.values():
+            measure()  # warm-up round
+        taken: dict[str, list[tuple[float, int]]] = {key: [] for key in ways}
+        for _ in range(repeats):
+            for key, measure in ways.items():
+                taken[key].append(measure())
+        return taken
+
+    def add(key: str, label: str, taken: list[tuple[float, int]]) -> None:
+        runs = [rate for rate, _ in taken]
+        frames = sorted({count for _, count in taken})  # unseeded jobs may end at other steps
+        shown = str(frames[0]) if len(frames) == 1 else f"{frames[0]}–{frames[-1]}"
         rates[key] = statistics.median(runs)
         figures.add(
             "mixed",
             f"8 jobs, {label}",
             f"{rates[key]:.0f} frames/s (median of {repeats}, {min(runs):.0f}–{max(runs):.0f}; "
-            f"{rounds[0][1]} frames)",
+            f"{shown} frames)",
             f"mixed_frames_per_s_{key}",
             runs,
         )
 
-    print(f"mixed: 8 jobs at once, then one after another, CONCURRENCY=8, {repeats} rounds", flush=True)
+    print(f"mixed: 8 jobs at once and one after another, CONCURRENCY=8, {repeats} rounds", flush=True)
     with loop.worker("mixed-scheduler", CONCURRENCY="8"):
         loop.run([jobs[0]])  # the first job: models loaded, reference voice included
-        add("together", "at once (scheduler)", together)
-        add("one_at_a_time", "one after another (scheduler)", one_at_a_time)
+        taken = rounds({"together": together, "one_at_a_time": one_at_a_time})
+    add("together", "at once (scheduler)", taken["together"])
+    add("one_at_a_time", "one after another (scheduler)", taken["one_at_a_time"])
     print("mixed: 8 jobs one after another, GENERATION_BACKEND=transformers", flush=True)
     with loop.worker("mixed-transformers", CONCURRENCY="8", GENERATION_BACKEND="transformers"):
         loop.run([jobs[0]])
-        add("transformers", "one after another (transformers generate())", one_at_a_time)
+        add("transformers", "one after another (transformers generate())", rounds({"t": one_at_a_time})["t"])
     for key, label in (("one_at_a_time", "one after another"), ("transformers", "transformers one by one")):
         ratio = rates["together"] / rates[key]
         figures.add("mixed", f"together / {label}", f"{ratio:.2f}×", f"mixed_ratio_vs_{key}", ratio)
@@ -378,42 +393,64 @@ def measure_step(checkpoint: Path, figures: Figures, repeats: int) -> None:
         for batch in (1, 8):
             ops = per_step(engine, batch)["host_ops"]
             figures.add("step", f"ops per step, batch {batch}", str(ops), f"ops_per_step_batch{batch}", ops)
-        alone = seconds_per_step(scheduler_run(8, kinds["sampled"]), repeats) * 1000
-        with codec_decoding(engine.codec):
-            beside = seconds_per_step(scheduler_run(8, kinds["sampled"]), repeats) * 1000
+        sampled_batch8 = scheduler_run(8, kinds["sampled"])
+        alone = seconds_per_step(sampled_batch8, repeats) * 1000
+        beside = {}
+        for where in ("thread", "process"):
+            with codec_decoding(checkpoint / "codec", where):
+                beside[where] = seconds_per_step(sampled_batch8, repeats) * 1000
+        alone = min(alone, seconds_per_step(sampled_batch8, repeats) * 1000)  # before and after
         figures.add(
             "step",
-            "sampled, batch 8: alone / a codec decoding in another thread",
-            f"{alone:.2f} / {beside:.2f} ms/step = {beside / alone:.2f}×",
+            "sampled, batch 8: alone / a codec decoding in another thread / in another process",
+            f"{alone:.2f} / {beside['thread']:.2f} / {beside['process']:.2f} ms/step = "
+            f"{beside['thread'] / alone:.2f}× / {beside['process'] / alone:.2f}×",
             "step_ms_sampled_batch8_codec_beside",
-            [alone, beside],
+            [alone, beside["thread"], beside["process"]],
         )
     finally:
         engine.close()
 
 
-@contextmanager
-def codec_decoding(codec) -> Iterator[None]:
-    """A thread of this process decoding 8 s of codes with ``codec`` over and over, as a finished job's does:
-    on its own core, but sharing the GIL, which every op of the scheduler's step releases and takes back."""
+def decode_until(codec_dir: Path, stop: EventType, decodes: Synchronized) -> None:
+    """Decode 8 s of codes with the codec in ``codec_dir`` over and over, on one thread as a job's thread
+    does, counting them in ``decodes``, until ``stop`` is set."""
     import torch
+    from transformers import HiggsAudioV2TokenizerModel
 
     from boson_multimodal.codes import decode_frames
 
+    torch.set_num_threads(1)
+    codec = HiggsAudioV2TokenizerModel.from_pretrained(codec_dir).eval()
     frames = torch.randint(0, codec.config.codebook_size, (200, codec.config.num_quantizers))
-    stop = threading.Event()
+    while not stop.is_set():
+        decode_frames(codec, frames)
+        with decodes.get_lock():
+            decodes.value += 1
 
-    def decode() -> None:
-        while not stop.is_set():
-            decode_frames(codec, frames)
 
-    thread = threading.Thread(target=decode, name="codec-beside")
-    thread.start()
+@contextmanager
+def codec_decoding(codec_dir: Path, where: str) -> Iterator[None]:
+    """The codec decoding beside the body, in a thread of this process (on the other core, but sharing the
+    GIL, which every op of the scheduler's step gives up and takes back) or in another process (sharing only
+    the cores): the difference is the GIL's share. Fails unless it decoded all through the body."""
+    context = multiprocessing.get_context("spawn")
+    stop, decodes = context.Event(), context.Value("i", 0)
+    kind = threading.Thread if where == "thread" else context.Process
+    worker = kind(target=decode_until, args=(codec_dir, stop, decodes), name=f"codec-{where}")
+    worker.start()
     try:
+        while decodes.value == 0:  # loaded and decoding
+            if not worker.is_alive():
+                raise SystemExit(f"the codec {where} stopped before decoding")
+            time.sleep(0.05)
+        before = decodes.value
         yield
+        if decodes.value == before or not worker.is_alive():
+            raise SystemExit(f"the codec {where} did not decode all through the measurement")
     finally:
         stop.set()
-        thread.join()
+        worker.join()
 
 
 def measure_sampling(figures: Figures, steps: int = 50, repeats: int = 9) -> None:
@@ -558,7 +595,9 @@ def measure_compiled(checkpoint: Path, figures: Figures, runs: int = 9, forwards
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
-    parser.add_argument("--repeats", type=int, default=3, help="repeats of the timed single runs (median)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="repeats of the timed runs (median), rounds of the mixed jobs"
+    )
     parser.add_argument("--step-repeats", type=int, default=5, help="runs of each length in the step part")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()

@@ -104,7 +104,7 @@ class StepNeeds:
     width: int  # candidates per codebook row: the largest top-k plus TIE_ROOM, or every code
     top_k: bool  # some sampled row has a top-k
     nucleus: bool  # some sampled row has a top-p
-    ras: bool  # some row has repetition-aware sampling
+    ras: bool  # some sampled row has repetition-aware sampling (greedy rows never redraw)
 
 
 class SlotSampler:
@@ -215,7 +215,7 @@ class SlotSampler:
             width=vocab if 0 in top_ks or not top_ks else min(vocab, max(top_ks) + TIE_ROOM),
             top_k=any(top_ks),
             nucleus=any(self._nucleus[slot] for slot in sampled),
-            ras=any(self._ras_on[slot] for slot in sampled),  # (greedy rows never redraw)
+            ras=any(self._ras_on[slot] for slot in sampled),
         )
 
     @property
@@ -291,9 +291,9 @@ class SlotSampler:
         self, scores: torch.Tensor, codes: torch.Tensor, uniforms: torch.Tensor, span: slice, needs: StepNeeds
     ) -> torch.Tensor:
         """Sampled rows over each row's candidates (the ``topk`` ``scores`` of ``codes``, one uniform number
-        each): temperature, top-k, top-p and the draw, in the order of
-        transformers' warpers (see the module docstring). A row whose warper transformers would not add
-        leaves it unchanged (divided by 1, its k-th score −inf, its cut below every tail).
+        each): temperature, top-k, top-p and the draw, in the order of transformers' warpers (see the
+        module docstring). A row whose warper transformers would not add leaves it unchanged (divided by
+        1, its k-th score −inf, its cut below every tail).
 
         Nothing here depends on how many candidates there are or how ties among them are ordered, so a row
         draws the same beside any neighbours: weights are taken relative to the best score, a tail's mass
