@@ -106,6 +106,10 @@ class StepNeeds:
     nucleus: bool  # some sampled row has a top-p
     ras: bool  # some sampled row has repetition-aware sampling (greedy rows never redraw)
 
+    def __post_init__(self) -> None:
+        if not self.sampled and (self.top_k or self.nucleus or self.ras):
+            raise ValueError("top-k, top-p and RAS are warpers of sampled rows: a step with none has none")
+
 
 class SlotSampler:
     """Every slot's sampling state as preallocated tensors on the device, and the batched step over them.

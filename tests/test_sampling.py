@@ -4,7 +4,7 @@ give, and a seeded slot draws the same whatever runs beside it and whichever slo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -235,3 +235,17 @@ def test_a_free_slot_with_a_larger_top_k_does_not_upset_the_step() -> None:
         got = [beside.next_rows(step, 0, [1])[1][1] for step in logits]
         want = [alone.next_rows(step[1:], 1, [1])[1][0] for step in logits]
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_the_warpers_a_step_takes_are_those_of_its_sampled_rows() -> None:
+    """Greedy rows never redraw (RAS is off for them, as ``ras_on`` says), so a step of greedy rows takes no
+    warper, and a step description that asks for one without sampled rows is refused, not silently skipped."""
+    sampler = SlotSampler(2, TOKENS, torch.device("cpu"))
+    prompt_ids = torch.tensor([1, 2, 3, 4, 7, 8, 9, 10])
+    sampler.admit(0, SamplingConfig(temperature=0, ras_window=7), prompt_ids, None)
+    sampler.admit(1, SamplingConfig(seed=1), prompt_ids, None)
+    greedy_only, both = sampler.needs([0]), sampler.needs([0, 1])
+    assert not (greedy_only.sampled or greedy_only.top_k or greedy_only.nucleus or greedy_only.ras)
+    assert both.sampled and both.greedy and both.top_k and both.nucleus and both.ras
+    with pytest.raises(ValueError, match="sampled rows"):
+        replace(greedy_only, ras=True)
