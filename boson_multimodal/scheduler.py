@@ -412,11 +412,10 @@ class Scheduler:
                     self._admitting = self._start(*pending.pop(0))
                 if self._admitting is not None and self._paid_for(self._admitting):
                     self._prefill_piece()
-            else:  # nothing to stall: every waiting prompt, whole
-                while self._admitting is not None or (pending and self._free_slots()):
-                    if self._admitting is None:
-                        self._admitting = self._start(*pending.pop(0))
-                    self._prefill_piece()
+            else:  # nothing to stall: the prompt being admitted and every waiting one, whole
+                self._prefill_rest()
+                while pending and self._free_slots():
+                    self._admit(*pending.pop(0))
             self._retire()
             if self._active:
                 self._advance()
@@ -443,10 +442,13 @@ class Scheduler:
         return [slot for slot in range(self.limits.slots) if slot not in taken]
 
     def _admit(self, sequence: SequenceInput, handle: SequenceHandle) -> None:
-        """Prefill a whole prompt into the lowest free slot at once and choose its first row. For the GPU
-        check's step profile, which calls it on its own thread while this one is idle (the loop itself
-        admits piece by piece)."""
+        """Prefill a whole prompt into the lowest free slot at once and choose its first row: the loop's way
+        when nothing runs, and the GPU check's step profile's (on its own thread, while this one is idle)."""
         self._admitting = self._start(sequence, handle)
+        self._prefill_rest()
+
+    def _prefill_rest(self) -> None:
+        """The prompt being admitted, if any, prefilled to its end; it joins the batch or fails."""
         while self._admitting is not None:
             self._prefill_piece()
 
