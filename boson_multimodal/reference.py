@@ -25,6 +25,7 @@ from boson_multimodal.scheduler import (
     SequenceInput,
     SequenceResult,
     Submissions,
+    one_thread_per_op_on_cpu,
 )
 from boson_multimodal.speech_request import SamplingConfig
 
@@ -52,6 +53,7 @@ class ReferenceRunner:
             self._thread.join()
 
     def _run(self) -> None:
+        one_thread_per_op_on_cpu(self._model.device)
         while (item := self._submissions.get()) is not Submissions.CLOSE:
             sequence, handle = item
             if handle.cancelled:

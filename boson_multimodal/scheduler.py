@@ -67,6 +67,20 @@ logger = logging.getLogger(__name__)
 PREFILL_TOKENS_PER_STEP = 32
 
 
+def one_thread_per_op_on_cpu(device: torch.device) -> None:
+    """Called first on the thread that owns the model, whichever runner it is: on a CPU, each op runs on
+    one thread.
+
+    Why: a step's tensors are small, so fanning each op out over the cores costs more than it saves (a
+    batch-8 step of the tiny model: 2.95 ms with 2 threads, 1.18 ms with 1, on 2 cores), and the codec and
+    encoders of running jobs want the other cores. torch also starts every thread created after this (job
+    and codec threads) with one; the main thread keeps its own. Both runners do it, so that a clip decodes
+    to the same samples under either (a codec's float sums depend on its thread count).
+    """
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+
+
 class GenerationCancelled(Exception):
     """The sequence was cancelled (its consumer went away) before it finished."""
 
@@ -362,12 +376,7 @@ class Scheduler:
     # -- the scheduler thread -----------------------------------------------------------------------------
     def _run(self) -> None:
         cuda = self._stream is not None
-        if not cuda:
-            # A step's tensors are small: on a CPU, fanning each op out over the cores costs more than it
-            # saves (a batch-8 step of the tiny model: 2.95 ms with 2 threads, 1.18 ms with 1, on 2 cores),
-            # and the codec and encoders of running jobs want the other cores. torch also starts every
-            # thread created after this (job and codec threads) with one; the main thread keeps its own.
-            torch.set_num_threads(1)
+        one_thread_per_op_on_cpu(self.device)
         device = torch.cuda.device(self.device) if cuda else nullcontext()
         stream = torch.cuda.stream(self._stream) if cuda else nullcontext()
         try:
