@@ -81,6 +81,16 @@ def test_the_sampler_is_part_of_a_seeded_identity_only(monkeypatch: pytest.Monke
     assert cache_identity(request(temperature=0), []) == greedy
 
 
+def test_a_compiled_decode_step_is_part_of_the_identity() -> None:
+    """torch.compile's fused kernels round otherwise, so even greedy codes may differ from the eager step's:
+    neither answers for the other. transformers' generate() is never compiled, so its identity stays."""
+    for fields in ({"seed": 1}, {"temperature": 0}):
+        eager = cache_identity(request(**fields), [])
+        assert cache_identity(request(**fields), [], compiled_step=True) != eager
+        reference = cache_identity(request(**fields), [], backend="transformers")
+        assert cache_identity(request(**fields), [], backend="transformers", compiled_step=True) == reference
+
+
 def test_the_quality_models_and_a_live_stream_are_part_of_the_identity_only_where_they_shape_it() -> None:
     """Another aligner gives other words, another recogniser another verdict; a live stream levels its
     loudness from its start and aligns chunk by chunk, so it never answers for a clip finished whole."""

@@ -96,6 +96,7 @@ def plan_job(
             quality_models=quality_models,
             live_stream=streams is not None and streams.live,
             backend=settings.generation_backend,
+            compiled_step=settings.compile_step,
         ),
     )
 
@@ -169,6 +170,7 @@ def cache_identity(
     quality_models: Mapping[str, str] | None = None,
     live_stream: bool = False,
     backend: str = "scheduler",
+    compiled_step: bool = False,
 ) -> dict[str, Any] | None:
     """Everything that shapes the result, or None when the request is not deterministic (sampling, no seed).
 
@@ -177,6 +179,8 @@ def cache_identity(
     words, captions or verification. ``live_stream``: the clip leaves while it is generated, so loudness is
     set from its start and words are aligned chunk by chunk, which a clip finished whole does not share.
     ``backend``: the scheduler and transformers' ``generate()`` draw other codes from the same seed.
+    ``compiled_step``: the scheduler's decode forward runs through torch.compile (``COMPILE_STEP``), whose
+    fused kernels round otherwise, so even greedy codes may differ from the eager step's.
     """
     sampling = sampling_of(request)
     if not sampling.deterministic:
@@ -214,6 +218,8 @@ def cache_identity(
     if live_stream and ("finishing" in asked or "annotations" in asked):
         asked["finished_live"] = [True]
     identity |= asked
+    if compiled_step and backend == "scheduler":
+        identity["decode_step"] = "compiled"  # only when on: eager results keep the identity they had
     if not sampling.greedy:
         identity |= {"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k}
         identity["seed"] = request.seed
