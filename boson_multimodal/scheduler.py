@@ -20,8 +20,9 @@ runs at the next step, so sixteen arrivals cost the running streams sixteen shor
 a long prompt's later pieces wait until the running sequences have taken a step for every
 ``PREFILL_TOKENS_PER_STEP`` tokens of the piece, so its prefill is spread over several of their chunks
 rather than stretching one (50 s of reference audio waits about 28 of their steps longer for its first
-row). With none running, every waiting prompt is prefilled at once. One prompt is admitted at a time: a
-short one waits behind a long one's pieces.
+row). While a long prompt waits for its next piece, a waiting prompt that is one piece is admitted whole in
+that gap, so a short prompt never waits behind a long one's pieces (nor delays them). With none running,
+every waiting prompt is prefilled at once.
 
 Each prompt is prefilled alone, on purpose: prefilled in a padded batch beside another prompt, its logits
 differ from its prefill alone (by about 4e-6 on the tiny CPU model), so its tokens would depend on its
@@ -293,7 +294,7 @@ class _Sequence:
         return self.finished or self.count >= self.rows.shape[0]
 
 
-@dataclass
+@dataclass(eq=False)  # one admission is itself only (the scheduler removes it from a list)
 class _Admission:
     """A prompt being prefilled into the slot it holds; the prefill starts with its first piece."""
 
@@ -349,8 +350,10 @@ class Scheduler:
         self._submissions = Submissions()
         self._active: dict[int, _Sequence] = {}  # slot → sequence
         self._pending: list[tuple[SequenceInput, SequenceHandle]] = []  # taken from the queue, not admitted
-        self._admitting: _Admission | None = None  # the prompt being prefilled, piece by piece
-        self._prefill_credit = 0  # prompt tokens the steps since the last piece have paid for
+        # Prompts being prefilled, each holding its slot: a long one piece by piece, first; a short one
+        # admitted beside it is here only while its one piece runs.
+        self._admissions: list[_Admission] = []
+        self._prefill_credit = 0  # prompt tokens the steps since the long prompt's last piece have paid for
         self.steps = 0  # decode steps run so far (for benchmarks and tests)
         self._thread = threading.Thread(target=self._run, name="higgs-scheduler", daemon=True)
         self._thread.start()
@@ -400,27 +403,24 @@ class Scheduler:
                 sequence.handle.fail(error)
             for _, handle in self._pending:
                 handle.fail(error)
-            if self._admitting is not None:
-                self._admitting.handle.fail(error)
+            for admission in self._admissions:
+                admission.handle.fail(error)
             self._submissions.fail_all(error)
 
     def _loop(self) -> None:
         closing = False
         pending = self._pending
-        while not (closing and not self._active and not pending and self._admitting is None):
-            idle = not self._active and not pending and self._admitting is None
+        while not (closing and not self._active and not pending and not self._admissions):
+            idle = not self._active and not pending and not self._admissions
             closing = self._take(pending, block=idle) or closing
             for item in [item for item in pending if item[1].cancelled]:
                 pending.remove(item)
                 item[1].fail(GenerationCancelled("cancelled before it started"))
-            if self._admitting is not None and self._admitting.handle.cancelled:
-                self._admitting.handle.fail(GenerationCancelled("cancelled before it started"))
-                self._admitting = None
-            if self._active:  # one piece at most between two steps, a long prompt's later ones paced
-                if self._admitting is None and pending and self._free_slots():
-                    self._admitting = self._start(*pending.pop(0))
-                if self._admitting is not None and self._paid_for(self._admitting):
-                    self._prefill_piece()
+            for admission in [admission for admission in self._admissions if admission.handle.cancelled]:
+                admission.handle.fail(GenerationCancelled("cancelled before it started"))
+                self._admissions.remove(admission)
+            if self._active:
+                self._admit_beside(pending)
             else:  # nothing to stall: the prompt being admitted and every waiting one, whole
                 self._prefill_rest()
                 while pending and self._free_slots():
@@ -445,37 +445,53 @@ class Scheduler:
                 pending.append(item)
 
     def _free_slots(self) -> list[int]:
-        taken = set(self._active)
-        if self._admitting is not None:
-            taken.add(self._admitting.slot)
+        taken = set(self._active) | {admission.slot for admission in self._admissions}
         return [slot for slot in range(self.limits.slots) if slot not in taken]
+
+    def _admit_beside(self, pending: list[tuple[SequenceInput, SequenceHandle]]) -> None:
+        """One piece of prefill at most between two steps of the running sequences: the long prompt's next
+        piece once they have paid for it (``_paid_for``); otherwise the first piece of the first waiting
+        prompt, or, while a long prompt waits, of the first waiting prompt that is one piece (whole)."""
+        admissions = self._admissions
+        if admissions and self._paid_for(admissions[0]):
+            self._prefill_credit = 0
+            self._prefill_piece(admissions[0])
+            return
+        waiting = [item for item in pending if not admissions or self._one_piece(item[0])]
+        if waiting and self._free_slots():
+            pending.remove(waiting[0])
+            if not admissions:  # it may be a long one: its later pieces are paced from its first
+                self._prefill_credit = 0
+            self._prefill_piece(self._start(*waiting[0]))
+
+    def _one_piece(self, sequence: SequenceInput) -> bool:
+        return sequence.prompt_tokens <= self.limits.prefill_piece
 
     def _admit(self, sequence: SequenceInput, handle: SequenceHandle) -> None:
         """Prefill a whole prompt into the lowest free slot at once and choose its first row: the loop's way
         when nothing runs, and the GPU check's step profile's (on its own thread, while this one is idle)."""
-        self._admitting = self._start(sequence, handle)
+        self._start(sequence, handle)
         self._prefill_rest()
 
     def _prefill_rest(self) -> None:
-        """The prompt being admitted, if any, prefilled to its end; it joins the batch or fails."""
-        while self._admitting is not None:
-            self._prefill_piece()
+        """Every prompt being admitted prefilled to its end, in turn; each joins the batch or fails."""
+        while self._admissions:
+            self._prefill_piece(self._admissions[0])
 
     def _start(self, sequence: SequenceInput, handle: SequenceHandle) -> _Admission:
         """Take the lowest free slot for a prompt; its prefill runs piece by piece (``_prefill_piece``)."""
-        return _Admission(sequence, handle, slot=self._free_slots()[0])
+        admission = _Admission(sequence, handle, slot=self._free_slots()[0])
+        self._admissions.append(admission)
+        return admission
 
     def _paid_for(self, admission: _Admission) -> bool:
         """Whether the prompt's next piece may run beside running sequences: its first at once, a later one
-        once they have taken a step per PREFILL_TOKENS_PER_STEP of its tokens since the last piece."""
+        once they have taken a step per PREFILL_TOKENS_PER_STEP of its tokens since its last piece."""
         prefill = admission.prefill
         return prefill is None or self._prefill_credit >= prefill.next_piece
 
-    def _prefill_piece(self) -> None:
-        """The next piece of the prompt being admitted; after its last, the sequence joins the batch."""
-        admission = self._admitting
-        assert admission is not None
-        self._prefill_credit = 0
+    def _prefill_piece(self, admission: _Admission) -> None:
+        """The next piece of a prompt being admitted; after its last, the sequence joins the batch."""
         try:
             if admission.prefill is None:
                 sequence = admission.sequence.to(self.device)
@@ -494,7 +510,7 @@ class Scheduler:
         except Exception as error:  # a bad prompt fails its own sequence, not the scheduler
             logger.exception("prefill failed")
             admission.handle.fail(error)
-            self._admitting = None
+            self._admissions.remove(admission)
 
     def _activate(self, admission: _Admission, logits: torch.Tensor) -> None:
         """A prefilled prompt into its slot: its keys and values, its sampling state, its first row."""
@@ -519,7 +535,7 @@ class Scheduler:
         self._positions[slot] = length
         self._running[slot] = 1
         self._active[slot] = active
-        self._admitting = None  # only now: until the sequence is active, a stopping thread fails its handle
+        self._admissions.remove(admission)  # only now: until it is active, a stopping thread fails its handle
 
     def _step_shape(self) -> tuple[int, int]:
         return self._tokens.num_codebooks, self._tokens.codebook_size

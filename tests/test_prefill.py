@@ -40,14 +40,17 @@ def long_request(seconds: float, sampling: SamplingConfig) -> SpeechRequest:
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory):
+def demo(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     """The demo geometry, whose clips always run to max_new_tokens: a running sequence stays running."""
     root: Path = tmp_path_factory.mktemp("demo-pieces")
     build_tiny_checkpoint(root / "model", root / "codec", GEOMETRIES["demo"])
+    return load_model(root / "model", root / "codec", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def engine(demo: LoadedModel):
     limits = SchedulerLimits(slots=2, max_tokens=2048, prefill_piece=PIECE)
-    engine = HiggsAudioEngine(
-        load_model(root / "model", root / "codec", device="cpu"), EngineOptions(limits=limits)
-    )
+    engine = HiggsAudioEngine(demo, EngineOptions(limits=limits))
     yield engine
     engine.close()
 
@@ -113,27 +116,35 @@ def test_pieces_give_the_one_forward_prefill(loaded: LoadedModel) -> None:
 
 
 class RecordingPrefill(PiecewisePrefill):
-    """Records the scheduler's step count at each piece; ``after_first`` runs once the first piece is done."""
+    """Records the scheduler's step count at each piece, and the length of the prompt it belongs to;
+    ``after_first`` runs once the first piece is done."""
 
     pieces_at: ClassVar[list[int]] = []
+    pieces_of: ClassVar[list[int]] = []
     scheduler = None
     after_first: threading.Event | None = None
 
     def step(self):
         RecordingPrefill.pieces_at.append(RecordingPrefill.scheduler.steps)
+        RecordingPrefill.pieces_of.append(self.length)
         logits = super().step()
         if RecordingPrefill.after_first is not None:
             RecordingPrefill.after_first.set()
         return logits
 
 
-@pytest.fixture
-def recording(engine: HiggsAudioEngine, monkeypatch):
+def recording_on(engine: HiggsAudioEngine, monkeypatch) -> type[RecordingPrefill]:
     monkeypatch.setattr(scheduler_module, "PiecewisePrefill", RecordingPrefill)
     monkeypatch.setattr(RecordingPrefill, "pieces_at", [])
+    monkeypatch.setattr(RecordingPrefill, "pieces_of", [])
     monkeypatch.setattr(RecordingPrefill, "scheduler", engine._runner)
     monkeypatch.setattr(RecordingPrefill, "after_first", None)
     return RecordingPrefill
+
+
+@pytest.fixture
+def recording(engine: HiggsAudioEngine, monkeypatch) -> type[RecordingPrefill]:
+    return recording_on(engine, monkeypatch)
 
 
 def running_beside(engine: HiggsAudioEngine, steps: int):
@@ -142,6 +153,7 @@ def running_beside(engine: HiggsAudioEngine, steps: int):
     handle = engine.submit(SpeechRequest("Keep talking.", sampling=SamplingConfig(max_new_tokens=steps)))
     handle.wait_newer(0)
     RecordingPrefill.pieces_at.clear()
+    RecordingPrefill.pieces_of.clear()
     return handle
 
 
@@ -188,3 +200,36 @@ def test_a_prompt_cancelled_between_its_pieces_frees_its_slot(engine, recording)
     nxt = engine.submit(SpeechRequest("Next one.", sampling=SamplingConfig(max_new_tokens=10)))
     assert nxt.result(timeout=120).rows.shape[0] == 10
     running.cancel()
+
+
+def test_a_short_prompt_is_admitted_while_a_long_one_waits_for_its_next_piece(demo, monkeypatch) -> None:
+    """A one-piece prompt arriving behind a long one joins in the gap before the long one's next piece: it
+    does not wait for all of them, and the long one's pieces keep their pace; still one piece at most
+    between two steps of the running sequence."""
+    engine = HiggsAudioEngine(demo, EngineOptions(limits=SchedulerLimits(slots=3, prefill_piece=PIECE)))
+    try:
+        recording_on(engine, monkeypatch)
+        greedy = SamplingConfig(temperature=0, max_new_tokens=30)
+        long = engine._sequence_input(long_request(6, greedy))
+        short = engine._sequence_input(SpeechRequest("A short one.", sampling=greedy))
+        assert short.prompt_tokens <= PIECE < long.prompt_tokens
+        running = running_beside(engine, 1500)
+        handles = {"long": engine._runner.submit(long), "short": engine._runner.submit(short)}
+        for handle in handles.values():
+            handle.result(timeout=120)
+        running.cancel()
+        pieces, owners = RecordingPrefill.pieces_at, RecordingPrefill.pieces_of
+        long_pieces = math.ceil(long.prompt_tokens / PIECE)
+        assert long_pieces >= 3
+        # the long one's first piece, the short one whole, then the long one's others
+        assert owners == [long.prompt_tokens, short.prompt_tokens] + [long.prompt_tokens] * (long_pieces - 1)
+        assert len(set(pieces)) == len(pieces)  # one piece per gap between two steps
+        sizes = [min(PIECE, long.prompt_tokens - start) for start in range(0, long.prompt_tokens, PIECE)]
+        paid = [math.ceil(size / PREFILL_TOKENS_PER_STEP) for size in sizes[1:]]
+        long_at = [pieces[0], *pieces[2:]]
+        assert [later - earlier for earlier, later in itertools.pairwise(long_at)] == paid, (pieces, sizes)
+        # the short one's rows are its rows alone
+        alone = engine._runner.submit(short).result(timeout=120).rows
+        assert torch.equal(handles["short"].result().rows, alone)
+    finally:
+        engine.close()
