@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 import transformers
 
-from benchmarks.admission import long_reference_input, stream_beside_admission
+from benchmarks.admission import long_reference_input, short_input, stream_beside_admission
 from benchmarks.quality_cost import quality_models_on_clip
 from boson_multimodal.engine import EngineOptions, HiggsAudioEngine, SamplingConfig, SpeechRequest
 from boson_multimodal.loading import LoadedModel, build_processor
@@ -296,8 +296,9 @@ def main() -> int:
     for batch in batches:
         report["generate"][f"batch_{batch}"] = generate_throughput(loaded, batch, steps)
         print("generate", batch, report["generate"][f"batch_{batch}"], flush=True)
-    # room for the 50 s reference prompt (about 1,400 tokens) beside the decode figures' sequences
-    limits = SchedulerLimits(slots=max(batches), max_tokens=steps + 2048)
+    # room for the 50 s reference prompt (about 1,400 tokens) beside the decode figures' sequences, and at
+    # least three slots: a stream, the long prompt and a short one admitted between its pieces
+    limits = SchedulerLimits(slots=max(*batches, 3), max_tokens=steps + 2048)
     graph_modes = [False, True] if device.type == "cuda" else [False]
     small = batches[:2]
     greedy = SpeechRequest(TEXT, sampling=SamplingConfig(temperature=0, max_new_tokens=steps))
@@ -323,7 +324,9 @@ def main() -> int:
                 figures["per_replay"] = {f"batch_{b}": per_replay(engine, b) for b in small}
                 print(name, "per replay", figures["per_replay"], flush=True)
             if graphs or device.type != "cuda":
-                figures["long_reference"] = stream_beside_admission(engine, long_reference_input(engine))
+                figures["long_reference"] = stream_beside_admission(
+                    engine, long_reference_input(engine), short_input(engine)
+                )
                 print(name, "long reference", figures["long_reference"], flush=True)
             greedy_rows[graphs] = engine.submit(greedy).result().rows
         finally:

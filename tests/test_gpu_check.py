@@ -39,6 +39,7 @@ def test_the_gpu_check_writes_its_figures(tmp_path: Path) -> None:
     assert admission["prompt_tokens"] > 1250  # 50 s of reference audio at 25 frames/s, and the text
     assert 0 < admission["pause_ms"] <= admission["longest_pause_ms"]
     assert admission["chunk_ms"] > 0 and admission["first_row_ms"] > 0
+    assert 0 < admission["short_first_row_ms"] < admission["first_row_ms"]  # it did not wait for the pieces
     assert "scheduler_cuda_graphs" not in report and "graph_vs_eager_greedy" not in report  # only on CUDA
     quality = report["quality_models"]
     assert quality["geometry"] == "tiny" and quality["clip_s"] == 10
