@@ -42,7 +42,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -135,7 +136,7 @@ class SequenceHandle:
         self._condition = threading.Condition()
         self._rows: torch.Tensor | None = None
         self._version = 0
-        self._wanted = 0  # rows the one consumer waits for: publishing fewer (or no such wait) wakes no one
+        self._wanted: list[int] = []  # rows each waiting consumer waits for: publishing fewer wakes no one
         self._result: SequenceResult | None = None
         self._error: BaseException | None = None
         self.cancel_event = cancel or threading.Event()
@@ -150,18 +151,16 @@ class SequenceHandle:
 
     def wait_newer(self, seen: int) -> tuple[int, torch.Tensor | None, SequenceResult | None]:
         """Block until rows newer than version ``seen`` or the end; raise the sequence's error."""
-        with self._condition:
-            self._wanted = 1
+        with self._condition, self._waiting_for(1):  # every publish has a row
             self._condition.wait_for(
                 lambda: self._version != seen or self._result is not None or self._error is not None
             )
-            self._wanted = 0
             if self._error is not None:
                 raise self._error
             return self._version, self._rows, self._result
 
     def wait_rows(self, count: int) -> tuple[torch.Tensor | None, SequenceResult | None]:
-        """Block until at least ``count`` rows or the end; raise the sequence's error. For one consumer."""
+        """Block until at least ``count`` rows or the end; raise the sequence's error."""
 
         def ready() -> bool:
             return (
@@ -170,10 +169,8 @@ class SequenceHandle:
                 or self._error is not None
             )
 
-        with self._condition:
-            self._wanted = count
+        with self._condition, self._waiting_for(count):
             self._condition.wait_for(ready)
-            self._wanted = 0
             if self._error is not None:
                 raise self._error
             return self._rows, self._result
@@ -189,12 +186,21 @@ class SequenceHandle:
             assert self._result is not None  # the wait ends on a result or an error
             return self._result
 
+    @contextmanager
+    def _waiting_for(self, count: int) -> Iterator[None]:
+        """While a consumer waits (the condition held), the rows it waits for."""
+        self._wanted.append(count)
+        try:
+            yield
+        finally:
+            self._wanted.remove(count)
+
     # -- the scheduler's side -----------------------------------------------------------------------------
     def publish(self, rows: torch.Tensor) -> None:
         with self._condition:
             self._rows = rows
             self._version += 1
-            if self._wanted and rows.shape[0] >= self._wanted:
+            if self._wanted and rows.shape[0] >= min(self._wanted):
                 self._condition.notify_all()
 
     def finish(self, result: SequenceResult) -> None:

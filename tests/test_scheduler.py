@@ -26,6 +26,8 @@ from boson_multimodal.scheduler import (
     GenerationCancelled,
     Scheduler,
     SchedulerLimits,
+    SequenceHandle,
+    SequenceResult,
     SequenceTooLong,
     sized_slots,
 )
@@ -162,6 +164,34 @@ def test_a_short_sequence_is_not_held_behind_a_long_one(scheduler, monkeypatch) 
     long.cancel()
     with contextlib.suppress(GenerationCancelled):  # the raw geometry may have ended the long clip itself
         long.result()
+
+
+def test_two_consumers_of_one_handle_are_each_woken_for_what_they_wait_for() -> None:
+    """One waits for three rows, another for any newer rows: the second's wake-up must not make the first
+    miss the row it waits for (it would then sleep until the sequence ends)."""
+    handle = SequenceHandle()
+    got: dict[str, int] = {}
+
+    def consumer(name: str, wait) -> None:
+        got[name] = wait().shape[0]
+
+    def start(name: str, wait) -> threading.Thread:
+        thread = threading.Thread(target=consumer, args=(name, wait), daemon=True)
+        thread.start()
+        thread.join(timeout=0.2)  # it is waiting by then
+        return thread
+
+    rows = torch.zeros(3, 8, dtype=torch.long)
+    threes = start("rows", lambda: handle.wait_rows(3)[0])
+    newer = start("newer", lambda: handle.wait_newer(0)[1])
+    handle.publish(rows[:1])
+    newer.join(timeout=5)
+    assert got.get("newer") == 1
+    handle.publish(rows[:3])
+    threes.join(timeout=5)
+    woken = dict(got)
+    handle.finish(SequenceResult(rows=rows, finished=False))  # whatever happened, no one waits after this
+    assert woken.get("rows") == 3, "the consumer waiting for three rows was not woken by them"
 
 
 def test_cancelling_frees_the_slot_for_the_next_sequence(loaded: LoadedModel) -> None:
