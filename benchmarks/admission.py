@@ -52,6 +52,7 @@ def stream_beside_admission(
     until = None  # the stream's rows by then
     job: SequenceHandle | None = None
     short_job: SequenceHandle | None = None
+    watchers: list[threading.Thread] = []
     submitted = 0.0  # when it was submitted
     while True:
         rows, result = handle.wait_rows(len(arrived) + 1)
@@ -60,10 +61,14 @@ def stream_beside_admission(
         arrived.extend([now] * (rows.shape[0] - len(arrived)))
         if job is None and len(arrived) >= ADMITTED_AT_ROW:
             submitted, job = now, engine._runner.submit(long_input)
-            threading.Thread(target=_first_row, args=(job, admitted), daemon=True).start()
+            watchers.append(threading.Thread(target=_first_row, args=(job, admitted), daemon=True))
             if short is not None:
                 short_job = engine._runner.submit(short)
-                threading.Thread(target=_first_row, args=(short_job, short_admitted), daemon=True).start()
+                watchers.append(
+                    threading.Thread(target=_first_row, args=(short_job, short_admitted), daemon=True)
+                )
+            for watcher in watchers:
+                watcher.start()
         if until is None and admitted:
             until = len(arrived)
         if result is not None:
@@ -72,6 +77,8 @@ def stream_beside_admission(
     job.result()
     if short_job is not None:
         short_job.result()
+    for watcher in watchers:  # their first rows are recorded
+        watcher.join()
     gaps = np.diff(arrived) * 1000
     chunks = np.diff(arrived[::CHUNK_ROWS]) * 1000
     first, last = (ADMITTED_AT_ROW - 1) // CHUNK_ROWS, until // CHUNK_ROWS + 1
@@ -82,7 +89,7 @@ def stream_beside_admission(
         "chunk_ms": round(float(np.median(chunks[:first])), 2),
         "longest_chunk_ms": round(float(chunks[first:last].max()), 2),
         "first_row_ms": round((admitted[0] - submitted) * 1000, 2),
-    } | ({"short_first_row_ms": round((short_admitted[0] - submitted) * 1000, 2)} if short_admitted else {})
+    } | ({"short_first_row_ms": round((short_admitted[0] - submitted) * 1000, 2)} if short else {})
 
 
 def _first_row(job: SequenceHandle, admitted: list[float]) -> None:

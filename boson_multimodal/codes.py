@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from boson_multimodal.cpu_threads import one_thread_per_op_on_cpu
+
 
 class FrameStream:
     """A sequence's rows ``(R, K)`` (delay pattern applied), fed as they grow, made into frames incrementally.
@@ -77,5 +79,6 @@ def decode_frames(codec, frames: torch.Tensor) -> torch.Tensor:
     """``(T, K)`` codes → a mono float32 waveform of T × hop samples on the CPU."""
     if frames.shape[0] == 0:
         return torch.zeros(0)
+    one_thread_per_op_on_cpu(codec.device)  # the same samples whichever thread decodes
     codes = frames.t().unsqueeze(0).to(codec.device)  # (1, K, T)
     return codec.decode(codes).audio_values.reshape(-1).float().cpu()

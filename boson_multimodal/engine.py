@@ -18,6 +18,7 @@ import torch
 import torchaudio
 
 from boson_multimodal.codes import FrameStream, decode_frames
+from boson_multimodal.cpu_threads import one_thread_per_op_on_cpu
 from boson_multimodal.loading import LoadedModel, load_model
 from boson_multimodal.prompt import Voice, build_prompt
 from boson_multimodal.reference import ReferenceRunner
@@ -179,6 +180,7 @@ class HiggsAudioEngine:
         # On the caller's thread, so that encoding 30–60 s of reference audio with the codec never holds the
         # scheduler's running streams; under inference mode, because nothing here needs autograd. The inputs
         # stay on the CPU: the runner moves them to the device on its own thread and stream (SequenceInput.to)
+        one_thread_per_op_on_cpu(self.device)  # the same codes whichever thread encodes
         with torch.inference_mode():
             inputs = processor(
                 text=[text], audio=audios or None, sampling_rate=self.sample_rate, return_tensors="pt"

@@ -19,13 +19,13 @@ import threading
 
 import torch
 
+from boson_multimodal.cpu_threads import one_thread_per_op_on_cpu
 from boson_multimodal.scheduler import (
     GenerationCancelled,
     SequenceHandle,
     SequenceInput,
     SequenceResult,
     Submissions,
-    one_thread_per_op_on_cpu,
 )
 from boson_multimodal.speech_request import SamplingConfig
 

@@ -48,6 +48,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from boson_multimodal.cpu_threads import one_thread_per_op_on_cpu
 from boson_multimodal.decode_step import (
     Capture,
     CudaCapture,
@@ -69,25 +70,12 @@ logger = logging.getLogger(__name__)
 PREFILL_TOKENS_PER_STEP = 32
 
 
-def one_thread_per_op_on_cpu(device: torch.device) -> None:
-    """Called first on the thread that owns the model, whichever runner it is: on a CPU, each op runs on
-    one thread.
-
-    Why: a step's tensors are small, so fanning each op out over the cores costs more than it saves (a
-    batch-8 step of the tiny model: 2.95 ms with 2 threads, 1.18 ms with 1, on 2 cores), and the codec and
-    encoders of running jobs want the other cores. torch also starts every thread created after this (job
-    and codec threads) with one; the main thread keeps its own. Both runners do it, so that a clip decodes
-    to the same samples under either (a codec's float sums depend on its thread count).
-    """
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-
-
 class GenerationCancelled(Exception):
     """The sequence was cancelled (its consumer went away) before it finished."""
 
 
-@dataclass(frozen=True)
+# eq=False: each is itself only. The loop removes them from lists, and == over their tensors would raise.
+@dataclass(frozen=True, eq=False)
 class SequenceInput:
     """One conversation as the processor encoded it (batch of one), and how to sample it."""
 
@@ -129,7 +117,8 @@ class SequenceHandle:
     Rows are published after every step as a view of the sequence's buffer (rows already written never
     change), so a streaming consumer can wait for newer rows without copying. A consumer that waits for a
     number of rows (``wait_rows``) is woken once they are there, not at every step, and one that waits for
-    the result only is woken by it: a step wakes no thread that has nothing to do.
+    the result only is woken by it: a step wakes no thread that has nothing to do (unless a consumer waiting
+    for any newer rows shares the handle: a step then wakes every waiter).
     """
 
     def __init__(self, cancel: threading.Event | None = None) -> None:
@@ -491,10 +480,10 @@ class Scheduler:
         return admission
 
     def _paid_for(self, admission: _Admission) -> bool:
-        """Whether the prompt's next piece may run beside running sequences: its first at once, a later one
-        once they have taken a step per PREFILL_TOKENS_PER_STEP of its tokens since its last piece."""
-        prefill = admission.prefill
-        return prefill is None or self._prefill_credit >= prefill.next_piece
+        """Whether the long prompt's next piece may run beside running sequences: once they have taken a
+        step per PREFILL_TOKENS_PER_STEP of its tokens since its last piece (its first ran at its start)."""
+        assert admission.prefill is not None  # _admit_beside runs a prompt's first piece as it starts it
+        return self._prefill_credit >= admission.prefill.next_piece
 
     def _prefill_piece(self, admission: _Admission) -> None:
         """The next piece of a prompt being admitted; after its last, the sequence joins the batch."""

@@ -117,14 +117,17 @@ def test_pieces_give_the_one_forward_prefill(loaded: LoadedModel) -> None:
 
 class RecordingPrefill(PiecewisePrefill):
     """Records the scheduler's step count at each piece, and the length of the prompt it belongs to;
-    ``after_first`` runs once the first piece is done."""
+    ``after_first`` is set once the first piece is done; a piece waits for ``hold`` to be set."""
 
     pieces_at: ClassVar[list[int]] = []
     pieces_of: ClassVar[list[int]] = []
     scheduler = None
     after_first: threading.Event | None = None
+    hold: threading.Event | None = None
 
     def step(self):
+        if RecordingPrefill.hold is not None:
+            RecordingPrefill.hold.wait(timeout=60)
         RecordingPrefill.pieces_at.append(RecordingPrefill.scheduler.steps)
         RecordingPrefill.pieces_of.append(self.length)
         logits = super().step()
@@ -139,6 +142,7 @@ def recording_on(engine: HiggsAudioEngine, monkeypatch) -> type[RecordingPrefill
     monkeypatch.setattr(RecordingPrefill, "pieces_of", [])
     monkeypatch.setattr(RecordingPrefill, "scheduler", engine._runner)
     monkeypatch.setattr(RecordingPrefill, "after_first", None)
+    monkeypatch.setattr(RecordingPrefill, "hold", None)
     return RecordingPrefill
 
 
@@ -214,7 +218,9 @@ def test_a_short_prompt_is_admitted_while_a_long_one_waits_for_its_next_piece(de
         short = engine._sequence_input(SpeechRequest("A short one.", sampling=greedy))
         assert short.prompt_tokens <= PIECE < long.prompt_tokens
         running = running_beside(engine, 1500)
+        RecordingPrefill.hold = threading.Event()  # the long one's first piece waits until both are sent
         handles = {"long": engine._runner.submit(long), "short": engine._runner.submit(short)}
+        RecordingPrefill.hold.set()
         for handle in handles.values():
             handle.result(timeout=120)
         running.cancel()
@@ -231,5 +237,30 @@ def test_a_short_prompt_is_admitted_while_a_long_one_waits_for_its_next_piece(de
         # the short one's rows are its rows alone
         alone = engine._runner.submit(short).result(timeout=120).rows
         assert torch.equal(handles["short"].result().rows, alone)
+    finally:
+        engine.close()
+
+
+def test_a_short_prompt_behind_a_second_long_one_and_a_cancelled_one_behind_another(demo) -> None:
+    """Taking a prompt from the middle of the waiting ones (a short one behind a second long one, or a
+    cancelled one behind another) leaves the others waiting and the thread serving."""
+    engine = HiggsAudioEngine(demo, EngineOptions(limits=SchedulerLimits(slots=4, prefill_piece=PIECE)))
+    try:
+        greedy = SamplingConfig(temperature=0, max_new_tokens=20)
+        long, second = (engine._sequence_input(long_request(seconds, greedy)) for seconds in (6, 5))
+        short, behind = (
+            engine._sequence_input(SpeechRequest(text, sampling=greedy)) for text in ("Short.", "Behind.")
+        )
+        running = running_beside(engine, 1500)
+        cancel = threading.Event()
+        handles = [engine._runner.submit(sequence) for sequence in (long, second, short)]
+        cancelled = engine._runner.submit(behind, cancel)
+        cancel.set()
+        for handle in handles:
+            assert handle.result(timeout=120).rows.shape[0] == 20
+        with pytest.raises(GenerationCancelled):
+            cancelled.result(timeout=120)
+        running.cancel()
+        assert engine.submit(SpeechRequest("Still serving.", sampling=greedy)).result(timeout=120)
     finally:
         engine.close()

@@ -180,7 +180,8 @@ def cache_identity(
     set from its start and words are aligned chunk by chunk, which a clip finished whole does not share.
     ``backend``: the scheduler and transformers' ``generate()`` draw other codes from the same seed.
     ``compiled_step``: the scheduler's decode forward runs through torch.compile (``COMPILE_STEP``), whose
-    fused kernels round otherwise, so even greedy codes may differ from the eager step's.
+    fused kernels round otherwise, so even greedy codes may differ from the eager step's. It follows the
+    setting: a worker where compiling failed (no C compiler) serves the eager step under this identity.
     """
     sampling = sampling_of(request)
     if not sampling.deterministic:
