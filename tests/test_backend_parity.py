@@ -20,13 +20,10 @@ import soundfile as sf
 from tests.support.checkpoints import GEOMETRIES, MODEL_REPO, TOKENIZER_REPO
 from tests.support.hub_server import HubServer
 from tests.support.runpod_queue import JobOutcome, ProductionWorker, RunPodQueue
+from tests.support.speech import data_uri
 from tests.support.worker_process import worker_env
 
 pytestmark = pytest.mark.slow
-
-
-def data_uri(path: Path) -> str:
-    return "data:audio/wav;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
 def greedy_jobs(reference: Path) -> list[dict]:

@@ -13,14 +13,10 @@ import soundfile as sf
 from tests.support.checkpoints import MODEL_REPO, TOKENIZER_REPO
 from tests.support.error_clauses import offending_fields
 from tests.support.hub_server import HubServer
-from tests.support.speech import speak
+from tests.support.speech import data_uri, speak
 from tests.support.worker_process import LocalWorker, worker_env
 
 FRAME_SAMPLES = 960  # 24 kHz / 25 frames per second
-
-
-def data_uri(path: Path) -> str:
-    return "data:audio/wav;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
 def decode_output(output: dict) -> tuple[object, int]:

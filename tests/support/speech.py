@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import subprocess
 from pathlib import Path
 
@@ -23,6 +24,11 @@ def speak(text: str, path: Path, voice: str = "en") -> Path:
     """Real speech from espeak-ng, as a 22.05 kHz WAV file."""
     subprocess.run(["espeak-ng", "-v", voice, "-w", str(path), text], check=True, capture_output=True)
     return path
+
+
+def data_uri(path: Path) -> str:
+    """A WAV file as the data URI a client sends in ``ref_audio``."""
+    return "data:audio/wav;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
 def make_voice(path: Path, rate: int, channels: int, seconds: float, text: str = SPOKEN) -> Path:
