@@ -161,6 +161,14 @@ def running_beside(engine: HiggsAudioEngine, steps: int):
     return handle
 
 
+def assert_paced(pieces_at: list[int], length: int) -> None:
+    """The steps at which a ``length``-token prompt's pieces ran are its pace: each piece after the first a
+    step per PREFILL_TOKENS_PER_STEP of its tokens after the one before."""
+    sizes = [min(PIECE, length - start) for start in range(0, length, PIECE)]
+    paid = [math.ceil(size / PREFILL_TOKENS_PER_STEP) for size in sizes[1:]]
+    assert [later - earlier for earlier, later in itertools.pairwise(pieces_at)] == paid, (pieces_at, sizes)
+
+
 def test_a_long_prompt_beside_running_sequences_prefills_paced_pieces(engine, recording) -> None:
     """One piece between two steps at most, and a piece after the first only once the running sequence has
     taken a step per PREFILL_TOKENS_PER_STEP of its tokens: the prefill is spread, not run in one go."""
@@ -172,9 +180,7 @@ def test_a_long_prompt_beside_running_sequences_prefills_paced_pieces(engine, re
     running.cancel()
     length, pieces = sequence.prompt_tokens, recording.pieces_at
     assert len(pieces) == math.ceil(length / PIECE) >= 3
-    sizes = [min(PIECE, length - start) for start in range(0, length, PIECE)]
-    paid = [math.ceil(size / PREFILL_TOKENS_PER_STEP) for size in sizes[1:]]
-    assert [later - earlier for earlier, later in itertools.pairwise(pieces)] == paid, (pieces, sizes)
+    assert_paced(pieces, length)
 
 
 def test_a_long_prompt_draws_the_same_rows_alone_and_beside_others(engine, recording) -> None:
@@ -230,10 +236,7 @@ def test_a_short_prompt_is_admitted_while_a_long_one_waits_for_its_next_piece(de
         # the long one's first piece, the short one whole, then the long one's others
         assert owners == [long.prompt_tokens, short.prompt_tokens] + [long.prompt_tokens] * (long_pieces - 1)
         assert len(set(pieces)) == len(pieces)  # one piece per gap between two steps
-        sizes = [min(PIECE, long.prompt_tokens - start) for start in range(0, long.prompt_tokens, PIECE)]
-        paid = [math.ceil(size / PREFILL_TOKENS_PER_STEP) for size in sizes[1:]]
-        long_at = [pieces[0], *pieces[2:]]
-        assert [later - earlier for earlier, later in itertools.pairwise(long_at)] == paid, (pieces, sizes)
+        assert_paced([pieces[0], *pieces[2:]], long.prompt_tokens)
         # the short one's rows are its rows alone
         alone = engine._runner.submit(short).result(timeout=120).rows
         assert torch.equal(handles["short"].result().rows, alone)
