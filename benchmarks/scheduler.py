@@ -12,7 +12,11 @@ first stream chunk or its result arriving):
                one's result arrived), and one after another through transformers' ``generate()``
                (GENERATION_BACKEND=transformers); CONCURRENCY=8 throughout; the median of --repeats
                rounds each way, after a warm-up round. The old fixed-batch path is gone
-               from the package and is not rebuilt here (see ``FIXED_BATCHES``).
+               from the package and is not rebuilt here (see ``FIXED_BATCHES``);
+- equal        the same three ways for the issue's own set: 8 sampled jobs of 300 steps each (seeded, so
+               every round draws the same codes). Mixed lengths bound what running at once can gain —
+               the batch shrinks as the short jobs finish, and the longest job (240 of 1,000 steps) sets
+               the wall time — so this is the figure of what batching buys, the mixed one of a real burst.
 
 In this process:
 
@@ -42,7 +46,8 @@ In this process:
                and through torch.compile (``COMPILE_STEP``), host time on one thread, the fastest of 9
                runs of 100 forwards each; and how long compiling took.
 
-    python benchmarks/scheduler.py [--only streams,short-long,mixed,step,sampling,reference,compiled]
+    python benchmarks/scheduler.py [--only streams,short-long,mixed,equal,step,sampling,
+                                          reference,compiled]
                                    [--json PATH]
 
 Other processes on the machine move the absolute figures; the ratios are taken within one run.
@@ -75,11 +80,12 @@ from tests.support.hub_server import HubServer
 from tests.support.runpod_queue import JobOutcome, ProductionWorker, RunPodQueue
 from tests.support.worker_process import worker_env
 
-PARTS = ("streams", "short-long", "mixed", "step", "sampling", "reference", "compiled")
+PARTS = ("streams", "short-long", "mixed", "equal", "step", "sampling", "reference", "compiled")
 # The old BatchingEngine (b6f9c25:boson_multimodal/batching.py) calls the removed engine.generate_batch.
 FIXED_BATCHES = "not measured: the fixed-batch path was removed with the scheduler"
 STREAM_STEPS = 200  # long enough that every stream is still generating when the others send their first chunk
 SHORT_STEPS, LONG_STEPS = 40, 1000
+EQUAL_JOBS, EQUAL_STEPS = 8, 300  # the equal part: the issue's 8 sampled jobs of 300 steps
 STEP_LENGTHS = (50, 200)  # decode steps of the two runs whose difference times a step
 
 
@@ -259,6 +265,18 @@ def mixed_jobs(reference: str) -> list[dict]:
     return jobs
 
 
+def equal_jobs() -> list[dict]:
+    """Eight sampled jobs of 300 steps, each with its own seed."""
+    return [
+        {
+            "transcript": f"Equal job {index}, a sentence to speak.",
+            "max_new_tokens": EQUAL_STEPS,
+            "seed": index,
+        }
+        for index in range(EQUAL_JOBS)
+    ]
+
+
 def frames_per_second(outcomes: list[JobOutcome]) -> tuple[float, int]:
     """(frames over the wall time from the first job's arrival to the last result, frames)."""
     frames = sum(o.output["num_frames"] for o in outcomes)
@@ -266,10 +284,10 @@ def frames_per_second(outcomes: list[JobOutcome]) -> tuple[float, int]:
     return frames / wall, frames
 
 
-def measure_mixed(loop: Loop, figures: Figures, repeats: int) -> None:
-    """``repeats`` rounds of the 8 jobs each way, after a round of each to warm up, the scheduler's two ways
-    taking turns: the median of each way with its range, because a single round moves by up to 2× here."""
-    jobs = mixed_jobs(reference_uri(loop.root))
+def measure_burst(loop: Loop, figures: Figures, repeats: int, part: str, jobs: list[dict]) -> None:
+    """``repeats`` rounds of the 8 ``jobs`` each way, after a round of each to warm up, the scheduler's two
+    ways taking turns: the median of each way with its range, because a single round moves by up to 2×
+    here."""
     rates: dict[str, float] = {}
 
     def together() -> tuple[float, int]:
@@ -294,28 +312,29 @@ def measure_mixed(loop: Loop, figures: Figures, repeats: int) -> None:
         shown = str(frames[0]) if len(frames) == 1 else f"{frames[0]}–{frames[-1]}"
         rates[key] = statistics.median(runs)
         figures.add(
-            "mixed",
+            part,
             f"8 jobs, {label}",
             f"{rates[key]:.0f} frames/s (median of {repeats}, {min(runs):.0f}–{max(runs):.0f}; "
             f"{shown} frames)",
-            f"mixed_frames_per_s_{key}",
+            f"{part}_frames_per_s_{key}",
             runs,
         )
 
-    print(f"mixed: 8 jobs at once and one after another, CONCURRENCY=8, {repeats} rounds", flush=True)
-    with loop.worker("mixed-scheduler", CONCURRENCY="8"):
+    print(f"{part}: 8 jobs at once and one after another, CONCURRENCY=8, {repeats} rounds", flush=True)
+    with loop.worker(f"{part}-scheduler", CONCURRENCY="8"):
         loop.run([jobs[0]])  # the first job: models loaded, reference voice included
         taken = rounds({"together": together, "one_at_a_time": one_at_a_time})
     add("together", "at once (scheduler)", taken["together"])
     add("one_at_a_time", "one after another (scheduler)", taken["one_at_a_time"])
-    print("mixed: 8 jobs one after another, GENERATION_BACKEND=transformers", flush=True)
-    with loop.worker("mixed-transformers", CONCURRENCY="8", GENERATION_BACKEND="transformers"):
+    print(f"{part}: 8 jobs one after another, GENERATION_BACKEND=transformers", flush=True)
+    with loop.worker(f"{part}-transformers", CONCURRENCY="8", GENERATION_BACKEND="transformers"):
         loop.run([jobs[0]])
         add("transformers", "one after another (transformers generate())", rounds({"t": one_at_a_time})["t"])
     for key, label in (("one_at_a_time", "one after another"), ("transformers", "transformers one by one")):
         ratio = rates["together"] / rates[key]
-        figures.add("mixed", f"together / {label}", f"{ratio:.2f}×", f"mixed_ratio_vs_{key}", ratio)
-    figures.add("mixed", "today's fixed batches", FIXED_BATCHES, "mixed_fixed_batches", FIXED_BATCHES)
+        figures.add(part, f"together / {label}", f"{ratio:.2f}×", f"{part}_ratio_vs_{key}", ratio)
+    if part == "mixed":
+        figures.add(part, "today's fixed batches", FIXED_BATCHES, "mixed_fixed_batches", FIXED_BATCHES)
 
 
 # -- in-process step time -----------------------------------------------------------------------------------
@@ -605,7 +624,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     parser.add_argument(
-        "--repeats", type=int, default=3, help="repeats of the timed runs (median), rounds of the mixed jobs"
+        "--repeats",
+        type=int,
+        default=3,
+        help="repeats of the timed runs (median), rounds of the mixed and equal jobs",
     )
     parser.add_argument("--step-repeats", type=int, default=5, help="runs of each length in the step part")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
@@ -637,7 +659,9 @@ def main() -> int:
                 if "short-long" in parts:
                     measure_short_beside_long(loop, figures, args.repeats)
                 if "mixed" in parts:
-                    measure_mixed(loop, figures, args.repeats)
+                    measure_burst(loop, figures, args.repeats, "mixed", mixed_jobs(reference_uri(loop.root)))
+                if "equal" in parts:
+                    measure_burst(loop, figures, args.repeats, "equal", equal_jobs())
     print("\ntiny model, CPU (" + ", ".join(parts) + ")\n" + figures.table())
     if args.json:
         args.json.write_text(json.dumps(figures.values, indent=2) + "\n")
