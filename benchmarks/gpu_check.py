@@ -8,7 +8,9 @@ scaled up (as in the tiny demo model) so random logits never pick the stream EOS
 frame, 25 frames/s) but a 512-channel decoder (the real one is wider, so the codec's share of the first-chunk
 latency is underestimated); the text vocabulary is the tiny byte-level one (decode steps do not read it).
 
-Writes one JSON file:
+Writes one JSON file, again after every figure (see ``Report``: a run cut off at the machine's time limit
+keeps what it measured, and a figure that fails is recorded with its error while the rest go on; exit
+status 1 then, and ``complete`` true only when the run ended):
 
 - frames/s and real-time factor (seconds of audio per second) at batch 1, 16 and 64 for transformers'
   ``generate()`` and for the scheduler with and without CUDA graphs;
@@ -46,8 +48,11 @@ import statistics
 import sys
 import threading
 import time
+import traceback
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -262,6 +267,56 @@ def captures(engine: HiggsAudioEngine) -> dict:
     }
 
 
+def long_reference(engine: HiggsAudioEngine) -> dict:
+    """A stream while a 50 s reference prompt is admitted, with a short prompt sent just after it."""
+    return stream_beside_admission(engine, long_reference_input(engine), short_input(engine))
+
+
+def greedy_result_rows(engine: HiggsAudioEngine, greedy: SpeechRequest) -> torch.Tensor:
+    return engine.submit(greedy).result().rows
+
+
+class Report:
+    """The JSON file, written again after every figure (to a temporary file, then renamed over it).
+
+    Why: the GPU machine is lent for minutes and a run may be cut off at its time limit, or one figure may
+    fail on a machine this script has never run on. Every figure measured so far is then still in the file,
+    a failed one as ``{"error": ...}`` with its name in ``failed``, and the run goes on to the next (the
+    exit status is 1 when any failed); ``complete`` turns true only at the end.
+    """
+
+    def __init__(self, path: Path, head: dict) -> None:
+        self.path = path
+        self.data: dict = {**head, "complete": False, "failed": []}
+        self.save()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text(json.dumps(self.data, indent=2) + "\n")
+        partial.replace(self.path)
+
+    def attempt(self, where: dict, key: str, label: str, make: Callable[..., Any], *args, **kwargs) -> Any:
+        """``make(*args, **kwargs)``; when it raises, None, with the error saved as ``where[key]``."""
+        try:
+            return make(*args, **kwargs)
+        except Exception as error:
+            traceback.print_exc()
+            where[key] = {"error": f"{type(error).__name__}: {error}"}
+            self.data["failed"].append(label)
+            self.save()
+            return None
+
+    def measure(self, where: dict, key: str, label: str, figure: Callable[..., Any], *args, **kwargs) -> Any:
+        """``where[key] = figure(*args, **kwargs)``, saved and printed (or its error, see ``attempt``)."""
+        value = self.attempt(where, key, label, figure, *args, **kwargs)
+        if value is not None:
+            where[key] = value
+            self.save()
+        print(label, json.dumps(where[key]), flush=True)
+        return value
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="where the JSON file goes")
@@ -279,23 +334,27 @@ def main() -> int:
         raise SystemExit("no CUDA device here: run with --tiny --device cpu to check the script")
     steps = args.steps or (40 if args.tiny else 250)
     batches = [int(b) for b in args.batches.split(",")]
-    report: dict = {
-        "model": "tiny" if args.tiny else "real 3B geometry, random bf16 weights",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "steps_per_sequence": steps,
-        "compile_step": args.compile_step,
-    }
+    report = Report(
+        args.out,
+        {
+            "model": "tiny" if args.tiny else "real 3B geometry, random bf16 weights",
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "steps_per_sequence": steps,
+            "compile_step": args.compile_step,
+        },
+    )
+    data = report.data
     started = time.perf_counter()
     loaded = build(TinyModelSpec() if args.tiny else REAL, device)
-    report["build_s"] = round(time.perf_counter() - started, 1)
-    print(json.dumps(report), flush=True)
+    data["build_s"] = round(time.perf_counter() - started, 1)
+    report.save()
 
-    report["generate"] = {}
+    data["generate"] = {}
     for batch in batches:
-        report["generate"][f"batch_{batch}"] = generate_throughput(loaded, batch, steps)
-        print("generate", batch, report["generate"][f"batch_{batch}"], flush=True)
+        label = f"generate batch {batch}"
+        report.measure(data["generate"], f"batch_{batch}", label, generate_throughput, loaded, batch, steps)
     # room for the 50 s reference prompt (about 1,400 tokens) beside the decode figures' sequences, and at
     # least three slots: a stream, the long prompt and a short one admitted between its pieces
     limits = SchedulerLimits(slots=max(*batches, 3), max_tokens=steps + 2048)
@@ -307,49 +366,57 @@ def main() -> int:
         name = "scheduler_cuda_graphs" if graphs else "scheduler_eager"
         options = EngineOptions(limits=limits, cuda_graphs=graphs, compile_step=args.compile_step)
         started_engine = time.perf_counter()
-        engine = HiggsAudioEngine(loaded, options)
+        engine = report.attempt(data, name, f"{name} start", HiggsAudioEngine, loaded, options)
+        if engine is None:
+            continue
+        figures: dict = {"start_s": round(time.perf_counter() - started_engine, 1)}
+        data[name] = figures
         try:
-            figures: dict = {"start_s": round(time.perf_counter() - started_engine, 1)}
-            report[name] = figures
             if graphs:
-                figures["captures"] = captures(engine)
-                print(name, "captures", figures["captures"], flush=True)
-            figures.update({f"batch_{b}": scheduler_throughput(engine, b, steps) for b in batches})
-            print(name, figures, flush=True)
-            figures["first_chunk"] = {f"streams_{n}": first_chunk_latency(engine, n, steps) for n in small}
-            print(name, "first chunk", figures["first_chunk"], flush=True)
-            figures["per_step"] = {f"batch_{b}": per_step(engine, b) for b in small}
-            print(name, "per step", figures["per_step"], flush=True)
-            if graphs:
-                figures["per_replay"] = {f"batch_{b}": per_replay(engine, b) for b in small}
-                print(name, "per replay", figures["per_replay"], flush=True)
-            if graphs or device.type != "cuda":
-                figures["long_reference"] = stream_beside_admission(
-                    engine, long_reference_input(engine), short_input(engine)
+                report.measure(figures, "captures", f"{name} captures", captures, engine)
+            for b in batches:
+                report.measure(
+                    figures, f"batch_{b}", f"{name} batch {b}", scheduler_throughput, engine, b, steps
                 )
-                print(name, "long reference", figures["long_reference"], flush=True)
-            greedy_rows[graphs] = engine.submit(greedy).result().rows
+            latency: dict = {}
+            step: dict = {}
+            figures["first_chunk"], figures["per_step"] = latency, step
+            for n in small:
+                label = f"{name} first chunk, {n} streams"
+                report.measure(latency, f"streams_{n}", label, first_chunk_latency, engine, n, steps)
+            for b in small:
+                report.measure(step, f"batch_{b}", f"{name} per step, batch {b}", per_step, engine, b)
+            if graphs:
+                replay: dict = {}
+                figures["per_replay"] = replay
+                for b in small:
+                    report.measure(replay, f"batch_{b}", f"{name} replay, batch {b}", per_replay, engine, b)
+            if graphs or device.type != "cuda":
+                report.measure(figures, "long_reference", f"{name} long reference", long_reference, engine)
+            rows = report.attempt(figures, "greedy", f"{name} greedy", greedy_result_rows, engine, greedy)
+            if rows is not None:
+                greedy_rows[graphs] = rows
         finally:
             engine.close()
     if len(greedy_rows) == 2:
         eager, replayed = greedy_rows[False], greedy_rows[True]
         same = min(eager.shape[0], replayed.shape[0])
-        report["graph_vs_eager_greedy"] = {
+        data["graph_vs_eager_greedy"] = {
             "rows": [int(eager.shape[0]), int(replayed.shape[0])],
             "equal": bool(torch.equal(eager, replayed)),
             "first_differing_row": next(
                 (i for i in range(same) if not torch.equal(eager[i], replayed[i])), None
             ),
         }
-    report["quality_models"] = quality_models_on_clip(str(device), runs=3, tiny=args.tiny)
-    print("quality models", report["quality_models"], flush=True)
+    label = "quality models"
+    report.measure(data, "quality_models", label, quality_models_on_clip, str(device), 3, tiny=args.tiny)
     if device.type == "cuda":
-        report["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
-    report["total_s"] = round(time.perf_counter() - started, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
-    return 0
+        data["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
+    data["total_s"] = round(time.perf_counter() - started, 1)
+    data["complete"] = True
+    report.save()
+    print(json.dumps(data, indent=2))
+    return 1 if data["failed"] else 0
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.gpu_check import Report
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,6 +24,7 @@ def test_the_gpu_check_writes_its_figures(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
+    assert report["complete"] is True and report["failed"] == []
     assert report["steps_per_sequence"] == 16
     for name in ("generate", "scheduler_eager"):
         for batch in ("batch_1", "batch_2"):
@@ -63,3 +66,28 @@ def test_the_gpu_check_compiles_the_step_when_asked(tmp_path: Path) -> None:
     assert (
         report["scheduler_eager"]["start_s"] > 0 and report["scheduler_eager"]["batch_2"]["frames_per_s"] > 0
     )
+
+
+def test_a_figure_that_fails_is_recorded_and_the_rest_still_measured(tmp_path: Path) -> None:
+    """A GPU run is one short try: each figure is in the file as soon as it is measured, and one that raises
+    leaves its error there, not a lost run."""
+    out = tmp_path / "gpu.json"
+    report = Report(out, {"device": "test"})
+    assert json.loads(out.read_text()) == {"device": "test", "complete": False, "failed": []}
+
+    def broken(batch: int) -> dict:
+        raise RuntimeError(f"no kernel for batch {batch}")
+
+    figures: dict = {}
+    report.data["scheduler"] = figures
+    assert report.measure(figures, "batch_1", "scheduler batch 1", broken, 1) is None
+    assert report.measure(figures, "batch_2", "scheduler batch 2", lambda batch: {"fps": batch}, 2) == {
+        "fps": 2
+    }
+    saved = json.loads(out.read_text())
+    assert saved["scheduler"] == {
+        "batch_1": {"error": "RuntimeError: no kernel for batch 1"},
+        "batch_2": {"fps": 2},
+    }
+    assert saved["failed"] == ["scheduler batch 1"] and saved["complete"] is False
+    assert not list(tmp_path.glob("*.partial"))  # written beside, then renamed over
