@@ -14,7 +14,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from boson_multimodal.sampling import SlotSampler, StreamTokens, unit
+from boson_multimodal.sampling import SlotSampler, StreamTokens, highest, unit
 from boson_multimodal.speech_request import SamplingConfig
 
 K, V = 8, 1026
@@ -249,3 +249,24 @@ def test_the_warpers_a_step_takes_are_those_of_its_sampled_rows() -> None:
     assert both.sampled and both.greedy and both.top_k and both.nucleus and both.ras
     with pytest.raises(ValueError, match="sampled rows"):
         replace(greedy_only, ras=True)
+
+
+@pytest.mark.parametrize(
+    "codes", [V, 1002, 9, 1000]
+)  # the last: no groups (1,000 codes are not all in threes)
+def test_the_candidates_are_the_highest_scores_topk_finds(codes: int) -> None:
+    """The two-stage selection on a CPU finds ``topk``'s scores, highest first, at every width: spread and
+    tied scores, infinities, and rows of other lengths."""
+    generator = torch.Generator().manual_seed(3)
+    spread = 4 * torch.randn(3, K, codes, generator=generator)
+    tied = torch.randint(-3, 3, (3, K, codes), generator=generator).float()
+    extremes = spread.clone()
+    extremes[0, :, :3] = -float("inf")
+    extremes[1, :, -2:] = float("inf")
+    for logits in (spread, tied, extremes):
+        for width in sorted({w for w in (1, 2, 16, 66, 300, codes // 3, codes - 1, codes) if 0 < w <= codes}):
+            scores, chosen = highest(logits, width)
+            expected = logits.topk(width, dim=-1).values
+            assert torch.equal(scores, expected), (codes, width)
+            assert torch.equal(logits.gather(-1, chosen), scores)
+            assert (chosen.sort(dim=-1).values.diff(dim=-1) > 0).all()  # each code once
