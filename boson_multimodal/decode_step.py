@@ -292,9 +292,10 @@ class GraphedDecodeStep:
         batch, span = min(self._graphs)
         generator = torch.Generator().manual_seed(0)
         vocab = self._step.forward._shape[1]
-        rows = torch.randint(0, vocab - 2, (batch, self._codebooks), generator=generator)
-        positions = torch.arange(batch) % span
-        rows, positions = rows.to(self._rows.device), positions.to(self._rows.device)
+        with torch.inference_mode(False):  # as the scheduler's inputs are: a compiled step compiles no other
+            rows = torch.randint(0, vocab - 2, (batch, self._codebooks), generator=generator)
+            positions = torch.arange(batch) % span
+            rows, positions = rows.to(self._rows.device), positions.to(self._rows.device)
         with self._step.sampler.greedy_trial(batch):
             eager = self._step(rows, positions, span, masked=True, needs=None)
         self._rows[:batch].copy_(rows)

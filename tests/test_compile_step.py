@@ -12,9 +12,10 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from boson_multimodal.decode_step import DecodeStep, SlotCache
+from boson_multimodal.decode_step import DecodeStep, GraphedDecodeStep, SampledStep, SlotCache
 from boson_multimodal.engine import EngineOptions, HiggsAudioEngine, SamplingConfig, SpeechRequest
 from boson_multimodal.loading import LoadedModel, load_model
+from boson_multimodal.sampling import SlotSampler, StreamTokens
 from boson_multimodal.scheduler import SchedulerLimits
 from boson_multimodal.tiny_model import build_tiny_checkpoint
 from tests.support.checkpoints import GEOMETRIES
@@ -64,6 +65,21 @@ def test_the_compiled_step_gives_the_eager_logits_and_compiles_only_while_warmin
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
         assert not torch.equal(got, torch.zeros_like(got))
     assert counters["stats"]["unique_graphs"] == graphs  # no shape the scheduler runs compiled anew
+
+
+def test_the_start_up_check_of_the_graphs_compiles_nothing_more(loaded) -> None:
+    """Graphs over a compiled step: the captures and the replay check at start-up run the shapes the warm-up
+    compiled, on inputs made as the scheduler's are, so the check costs no compile of its own (each is tens
+    of seconds for the real model on a GPU). Captured here as a replay that runs the step again."""
+    step, cache = steps(loaded, compiled=True)
+    sampler = SlotSampler(cache.slots, StreamTokens.from_config(loaded.model.config), torch.device("cpu"))
+    graphed = GraphedDecodeStep(SampledStep(step, sampler), cache, torch.device("cpu"), lambda run: run)
+    with torch.inference_mode():  # as on the scheduler's thread
+        step.warm_up()
+        graphs = counters["stats"]["unique_graphs"]
+        graphed.prepare()
+    assert graphed.enabled and not graphed.eager_buckets
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_a_compiled_scheduler_serves_the_rows_the_eager_one_gives(loaded) -> None:
