@@ -17,23 +17,32 @@ status 1 then, and ``complete`` true only when the run ended):
 - first-chunk latency (request to first audio chunk, decoded) for 1 and 16 concurrent streams;
 - the start-up captures: how many, how long, buckets that fell back to eager, and whether the replay check
   kept graphs on;
-- per decode step of the scheduler at batch 1 and 16 (profiler): host ops, GPU kernels, blocking host-device
-  synchronisations (``cudaStreamSynchronize`` / ``cudaDeviceSynchronize`` / ``cudaEventSynchronize`` calls)
-  and wall time; per graph replay: kernels and GPU time;
+- per decode step of the scheduler at batch 1 and 16: host ops, GPU kernels (copies and memsets aside) and
+  blocking host-device synchronisations (``cudaStreamSynchronize`` / ``cudaDeviceSynchronize`` /
+  ``cudaEventSynchronize`` calls) under the profiler, and wall time without it; per graph replay: kernels
+  and GPU time;
 - a stream's rows while a prompt with 50 s of reference audio is admitted beside it
   (``benchmarks/admission.py``): its median and longest pause between rows and 12-row chunk interval, and the
   long job's wait for its first row, prefilled in pieces as the scheduler does it;
-- graph-versus-eager agreement: the rows of the same greedy request through both;
+- graph-versus-eager agreement: the rows of the same greedy request replayed and through the eager step
+  shaped as the replay is (masked over the span bucket: the same kernels, so they must be equal), and as the
+  eager scheduler serves it (unmasked over its own span: bf16 kernels of another shape may part the rows);
 - the word-timestamp aligner (wav2vec2-base) and the verification recogniser (Whisper large-v3 turbo) on a
   10 s clip, at their real geometries with random weights (``benchmarks/quality_cost.py``);
-- peak GPU memory;
-- with ``--compile-step``, all of it with the decode forward through ``torch.compile`` (each scheduler's
-  ``start_s`` then includes compiling it).
+- peak GPU memory of each scheduler (one engine at a time, as a worker holds one), and the larger;
+- with ``--compile-step``, the scheduler's figures with the decode forward through ``torch.compile`` (each
+  scheduler's ``start_s`` then includes compiling it, and ``compiled_at_end`` says whether it stayed
+  compiled); ``generate()`` and the quality models, which do not use the step, are left to the plain run.
+
+On a GPU machine, first run the tiny geometry on the device (``--tiny --steps 8 --batches 1,2``, under a
+minute): it goes through every CUDA path (captures, replays, the profiler, bf16) with the machine's torch
+and transformers before the real geometry spends minutes.
 
 It needs nothing but torch, transformers and this repository. To try a newer transformers than the machine
 has, bring its wheel and put it first on the path:
 ``python -m pip install --no-deps --target /tmp/tf transformers-*.whl`` then ``PYTHONPATH=/tmp/tf python …``.
 
+    python benchmarks/gpu_check.py --tiny --steps 8 --batches 1,2 --out "$OUT/tiny.json"   # first, < 1 min
     python benchmarks/gpu_check.py --out "$OUT/gpu_check.json"            # on the GPU machine, ≈ 5 min
     python benchmarks/gpu_check.py --compile-step --out "$OUT/gpu_compiled.json"   # the same, compiled
     python benchmarks/gpu_check.py --tiny --device cpu --out /tmp/x.json   # the same code path, on a CPU
@@ -42,6 +51,7 @@ has, bring its wheel and put it first on the path:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -61,10 +71,12 @@ import transformers
 
 from benchmarks.admission import long_reference_input, short_input, stream_beside_admission
 from benchmarks.quality_cost import quality_models_on_clip
+from boson_multimodal.decode_step import GRAPH_SPAN_BUCKET, SampledStep
 from boson_multimodal.engine import EngineOptions, HiggsAudioEngine, SamplingConfig, SpeechRequest
 from boson_multimodal.loading import LoadedModel, build_processor
 from boson_multimodal.prompt import CHAT_TEMPLATE
 from boson_multimodal.reference import generation_config
+from boson_multimodal.sampling import StepNeeds
 from boson_multimodal.scheduler import Scheduler, SchedulerLimits, SequenceHandle
 from boson_multimodal.streaming import ChunkSchedule, stream_speech
 from boson_multimodal.tiny_model import TinyModelSpec, build_codec, build_model, build_text_tokenizer
@@ -73,6 +85,7 @@ REAL = TinyModelSpec(
     hidden_size=3072, num_layers=28, num_heads=24, num_kv_heads=8, intermediate_size=8192, codec_hidden=64
 )
 FRAME_RATE = 25
+SCHEDULERS = ("scheduler_eager", "scheduler_cuda_graphs")
 TEXT = "The quick brown fox jumps over the lazy dog, and then it runs far away into the quiet forest."
 
 
@@ -156,20 +169,26 @@ def rates(rows: int, seconds: float) -> dict:
 def first_chunk_latency(engine: HiggsAudioEngine, streams: int, steps: int) -> dict:
     """Request to first decoded chunk for ``streams`` streams started together (default chunk schedule)."""
 
-    def one(index: int, out: list) -> None:
-        started = time.perf_counter()
-        chunks = stream_speech(engine, request(steps, index), ChunkSchedule())
-        next(chunks)
-        out[index] = time.perf_counter() - started
-        chunks.close()
+    def one(index: int, out: list, errors: list) -> None:
+        try:
+            started = time.perf_counter()
+            chunks = stream_speech(engine, request(steps, index), ChunkSchedule())
+            next(chunks)
+            out[index] = time.perf_counter() - started
+            chunks.close()
+        except Exception as error:  # raised again below: a stream that failed has no latency
+            errors.append(error)
 
     def run() -> list[float]:
         out = [0.0] * streams
-        threads = [threading.Thread(target=one, args=(i, out)) for i in range(streams)]
+        errors: list[Exception] = []
+        threads = [threading.Thread(target=one, args=(i, out, errors)) for i in range(streams)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
+        if errors:
+            raise errors[0]
         return out
 
     run()  # warm-up
@@ -184,7 +203,9 @@ SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize
 
 
 def per_step(engine: HiggsAudioEngine, batch: int, steps: int = 20) -> dict:
-    """One decode step of the scheduler (``_advance``: forward, sampling, publishing) under the profiler.
+    """One decode step of the scheduler (``_advance``: forward, sampling, publishing): its ops, kernels and
+    syncs under the profiler, and its time from as many steps again without it (the profiler's tracking of
+    each launch would add to it). Kernels are the GPU's own: copies and memsets are not counted.
 
     The profiler records the thread that starts it, so the steps run here, on this thread, with the
     scheduler's own stream and inference mode, while the scheduler thread waits idle for submissions (it
@@ -201,15 +222,18 @@ def per_step(engine: HiggsAudioEngine, batch: int, steps: int = 20) -> dict:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with stream, torch.inference_mode():
         for index in range(batch):
-            runner._admit(engine._sequence_input(request(steps + 40, index)), SequenceHandle())
+            runner._admit(engine._sequence_input(request(2 * steps + 40, index)), SequenceHandle())
         runner._advance()  # warm-up
         sync(runner.device)
         with torch.profiler.profile(activities=activities) as profiler:
-            started = time.perf_counter()
             for _ in range(steps):
                 runner._advance()
             sync(runner.device)
-            seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        for _ in range(steps):
+            runner._advance()
+        sync(runner.device)
+        seconds = time.perf_counter() - started
         for slot in list(runner._active):
             runner._free(slot)
     events = profiler.events()
@@ -217,12 +241,17 @@ def per_step(engine: HiggsAudioEngine, batch: int, steps: int = 20) -> dict:
         "host_ops": round(
             sum(1 for e in events if e.name.startswith("aten::") and e.cpu_parent is None) / steps
         ),
-        "gpu_kernels": round(
-            sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / steps
-        ),
+        "gpu_kernels": round(sum(1 for e in events if is_kernel(e)) / steps),
         "blocking_syncs": round(sum(1 for e in events if e.name in SYNCS) / steps, 2),
         "ms": round(1000 * seconds / steps, 3),
     }
+
+
+def is_kernel(event) -> bool:
+    """A profiler event that is a kernel on the GPU (not a copy or a memset, which it lists beside them)."""
+    return event.device_type == torch.autograd.DeviceType.CUDA and not event.name.startswith(
+        ("Memcpy", "Memset")
+    )
 
 
 def per_replay(engine: HiggsAudioEngine, batch: int, replays: int = 20) -> dict:
@@ -247,7 +276,7 @@ def per_replay(engine: HiggsAudioEngine, batch: int, replays: int = 20) -> dict:
             replay()
         end.record()
         torch.cuda.synchronize()
-    kernels = sum(1 for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    kernels = sum(1 for e in profiler.events() if is_kernel(e))
     return {
         "batch_bucket": bucket,
         "kernels": round(kernels / replays),
@@ -272,8 +301,43 @@ def long_reference(engine: HiggsAudioEngine) -> dict:
     return stream_beside_admission(engine, long_reference_input(engine), short_input(engine))
 
 
-def greedy_result_rows(engine: HiggsAudioEngine, greedy: SpeechRequest) -> torch.Tensor:
-    return engine.submit(greedy).result().rows
+class ShapedAsReplayed(SampledStep):
+    """The eager step with the shapes a graph replay has: masked, over the span bucket, every warper on."""
+
+    def __init__(self, step: SampledStep, max_tokens: int) -> None:
+        super().__init__(step.forward, step.sampler)
+        self._buckets = [*range(GRAPH_SPAN_BUCKET, max_tokens, GRAPH_SPAN_BUCKET), max_tokens]
+
+    def __call__(self, rows, positions, span: int, masked: bool, needs: StepNeeds | None) -> torch.Tensor:
+        return super().__call__(rows, positions, next(b for b in self._buckets if b >= span), True, None)
+
+
+def greedy_result_rows(engine: HiggsAudioEngine, greedy: SpeechRequest, way: str) -> torch.Tensor:
+    """The rows of a greedy request. ``like_replay``: every eager step shaped as a graph replays it, so that
+    graph and eager run the same kernels and must agree exactly (``served``: as the eager scheduler runs a
+    lone sequence, unmasked over its own span, where bf16 kernels of another shape may flip a near-tie and
+    the rows part from there on)."""
+    runner = engine._runner
+    assert isinstance(runner, Scheduler)
+    served = runner._step
+    if way == "like_replay":
+        assert isinstance(served, SampledStep)
+        runner._step = ShapedAsReplayed(
+            served, runner.limits.max_tokens
+        )  # the thread is idle until submitted
+    try:
+        return engine.submit(greedy).result().rows
+    finally:
+        runner._step = served
+
+
+def agreement(eager: torch.Tensor, replayed: torch.Tensor) -> dict:
+    same = min(eager.shape[0], replayed.shape[0])
+    return {
+        "rows": [int(eager.shape[0]), int(replayed.shape[0])],
+        "equal": bool(torch.equal(eager, replayed)),
+        "first_differing_row": next((i for i in range(same) if not torch.equal(eager[i], replayed[i])), None),
+    }
 
 
 class Report:
@@ -351,20 +415,25 @@ def main() -> int:
     data["build_s"] = round(time.perf_counter() - started, 1)
     report.save()
 
-    data["generate"] = {}
-    for batch in batches:
-        label = f"generate batch {batch}"
-        report.measure(data["generate"], f"batch_{batch}", label, generate_throughput, loaded, batch, steps)
+    if not args.compile_step:  # generate() does not use the scheduler's step: the plain run has it
+        data["generate"] = {}
+        for batch in batches:
+            label = f"generate batch {batch}"
+            report.measure(
+                data["generate"], f"batch_{batch}", label, generate_throughput, loaded, batch, steps
+            )
     # room for the 50 s reference prompt (about 1,400 tokens) beside the decode figures' sequences, and at
     # least three slots: a stream, the long prompt and a short one admitted between its pieces
     limits = SchedulerLimits(slots=max(*batches, 3), max_tokens=steps + 2048)
     graph_modes = [False, True] if device.type == "cuda" else [False]
     small = batches[:2]
     greedy = SpeechRequest(TEXT, sampling=SamplingConfig(temperature=0, max_new_tokens=steps))
-    greedy_rows = {}
+    greedy_rows: dict[str, torch.Tensor] = {}  # as the eager step serves it, as a replay runs it, replayed
     for graphs in graph_modes:
-        name = "scheduler_cuda_graphs" if graphs else "scheduler_eager"
+        name = SCHEDULERS[graphs]
         options = EngineOptions(limits=limits, cuda_graphs=graphs, compile_step=args.compile_step)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         started_engine = time.perf_counter()
         engine = report.attempt(data, name, f"{name} start", HiggsAudioEngine, loaded, options)
         if engine is None:
@@ -393,25 +462,42 @@ def main() -> int:
                     report.measure(replay, f"batch_{b}", f"{name} replay, batch {b}", per_replay, engine, b)
             if graphs or device.type != "cuda":
                 report.measure(figures, "long_reference", f"{name} long reference", long_reference, engine)
-            rows = report.attempt(figures, "greedy", f"{name} greedy", greedy_result_rows, engine, greedy)
-            if rows is not None:
-                greedy_rows[graphs] = rows
+            ways = ["replayed"] if graphs else ["served", "like_replay"]
+            for way in ways:
+                label = f"{name} greedy rows, {way}"
+                rows = report.attempt(
+                    figures, f"greedy_{way}", label, greedy_result_rows, engine, greedy, way
+                )
+                if rows is not None:
+                    greedy_rows[way] = rows
+            if args.compile_step:  # a compiler that failed leaves the step eager, with a warning only
+                figures["compiled_at_end"] = engine._runner._forward.compiled
+                if not figures["compiled_at_end"]:
+                    data["failed"].append(f"{name} compiled step (compiling failed: eager figures)")
+            if device.type == "cuda":
+                figures["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
+            report.save()
         finally:
             engine.close()
-    if len(greedy_rows) == 2:
-        eager, replayed = greedy_rows[False], greedy_rows[True]
-        same = min(eager.shape[0], replayed.shape[0])
-        data["graph_vs_eager_greedy"] = {
-            "rows": [int(eager.shape[0]), int(replayed.shape[0])],
-            "equal": bool(torch.equal(eager, replayed)),
-            "first_differing_row": next(
-                (i for i in range(same) if not torch.equal(eager[i], replayed[i])), None
-            ),
-        }
-    label = "quality models"
-    report.measure(data, "quality_models", label, quality_models_on_clip, str(device), 3, tiny=args.tiny)
+            del engine  # its KV cache, before the next engine allocates its own
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    comparisons = {  # (rows, against rows): the second two only where graphs ran
+        "eager_like_replay_vs_served": ("like_replay", "served"),
+        "graph_vs_eager_greedy": ("like_replay", "replayed"),
+        "graph_vs_eager_greedy_as_served": ("served", "replayed"),
+    }
+    for key, (one, other) in comparisons.items():
+        if one in greedy_rows and other in greedy_rows:
+            data[key] = agreement(greedy_rows[one], greedy_rows[other])
+    report.save()
+    if not args.compile_step:  # nor do the aligner and the recogniser
+        label = "quality models"
+        report.measure(data, "quality_models", label, quality_models_on_clip, str(device), 3, tiny=args.tiny)
     if device.type == "cuda":
-        data["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
+        peaks = [data[name].get("peak_gpu_memory_gb", 0) for name in SCHEDULERS if name in data]
+        data["peak_gpu_memory_gb"] = max(peaks, default=None)  # one engine at a time, as a worker runs
     data["total_s"] = round(time.perf_counter() - started, 1)
     data["complete"] = True
     report.save()

@@ -44,6 +44,12 @@ def test_the_gpu_check_writes_its_figures(tmp_path: Path) -> None:
     assert admission["chunk_ms"] > 0 and admission["first_row_ms"] > 0
     assert 0 < admission["short_first_row_ms"] < admission["first_row_ms"]  # it did not wait for the pieces
     assert "scheduler_cuda_graphs" not in report and "graph_vs_eager_greedy" not in report  # only on CUDA
+    # the eager step shaped as a replay (masked over the span bucket) chooses the rows it serves
+    assert report["eager_like_replay_vs_served"] == {
+        "rows": [16, 16],
+        "equal": True,
+        "first_differing_row": None,
+    }
     quality = report["quality_models"]
     assert quality["geometry"] == "tiny" and quality["clip_s"] == 10
     assert quality["align_ms"] > 0 and quality["transcribe_ms"] > 0 and quality["recogniser_tokens"] == 116
@@ -61,8 +67,10 @@ def test_the_gpu_check_compiles_the_step_when_asked(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["compile_step"] is True
+    assert report["compile_step"] is True and report["complete"] is True and report["failed"] == []
     assert "compiling the decode step failed" not in done.stderr
+    assert report["scheduler_eager"]["compiled_at_end"] is True
+    assert "generate" not in report and "quality_models" not in report  # they do not use the step
     assert (
         report["scheduler_eager"]["start_s"] > 0 and report["scheduler_eager"]["batch_2"]["frames_per_s"] > 0
     )
