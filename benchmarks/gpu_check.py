@@ -68,6 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 import transformers
+from torch._dynamo.utils import counters
 
 from benchmarks.admission import long_reference_input, short_input, stream_beside_admission
 from benchmarks.quality_cost import quality_models_on_clip
@@ -221,21 +222,23 @@ def per_step(engine: HiggsAudioEngine, batch: int, steps: int = 20) -> dict:
     if cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with stream, torch.inference_mode():
-        for index in range(batch):
-            runner._admit(engine._sequence_input(request(2 * steps + 40, index)), SequenceHandle())
-        runner._advance()  # warm-up
-        sync(runner.device)
-        with torch.profiler.profile(activities=activities) as profiler:
+        try:
+            for index in range(batch):
+                runner._admit(engine._sequence_input(request(2 * steps + 40, index)), SequenceHandle())
+            runner._advance()  # warm-up
+            sync(runner.device)
+            with torch.profiler.profile(activities=activities) as profiler:
+                for _ in range(steps):
+                    runner._advance()
+                sync(runner.device)
+            started = time.perf_counter()
             for _ in range(steps):
                 runner._advance()
             sync(runner.device)
-        started = time.perf_counter()
-        for _ in range(steps):
-            runner._advance()
-        sync(runner.device)
-        seconds = time.perf_counter() - started
-        for slot in list(runner._active):
-            runner._free(slot)
+            seconds = time.perf_counter() - started
+        finally:  # a failed figure leaves no sequence behind to run beside the next ones
+            for slot in list(runner._active):
+                runner._free(slot)
     events = profiler.events()
     return {
         "host_ops": round(
@@ -302,41 +305,53 @@ def long_reference(engine: HiggsAudioEngine) -> dict:
 
 
 class ShapedAsReplayed(SampledStep):
-    """The eager step with the shapes a graph replay has: masked, over the span bucket, every warper on."""
+    """The eager step with the shapes a graph replay has for a batch that is itself a bucket (one sequence in
+    slot 0, here): masked, over the span bucket, every warper on. ``steps`` counts the steps it shaped."""
 
     def __init__(self, step: SampledStep, max_tokens: int) -> None:
         super().__init__(step.forward, step.sampler)
         self._buckets = [*range(GRAPH_SPAN_BUCKET, max_tokens, GRAPH_SPAN_BUCKET), max_tokens]
+        self.steps = 0
 
     def __call__(self, rows, positions, span: int, masked: bool, needs: StepNeeds | None) -> torch.Tensor:
+        self.steps += 1
         return super().__call__(rows, positions, next(b for b in self._buckets if b >= span), True, None)
 
 
-def greedy_result_rows(engine: HiggsAudioEngine, greedy: SpeechRequest, way: str) -> torch.Tensor:
-    """The rows of a greedy request. ``like_replay``: every eager step shaped as a graph replays it, so that
-    graph and eager run the same kernels and must agree exactly (``served``: as the eager scheduler runs a
-    lone sequence, unmasked over its own span, where bf16 kernels of another shape may flip a near-tie and
-    the rows part from there on)."""
+def greedy_result_rows(engine: HiggsAudioEngine, greedy: SpeechRequest, way: str) -> tuple[torch.Tensor, int]:
+    """The rows of a greedy request, and how many of its steps ran the way asked: ``replayed`` from the
+    graphs (a bucket left eager, or graphs switched off, runs none); ``like_replay``, the eager step shaped as
+    a graph replays it, so that graph and eager run the same kernels and must agree exactly; ``served``, as
+    the eager scheduler runs a lone sequence, unmasked over its own span, where bf16 kernels of another shape
+    may flip a near-tie and the rows part from there on."""
     runner = engine._runner
     assert isinstance(runner, Scheduler)
-    served = runner._step
+    time.sleep(0.2)  # let the scheduler thread retire the last sequence and block on its queue
+    assert not runner._active and not runner._admissions  # the thread is idle: the step can be swapped
+    served, steps, graphed = runner._step, runner.steps, runner._graphed
+    replays = graphed.replays if graphed is not None else 0
+    shaped = None
     if way == "like_replay":
         assert isinstance(served, SampledStep)
-        runner._step = ShapedAsReplayed(
-            served, runner.limits.max_tokens
-        )  # the thread is idle until submitted
+        runner._step = shaped = ShapedAsReplayed(served, runner.limits.max_tokens)
     try:
-        return engine.submit(greedy).result().rows
+        rows = engine.submit(greedy).result().rows
     finally:
         runner._step = served
+    if way == "replayed":
+        return rows, (graphed.replays if graphed is not None else 0) - replays
+    return rows, shaped.steps if shaped is not None else runner.steps - steps
 
 
-def agreement(eager: torch.Tensor, replayed: torch.Tensor) -> dict:
-    same = min(eager.shape[0], replayed.shape[0])
+def agreement(one: tuple[torch.Tensor, int], other: tuple[torch.Tensor, int]) -> dict:
+    """Two greedy runs' rows compared, with how many of each run's steps ran the way asked."""
+    (first, first_steps), (second, second_steps) = one, other
+    same = min(first.shape[0], second.shape[0])
     return {
-        "rows": [int(eager.shape[0]), int(replayed.shape[0])],
-        "equal": bool(torch.equal(eager, replayed)),
-        "first_differing_row": next((i for i in range(same) if not torch.equal(eager[i], replayed[i])), None),
+        "steps_each_way": [first_steps, second_steps],
+        "rows": [int(first.shape[0]), int(second.shape[0])],
+        "equal": bool(torch.equal(first, second)),
+        "first_differing_row": next((i for i in range(same) if not torch.equal(first[i], second[i])), None),
     }
 
 
@@ -377,7 +392,7 @@ class Report:
         if value is not None:
             where[key] = value
             self.save()
-        print(label, json.dumps(where[key]), flush=True)
+        print(label, json.dumps(where.get(key)), flush=True)
         return value
 
 
@@ -428,7 +443,7 @@ def main() -> int:
     graph_modes = [False, True] if device.type == "cuda" else [False]
     small = batches[:2]
     greedy = SpeechRequest(TEXT, sampling=SamplingConfig(temperature=0, max_new_tokens=steps))
-    greedy_rows: dict[str, torch.Tensor] = {}  # as the eager step serves it, as a replay runs it, replayed
+    greedy_rows: dict[str, tuple[torch.Tensor, int]] = {}  # see greedy_result_rows
     for graphs in graph_modes:
         name = SCHEDULERS[graphs]
         options = EngineOptions(limits=limits, cuda_graphs=graphs, compile_step=args.compile_step)
@@ -440,6 +455,7 @@ def main() -> int:
             continue
         figures: dict = {"start_s": round(time.perf_counter() - started_engine, 1)}
         data[name] = figures
+        compiled_graphs = counters["stats"]["unique_graphs"]  # the warm-up is over: serving compiles none
         try:
             if graphs:
                 report.measure(figures, "captures", f"{name} captures", captures, engine)
@@ -472,6 +488,7 @@ def main() -> int:
                     greedy_rows[way] = rows
             if args.compile_step:  # a compiler that failed leaves the step eager, with a warning only
                 figures["compiled_at_end"] = engine._runner._forward.compiled
+                figures["compiles_while_serving"] = counters["stats"]["unique_graphs"] - compiled_graphs
                 if not figures["compiled_at_end"]:
                     data["failed"].append(f"{name} compiled step (compiling failed: eager figures)")
             if device.type == "cuda":
@@ -496,7 +513,11 @@ def main() -> int:
         label = "quality models"
         report.measure(data, "quality_models", label, quality_models_on_clip, str(device), 3, tiny=args.tiny)
     if device.type == "cuda":
-        peaks = [data[name].get("peak_gpu_memory_gb", 0) for name in SCHEDULERS if name in data]
+        peaks = [
+            data[name]["peak_gpu_memory_gb"]
+            for name in SCHEDULERS
+            if "peak_gpu_memory_gb" in data.get(name, {})
+        ]
         data["peak_gpu_memory_gb"] = max(peaks, default=None)  # one engine at a time, as a worker runs
     data["total_s"] = round(time.perf_counter() - started, 1)
     data["complete"] = True

@@ -322,7 +322,7 @@ def measure_burst(loop: Loop, figures: Figures, repeats: int, part: str, jobs: l
 
     print(f"{part}: 8 jobs at once and one after another, CONCURRENCY=8, {repeats} rounds", flush=True)
     with loop.worker(f"{part}-scheduler", CONCURRENCY="8"):
-        loop.run([jobs[0]])  # the first job: models loaded, reference voice included
+        loop.run([jobs[0]])  # the first job: models loaded (and the mixed jobs' reference voice)
         taken = rounds({"together": together, "one_at_a_time": one_at_a_time})
     add("together", "at once (scheduler)", taken["together"])
     add("one_at_a_time", "one after another (scheduler)", taken["one_at_a_time"])

@@ -295,7 +295,7 @@ class SlotSampler:
     def _draw(
         self, scores: torch.Tensor, codes: torch.Tensor, uniforms: torch.Tensor, span: slice, needs: StepNeeds
     ) -> torch.Tensor:
-        """Sampled rows over each row's candidates (the ``topk`` ``scores`` of ``codes``, one uniform number
+        """Sampled rows over each row's candidates (the highest ``scores``, of ``codes``, one uniform number
         each): temperature, top-k, top-p and the draw, in the order of transformers' warpers (see the
         module docstring). A row whose warper transformers would not add leaves it unchanged (divided by
         1, its k-th score −inf, its cut below every tail).
@@ -389,9 +389,10 @@ def highest(logits: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tenso
     2. ``topk`` over those groups' codes only.
 
     Scores are compared as int32 keys (their float bits, negatives' flipped: the floats' order), since
-    selecting int32 costs less than float32; a NaN, which only a broken forward makes, sorts by its sign bit,
-    not first. On CUDA ``topk`` is one kernel either way, so it is called as it is, as for other dtypes and
-    for rows that the groups do not divide (the real and tiny models' 1,026 codes are 342 groups of 3).
+    selecting int32 costs less than float32; a NaN, which only a broken forward makes, sorts by its sign bit
+    (one from arithmetic is negative on x86, so it comes last, where ``topk`` puts it first). On CUDA
+    ``topk`` is one kernel either way, so it is called as it is, as for other dtypes and for rows that the
+    groups do not divide (the real and tiny models' 1,026 codes are 342 groups of 3).
     """
     groups, rest = divmod(logits.shape[-1], CANDIDATE_GROUP)
     if logits.device.type != "cpu" or logits.dtype != torch.float32 or rest or width >= groups:

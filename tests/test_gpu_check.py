@@ -45,11 +45,9 @@ def test_the_gpu_check_writes_its_figures(tmp_path: Path) -> None:
     assert 0 < admission["short_first_row_ms"] < admission["first_row_ms"]  # it did not wait for the pieces
     assert "scheduler_cuda_graphs" not in report and "graph_vs_eager_greedy" not in report  # only on CUDA
     # the eager step shaped as a replay (masked over the span bucket) chooses the rows it serves
-    assert report["eager_like_replay_vs_served"] == {
-        "rows": [16, 16],
-        "equal": True,
-        "first_differing_row": None,
-    }
+    shaped = report["eager_like_replay_vs_served"]
+    assert shaped["rows"] == [16, 16] and shaped["equal"] and shaped["first_differing_row"] is None
+    assert min(shaped["steps_each_way"]) >= 15  # the prefill chose the first row, the steps the rest
     quality = report["quality_models"]
     assert quality["geometry"] == "tiny" and quality["clip_s"] == 10
     assert quality["align_ms"] > 0 and quality["transcribe_ms"] > 0 and quality["recogniser_tokens"] == 116
@@ -70,6 +68,7 @@ def test_the_gpu_check_compiles_the_step_when_asked(tmp_path: Path) -> None:
     assert report["compile_step"] is True and report["complete"] is True and report["failed"] == []
     assert "compiling the decode step failed" not in done.stderr
     assert report["scheduler_eager"]["compiled_at_end"] is True
+    assert report["scheduler_eager"]["compiles_while_serving"] == 0
     assert "generate" not in report and "quality_models" not in report  # they do not use the step
     assert (
         report["scheduler_eager"]["start_s"] > 0 and report["scheduler_eager"]["batch_2"]["frames_per_s"] > 0
