@@ -72,7 +72,7 @@ from torch._dynamo.utils import counters
 
 from benchmarks.admission import long_reference_input, short_input, stream_beside_admission
 from benchmarks.quality_cost import quality_models_on_clip
-from boson_multimodal.decode_step import GRAPH_SPAN_BUCKET, SampledStep
+from boson_multimodal.decode_step import SampledStep, span_buckets
 from boson_multimodal.engine import EngineOptions, HiggsAudioEngine, SamplingConfig, SpeechRequest
 from boson_multimodal.loading import LoadedModel, build_processor
 from boson_multimodal.prompt import CHAT_TEMPLATE
@@ -212,10 +212,7 @@ def per_step(engine: HiggsAudioEngine, batch: int, steps: int = 20) -> dict:
     scheduler's own stream and inference mode, while the scheduler thread waits idle for submissions (it
     owns nothing then: every earlier sequence has finished).
     """
-    runner = engine._runner
-    assert isinstance(runner, Scheduler)
-    time.sleep(0.2)  # let the scheduler thread retire the last sequence and block on its queue
-    assert not runner._active
+    runner = idle_scheduler(engine)
     cuda = runner.device.type == "cuda"
     stream = torch.cuda.stream(runner._stream) if cuda else nullcontext()
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -248,6 +245,16 @@ def per_step(engine: HiggsAudioEngine, batch: int, steps: int = 20) -> dict:
         "blocking_syncs": round(sum(1 for e in events if e.name in SYNCS) / steps, 2),
         "ms": round(1000 * seconds / steps, 3),
     }
+
+
+def idle_scheduler(engine: HiggsAudioEngine) -> Scheduler:
+    """The engine's scheduler once its thread has retired the last sequence and waits for submissions (it
+    owns nothing then), so that a figure may drive or change it from this thread."""
+    runner = engine._runner
+    assert isinstance(runner, Scheduler)
+    time.sleep(0.2)  # let the scheduler thread retire the last sequence and block on its queue
+    assert not runner._active and not runner._admissions
+    return runner
 
 
 def is_kernel(event) -> bool:
@@ -310,7 +317,7 @@ class ShapedAsReplayed(SampledStep):
 
     def __init__(self, step: SampledStep, max_tokens: int) -> None:
         super().__init__(step.forward, step.sampler)
-        self._buckets = [*range(GRAPH_SPAN_BUCKET, max_tokens, GRAPH_SPAN_BUCKET), max_tokens]
+        self._buckets = span_buckets(max_tokens)
         self.steps = 0
 
     def __call__(self, rows, positions, span: int, masked: bool, needs: StepNeeds | None) -> torch.Tensor:
@@ -324,10 +331,7 @@ def greedy_result_rows(engine: HiggsAudioEngine, greedy: SpeechRequest, way: str
     a graph replays it, so that graph and eager run the same kernels and must agree exactly; ``served``, as
     the eager scheduler runs a lone sequence, unmasked over its own span, where bf16 kernels of another shape
     may flip a near-tie and the rows part from there on."""
-    runner = engine._runner
-    assert isinstance(runner, Scheduler)
-    time.sleep(0.2)  # let the scheduler thread retire the last sequence and block on its queue
-    assert not runner._active and not runner._admissions  # the thread is idle: the step can be swapped
+    runner = idle_scheduler(engine)  # so its step can be swapped: nothing runs until the submission
     served, steps, graphed = runner._step, runner.steps, runner._graphed
     replays = graphed.replays if graphed is not None else 0
     shaped = None
@@ -339,7 +343,8 @@ def greedy_result_rows(engine: HiggsAudioEngine, greedy: SpeechRequest, way: str
     finally:
         runner._step = served
     if way == "replayed":
-        return rows, (graphed.replays if graphed is not None else 0) - replays
+        assert graphed is not None, "replayed rows need an engine with CUDA graphs"
+        return rows, graphed.replays - replays
     return rows, shaped.steps if shaped is not None else runner.steps - steps
 
 

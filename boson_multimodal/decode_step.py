@@ -50,6 +50,12 @@ GRAPH_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 GRAPH_SPAN_BUCKET = 512
 
 
+def span_buckets(max_tokens: int) -> list[int]:
+    """The spans a graph is captured for, up to a slot's ``max_tokens``: a step attends over the first one
+    that covers its span."""
+    return [*range(GRAPH_SPAN_BUCKET, max_tokens, GRAPH_SPAN_BUCKET), max_tokens]
+
+
 class SlotCache:
     """Preallocated keys and values: ``slots`` sequences of up to ``max_tokens`` positions, every layer."""
 
@@ -253,8 +259,7 @@ class GraphedDecodeStep:
         self._positions = torch.zeros(cache.slots, dtype=torch.long, device=device)
         self._graphs: dict[tuple[int, int], Replay] = {}
         self.batch_buckets = [b for b in GRAPH_BATCH_BUCKETS if b < cache.slots] + [cache.slots]
-        spans = range(GRAPH_SPAN_BUCKET, cache.max_tokens, GRAPH_SPAN_BUCKET)
-        self.span_buckets = [*spans, cache.max_tokens]
+        self.span_buckets = span_buckets(cache.max_tokens)
         self.eager_buckets: set[tuple[int, int]] = set()  # captures that failed
         self.enabled = True  # False once the start-up check found a replay that disagrees with the eager step
         self.replays = 0
