@@ -42,12 +42,18 @@ In this process:
                for its first row, with the prompt prefilled in paced pieces of 512 tokens (the default) and
                of 128, and in one forward.
 
+- arrivals     a burst of ARRIVALS one-piece prompts (text only, encoded beforehand) submitted at once to an
+               idle scheduler: the time from the first submission to each one's first row, the slowest and
+               the median, with prompts waiting in the same step prefilled together (``PREFILL_TOGETHER``,
+               on by default on a GPU) and each alone (the default on a CPU); the median of --repeats rounds
+               each way, interleaved, after a warm-up round.
+
 - compiled     the decode forward alone (``DecodeStep``, masked, over 64 positions) at batch 1 and 8, eager
                and through torch.compile (``COMPILE_STEP``), host time on one thread, the fastest of 9
                runs of 100 forwards each; and how long compiling took.
 
     python benchmarks/scheduler.py [--only streams,short-long,mixed,equal,step,sampling,
-                                          reference,compiled]
+                                          reference,arrivals,compiled]
                                    [--json PATH]
 
 Other processes on the machine move the absolute figures; the ratios are taken within one run.
@@ -80,13 +86,15 @@ from tests.support.hub_server import HubServer
 from tests.support.runpod_queue import JobOutcome, ProductionWorker, RunPodQueue
 from tests.support.worker_process import worker_env
 
-PARTS = ("streams", "short-long", "mixed", "equal", "step", "sampling", "reference", "compiled")
+PARTS = ("streams", "short-long", "mixed", "equal", "step", "sampling", "reference", "arrivals", "compiled")
+IN_PROCESS = ("step", "sampling", "reference", "arrivals", "compiled")
 # The old BatchingEngine (b6f9c25:boson_multimodal/batching.py) calls the removed engine.generate_batch.
 FIXED_BATCHES = "not measured: the fixed-batch path was removed with the scheduler"
 STREAM_STEPS = 200  # long enough that every stream is still generating when the others send their first chunk
 SHORT_STEPS, LONG_STEPS = 40, 1000
 EQUAL_JOBS, EQUAL_STEPS = 8, 300  # the equal part: the 8 sampled jobs of 300 steps
 STEP_LENGTHS = (50, 200)  # decode steps of the two runs whose difference times a step
+ARRIVALS = 16  # prompts in the arrivals part's burst
 
 
 class Figures:
@@ -580,6 +588,64 @@ def measure_reference(checkpoint: Path, figures: Figures, repeats: int) -> None:
         )
 
 
+def measure_arrivals(checkpoint: Path, figures: Figures, repeats: int) -> None:
+    from boson_multimodal.engine import EngineOptions, HiggsAudioEngine, SamplingConfig, SpeechRequest
+    from boson_multimodal.loading import load_model
+    from boson_multimodal.scheduler import SchedulerLimits
+
+    print(f"arrivals: {ARRIVALS} prompts at once, prefilled together and alone, in this process", flush=True)
+    loaded = load_model(checkpoint / "model", checkpoint / "codec", device="cpu")
+    limits = SchedulerLimits(slots=ARRIVALS, max_tokens=1024)
+    engines = {
+        way: HiggsAudioEngine(loaded, EngineOptions(limits=limits, prefill_together=together))
+        for way, together in (("together", True), ("alone", False))
+    }
+    sampling = SamplingConfig(seed=0, max_new_tokens=16)
+    texts = [
+        f"Arrival number {i}, {'with a few more words to say ' * (i % 3)}all at once."
+        for i in range(ARRIVALS)
+    ]
+    prompts = [engines["alone"]._sequence_input(SpeechRequest(text, sampling=sampling)) for text in texts]
+
+    def first_rows(engine: HiggsAudioEngine) -> list[float]:
+        started = time.perf_counter()
+        handles = [engine._runner.submit(prompt) for prompt in prompts]
+        waits = []
+        for handle in handles:
+            handle.wait_newer(0)
+            waits.append(time.perf_counter() - started)
+        for handle in handles:
+            handle.result()
+        return waits
+
+    try:
+        for engine in engines.values():
+            first_rows(engine)  # warm-up
+        rounds: dict[str, list[list[float]]] = {way: [] for way in engines}
+        for _ in range(repeats):
+            for way, engine in engines.items():
+                rounds[way].append(first_rows(engine))
+    finally:
+        for engine in engines.values():
+            engine.close()
+    slowest = {way: statistics.median(max(waits) for waits in taken) * 1000 for way, taken in rounds.items()}
+    typical = {
+        way: statistics.median(statistics.median(waits) for waits in taken) * 1000
+        for way, taken in rounds.items()
+    }
+    tokens = sorted(prompt.prompt_tokens for prompt in prompts)
+    figures.add(
+        "arrivals",
+        f"{ARRIVALS} prompts of {tokens[0]}–{tokens[-1]} tokens at once, first row: slowest / median, "
+        "prefilled together vs alone",
+        f"{slowest['together']:.0f} / {typical['together']:.0f} ms vs {slowest['alone']:.0f} / "
+        f"{typical['alone']:.0f} ms = {slowest['alone'] / slowest['together']:.2f}× / "
+        f"{typical['alone'] / typical['together']:.2f}× sooner",
+        "arrivals_first_row_ms_together_alone",
+        [slowest["together"], typical["together"], slowest["alone"], typical["alone"]],
+    )
+
+
 def measure_compiled(checkpoint: Path, figures: Figures, runs: int = 9, forwards: int = 100) -> None:
     import torch
 
@@ -647,9 +713,11 @@ def main() -> int:
             measure_sampling(figures)
         if "reference" in parts:
             measure_reference(checkpoint, figures, args.repeats)
+        if "arrivals" in parts:
+            measure_arrivals(checkpoint, figures, args.repeats)
         if "compiled" in parts:
             measure_compiled(checkpoint, figures)
-        loop_parts = [part for part in parts if part not in ("step", "sampling", "reference", "compiled")]
+        loop_parts = [part for part in parts if part not in IN_PROCESS]
         if loop_parts:
             repos = {MODEL_REPO: checkpoint / "model", TOKENIZER_REPO: checkpoint / "codec"}
             with HubServer(repos) as hub, RunPodQueue() as queue:

@@ -76,13 +76,15 @@ class SlotCache:
         per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim
         return slots * (max_tokens + SlotCache.SPARE) * per_token * dtype.itemsize
 
-    def load_prefill(self, slot: int, past_key_values) -> int:
-        """Copy a prefilled transformers cache (batch of one) into ``slot``; returns the prompt length."""
-        length = 0
+    def load_prefill(self, slot: int, past_key_values, row: int = 0, length: int | None = None) -> int:
+        """Copy row ``row`` of a prefilled transformers cache into ``slot``: its first ``length`` positions
+        (all of them by default; a prompt prefilled beside longer ones has padding after its own); returns
+        the prompt length."""
         for layer, cached in enumerate(past_key_values.layers):
-            length = cached.keys.shape[-2]
-            self.keys[layer][slot, :, :length] = cached.keys[0]
-            self.values[layer][slot, :, :length] = cached.values[0]
+            length = cached.keys.shape[-2] if length is None else length
+            self.keys[layer][slot, :, :length] = cached.keys[row, :, :length]
+            self.values[layer][slot, :, :length] = cached.values[row, :, :length]
+        assert length is not None
         return length
 
 

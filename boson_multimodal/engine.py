@@ -51,7 +51,8 @@ BACKENDS = ("scheduler", "transformers")
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """How generation runs: which decode loop, how many sequences at once, CUDA graphs or not."""
+    """How generation runs: which decode loop, how many sequences at once, CUDA graphs or not, how prompts
+    are prefilled."""
 
     backend: str = "scheduler"  # or "transformers": its own generate(), one sequence at a time (reference)
     limits: SchedulerLimits = field(default_factory=SchedulerLimits)
@@ -59,6 +60,9 @@ class EngineOptions:
     # The decode forward through torch.compile (fused kernels; greedy rows then equal generate()'s only up to
     # rounding): off unless asked for.
     compile_step: bool = False
+    # One-piece prompts waiting in the same step share one prefill forward (their logits then depend on their
+    # neighbours by rounding); None: on when the model runs on CUDA, where that rounding is there anyway.
+    prefill_together: bool | None = None
     # Size the slots from the GPU memory free beside the loaded model, up to this many (``limits.slots``
     # then serves off a GPU); None: ``limits.slots`` as given.
     size_slots_up_to: int | None = None
@@ -110,8 +114,13 @@ class HiggsAudioEngine:
             if options.size_slots_up_to is not None and loaded.device.type == "cuda":
                 free, total = torch.cuda.mem_get_info(loaded.device)
                 limits = sized_limits(loaded.model, limits, free, total, options.size_slots_up_to)
+            together = options.prefill_together
             self._runner = Scheduler(
-                loaded.model, limits, cuda_graphs=graphs, compile_step=options.compile_step
+                loaded.model,
+                limits,
+                cuda_graphs=graphs,
+                compile_step=options.compile_step,
+                prefill_together=loaded.device.type == "cuda" if together is None else together,
             )
         # how many jobs to take at once (the reference runs one at a time; jobs beyond it wait their turn)
         runner = self._runner

@@ -15,11 +15,20 @@ the same whatever its neighbours and whenever it arrives. A prompt of at most ``
 request with a reference clip up to about 15 s) is one piece: the same forward as ``generate()``'s prefill,
 so its greedy tokens are exactly ``generate()``'s. A longer prompt's logits equal the one-forward prefill's
 up to float rounding (about 1e-6 on the tiny CPU model, ``tests/test_prefill.py``).
+
+Several one-piece prompts admitted in the same step can also be prefilled together (``prefill_together``): one
+forward over them, right-padded, so each keeps the positions it has alone and no real token sees a pad. On a
+GPU that is the point: a short prompt's prefill is mostly launches and reading the weights, so sixteen
+arrivals cost about one prefill instead of sixteen. The price is rounding: a prompt's logits beside others
+differ from its logits alone (about 1e-7 on the tiny CPU model), so its tokens may depend on its neighbours,
+as a GPU's batch-sized kernels already make them; the scheduler does it only when asked (on a GPU, by
+default).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 
 PREFILL_PIECE = 512  # prompt tokens per piece, by default (SchedulerLimits.prefill_piece)
@@ -46,10 +55,7 @@ class PiecewisePrefill:
         self._frames: torch.Tensor | None = None  # (F, K): the valid reference frames, in placeholder order
         self._frame_starts: list[int] = [0]  # frames used by the pieces before each piece
         if audio_input_ids is not None:
-            valid = audio_input_ids[0]
-            if audio_input_ids_mask is not None:
-                valid = valid[audio_input_ids_mask[0].bool()]
-            self._frames = valid
+            self._frames = valid_frames(audio_input_ids, audio_input_ids_mask)
             config = model.config
             placeholders = (input_ids[0] == config.audio_token_id) | (
                 input_ids[0] == config.audio_delay_token_id
@@ -90,3 +96,52 @@ class PiecewisePrefill:
         )
         self.done = end
         return output.logits[:, -1] if self.finished else None
+
+
+def valid_frames(audio_input_ids: torch.Tensor, audio_input_ids_mask: torch.Tensor | None) -> torch.Tensor:
+    """A prompt's (batch of one) reference frames ``(F, K)`` that its mask marks valid, in placeholder
+    order."""
+    frames = audio_input_ids[0]
+    return frames if audio_input_ids_mask is None else frames[audio_input_ids_mask[0].bool()]
+
+
+def prefill_together(
+    model, prompts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+) -> tuple[torch.Tensor, DynamicCache]:
+    """Several one-piece prompts ``(input_ids (1, L), attention_mask (1, L), valid frames (F, K) or None)`` in
+    one forward; returns the logits of each prompt's last position ``(B, …)`` and the cache, whose row b
+    holds prompt b's keys and values at positions ``[0, L_b)`` (the rest is padding, never read).
+
+    Right padding keeps every prompt at the positions it has alone, and a causal mask lets no real token
+    see a pad that follows it. The pads repeat each prompt's first token (its text BOS), never an audio
+    placeholder, so the model scatters the frames, concatenated in prompt order, over the real placeholders
+    only; prompts with and without reference audio mix. That scatter pairs frames with placeholders across
+    the whole batch, so a prompt whose frames do not match its own placeholders would shift its neighbours'
+    audio: such a batch is refused (``ValueError``), and its prompts can still be prefilled one by one.
+    """
+    config = model.config
+    for ids, _, valid in prompts:
+        placeholders = int(((ids == config.audio_token_id) | (ids == config.audio_delay_token_id)).sum())
+        count = 0 if valid is None else valid.shape[0]
+        if placeholders != count:
+            raise ValueError(f"a prompt has {placeholders} audio placeholders but {count} reference frames")
+    longest = max(ids.shape[1] for ids, _, _ in prompts)
+    input_ids = torch.stack(
+        [F.pad(ids[0], (0, longest - ids.shape[1]), value=int(ids[0, 0])) for ids, _, _ in prompts]
+    )
+    attention_mask = torch.stack([F.pad(mask[0], (0, longest - mask.shape[1])) for _, mask, _ in prompts])
+    frames = [valid for _, _, valid in prompts if valid is not None and valid.shape[0]]
+    lasts = [ids.shape[1] - 1 for ids, _, _ in prompts]
+    kept = sorted(set(lasts))
+    cache = DynamicCache(config=config)
+    output = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        audio_input_ids=torch.cat(frames)[None] if frames else None,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=torch.tensor(kept, device=input_ids.device),
+    )
+    rows = torch.arange(len(prompts), device=input_ids.device)
+    at = torch.tensor([kept.index(last) for last in lasts], device=input_ids.device)
+    return output.logits[rows, at], cache

@@ -24,10 +24,16 @@ row). While a long prompt waits for its next piece, a waiting prompt that is one
 that gap, so a short prompt never waits behind a long one's pieces (nor delays them). With none running,
 every waiting prompt is prefilled at once.
 
-Each prompt is prefilled alone, on purpose: prefilled in a padded batch beside another prompt, its logits
-differ from its prefill alone (by about 4e-6 on the tiny CPU model), so its tokens would depend on its
-neighbours, and greedy parity with ``generate()`` and seeded reproducibility come first (where a long
-prompt's pieces fall depends on the prompt alone, for the same reason). Reference audio is encoded on the
+Prompts that are one piece each and wait in the same step are prefilled together, in one forward
+(``prefill.prefill_together``), when the scheduler is asked to (``prefill_together``; the engine asks on a
+GPU): as many as fill ``prefill_piece`` padded tokens beside running sequences, so the pause between two of
+their steps stays one piece, and ``PREFILL_TOGETHER_TOKENS`` when none runs. If that forward fails, each is
+prefilled alone, so a bad prompt fails only itself. Otherwise each prompt is prefilled alone: beside other
+prompts its logits differ from its prefill alone by rounding (about 1e-7 on the tiny CPU model), so its
+tokens could depend on its neighbours, and on a CPU greedy parity with ``generate()`` and seeded
+reproducibility come first (where a long prompt's pieces fall depends on the prompt alone, for the same
+reason). On a GPU kernels chosen by batch size already make a sequence's logits depend on its neighbours
+that much, and prefilling sixteen short prompts costs about what one does. Reference audio is encoded on the
 submitting thread (``engine.py``), never here.
 
 A long sequence never blocks a short one, N streams progress together, and because only this thread calls
@@ -58,7 +64,7 @@ from boson_multimodal.decode_step import (
     SlotCache,
 )
 from boson_multimodal.errors import SequenceTooLong
-from boson_multimodal.prefill import PREFILL_PIECE, PiecewisePrefill
+from boson_multimodal.prefill import PREFILL_PIECE, PiecewisePrefill, prefill_together, valid_frames
 from boson_multimodal.sampling import SlotSampler, StreamTokens
 from boson_multimodal.speech_request import SamplingConfig
 
@@ -68,6 +74,9 @@ logger = logging.getLogger(__name__)
 # A long prompt's pieces after its first wait until the running sequences have taken a step for every this
 # many of the piece's tokens since the last piece (a 512-token piece: 16 steps).
 PREFILL_TOKENS_PER_STEP = 32
+# Padded prompt tokens (prompts × the longest) one forward prefills together while no sequence runs: a bound
+# on its activations (about 0.2 GB a hidden state for the 3B model), not on anyone's wait.
+PREFILL_TOGETHER_TOKENS = 4096
 
 
 class GenerationCancelled(Exception):
@@ -310,12 +319,16 @@ class Scheduler:
         cuda_graphs: bool = False,
         capture: Capture | None = None,
         compile_step: bool = False,
+        prefill_together: bool = False,
     ) -> None:
         """``cuda_graphs``: replay the decode step from graphs captured before this returns (``capture``
         records them; by default a CUDA graph on the scheduler's own stream). ``compile_step``: the decode
-        forward through ``torch.compile`` (``DecodeStep``), compiled before this returns."""
+        forward through ``torch.compile`` (``DecodeStep``), compiled before this returns.
+        ``prefill_together``: one-piece prompts waiting in the same step share one prefill forward (see the
+        module docstring)."""
         self._model = model
         self.limits = limits
+        self.prefill_together = prefill_together
         self.device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         self._tokens = StreamTokens.from_config(model.config)
@@ -419,7 +432,10 @@ class Scheduler:
             else:  # nothing to stall: the prompt being admitted and every waiting one, whole
                 self._prefill_rest()
                 while pending and self._free_slots():
-                    self._admit(*pending.pop(0))
+                    if together := self._together(pending, PREFILL_TOGETHER_TOKENS):
+                        self._prefill_together(pending, together)
+                    else:
+                        self._admit(*pending.pop(0))
             self._retire()
             if self._active:
                 self._advance()
@@ -454,6 +470,9 @@ class Scheduler:
             return
         waiting = [item for item in pending if not admissions or self._one_piece(item[0])]
         if waiting and self._free_slots():
+            if together := self._together(waiting, self.limits.prefill_piece):
+                self._prefill_together(pending, together)
+                return
             pending.remove(waiting[0])
             if not admissions:  # it may be a long one: its later pieces are paced from its first
                 self._prefill_credit = 0
@@ -461,6 +480,23 @@ class Scheduler:
 
     def _one_piece(self, sequence: SequenceInput) -> bool:
         return sequence.prompt_tokens <= self.limits.prefill_piece
+
+    def _together(
+        self, waiting: list[tuple[SequenceInput, SequenceHandle]], budget: int
+    ) -> list[tuple[SequenceInput, SequenceHandle]]:
+        """The first waiting prompts, in order, to prefill in one forward: each one piece, one per free slot,
+        as many as fit ``budget`` padded tokens (prompts × the longest). None unless prefilling together is
+        on and at least two qualify."""
+        if not self.prefill_together:
+            return []
+        taken: list[tuple[SequenceInput, SequenceHandle]] = []
+        slots = len(self._free_slots())
+        for item in waiting:
+            longest = max([item[0].prompt_tokens] + [sequence.prompt_tokens for sequence, _ in taken])
+            if len(taken) == slots or not self._one_piece(item[0]) or (len(taken) + 1) * longest > budget:
+                break
+            taken.append(item)
+        return taken if len(taken) >= 2 else []
 
     def _admit(self, sequence: SequenceInput, handle: SequenceHandle) -> None:
         """Prefill a whole prompt into the lowest free slot at once and choose its first row: the loop's way
@@ -501,17 +537,63 @@ class Scheduler:
                 )
             logits = admission.prefill.step()
             if logits is not None:
-                self._activate(admission, logits)
+                self._activate(admission, logits, admission.prefill.cache)
         except Exception as error:  # a bad prompt fails its own sequence, not the scheduler
-            logger.exception("prefill failed")
-            admission.handle.fail(error)
-            self._admissions.remove(admission)
+            self._failed(admission, error)
 
-    def _activate(self, admission: _Admission, logits: torch.Tensor) -> None:
-        """A prefilled prompt into its slot: its keys and values, its sampling state, its first row."""
-        slot, sequence, prefill = admission.slot, admission.sequence, admission.prefill
-        assert prefill is not None
-        length = self._cache.load_prefill(slot, prefill.cache)
+    def _prefill_together(
+        self,
+        pending: list[tuple[SequenceInput, SequenceHandle]],
+        together: list[tuple[SequenceInput, SequenceHandle]],
+    ) -> None:
+        """Prompts (taken out of ``pending``) into their slots with one prefill forward; if it fails, each is
+        prefilled alone, so that a bad prompt fails only itself."""
+        admissions = []
+        for item in together:
+            pending.remove(item)
+            admissions.append(self._start(*item))
+        try:
+            for admission in admissions:
+                admission.sequence = admission.sequence.to(self.device)
+            logits, cache = prefill_together(self._model, [self._prompt(a.sequence) for a in admissions])
+        except Exception as error:
+            logger.warning(
+                "prefilling %d prompts together failed (%s: %s); each is prefilled alone",
+                len(admissions), type(error).__name__, error,
+            )  # fmt: skip
+            for admission in admissions:
+                self._prefill_piece(admission)
+            return
+        for row, admission in enumerate(admissions):
+            length = admission.sequence.prompt_tokens
+            try:
+                self._activate(admission, logits[row : row + 1], cache, row, length)
+            except Exception as error:
+                self._failed(admission, error)
+
+    @staticmethod
+    def _prompt(sequence: SequenceInput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        audio = sequence.audio_input_ids
+        frames = None if audio is None else valid_frames(audio, sequence.audio_input_ids_mask)
+        return sequence.input_ids, sequence.attention_mask, frames
+
+    def _failed(self, admission: _Admission, error: Exception) -> None:
+        logger.exception("prefill failed")  # (called while handling ``error``)
+        admission.handle.fail(error)
+        self._admissions.remove(admission)
+
+    def _activate(
+        self,
+        admission: _Admission,
+        logits: torch.Tensor,
+        cache,
+        row: int = 0,
+        length: int | None = None,
+    ) -> None:
+        """A prefilled prompt into its slot: its keys and values (row ``row`` of ``cache``, ``length``
+        positions), its sampling state, its first row (from ``logits``)."""
+        slot, sequence = admission.slot, admission.sequence
+        length = self._cache.load_prefill(slot, cache, row, length)
         audio = sequence.audio_input_ids
         self._sampler.admit(
             slot,

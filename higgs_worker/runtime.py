@@ -112,6 +112,7 @@ class Runtime:
                 limits=SchedulerLimits(settings.scheduler_slots, settings.max_sequence_tokens),
                 cuda_graphs=settings.cuda_graphs,
                 compile_step=settings.compile_step,
+                prefill_together=settings.prefill_together,
                 size_slots_up_to=settings.size_slots_up_to,
             )
             try:

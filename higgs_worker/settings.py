@@ -76,6 +76,7 @@ class Settings:
     max_sequence_tokens: int  # prompt (reference audio included) plus max_new_tokens, per sequence
     cuda_graphs: bool | None  # None: on when generating on CUDA
     compile_step: bool  # the decode forward through torch.compile (boson_multimodal/decode_step.py)
+    prefill_together: bool | None  # None: on when generating on CUDA (boson_multimodal/prefill.py)
     endpoint_type: str  # QUEUE: the runpod SDK's worker loop; LOAD_BALANCER: the HTTP server
     http_host: str
     port: int
@@ -228,6 +229,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             "takes about 25 tokens) or lower MAX_NEW_TOKENS_LIMIT"
         )
     graphs = _choice(env, "CUDA_GRAPHS", "auto", ("auto", "true", "false"))
+    together = _choice(env, "PREFILL_TOGETHER", "auto", ("auto", "true", "false"))
     return Settings(
         volume_path=volume,
         model_repo=model_repo,
@@ -268,6 +270,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_sequence_tokens=max_sequence_tokens,
         cuda_graphs=None if graphs == "auto" else graphs == "true",
         compile_step=_bool(env, "COMPILE_STEP", False),
+        prefill_together=None if together == "auto" else together == "true",
         endpoint_type=_choice(env, "ENDPOINT_TYPE", "QUEUE", ENDPOINT_TYPES),
         http_host=_str(env, "HTTP_HOST", "0.0.0.0"),
         port=port,

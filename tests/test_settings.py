@@ -154,3 +154,12 @@ def test_the_compiled_decode_step_is_off_unless_asked_for(tmp_path: Path) -> Non
     assert settings_with(tmp_path).compile_step is False
     assert settings_with(tmp_path, COMPILE_STEP="true").compile_step is True
     assert "COMPILE_STEP='fast' is not a boolean" in refusal(tmp_path, COMPILE_STEP="fast")
+
+
+def test_prompts_are_prefilled_together_on_a_gpu_unless_told(tmp_path: Path) -> None:
+    assert settings_with(tmp_path).prefill_together is None  # auto: the engine decides by device
+    assert settings_with(tmp_path, PREFILL_TOGETHER="true").prefill_together is True
+    assert settings_with(tmp_path, PREFILL_TOGETHER="false").prefill_together is False
+    assert "PREFILL_TOGETHER='sometimes' is not allowed; use one of auto, true, false" in refusal(
+        tmp_path, PREFILL_TOGETHER="sometimes"
+    )
