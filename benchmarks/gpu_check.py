@@ -14,7 +14,9 @@ status 1 then, and ``complete`` true only when the run ended):
 
 - frames/s and real-time factor (seconds of audio per second) at batch 1, 16 and 64 for transformers'
   ``generate()`` and for the scheduler with and without CUDA graphs;
-- first-chunk latency (request to first audio chunk, decoded) for 1 and 16 concurrent streams;
+- first-chunk latency (request to first audio chunk, decoded) for 1 and 16 concurrent streams, and the 16
+  again with each prompt prefilled alone (``PREFILL_TOGETHER=false``) beside it, where prompts are prefilled
+  together by default;
 - the start-up captures: how many, how long, buckets that fell back to eager, and whether the replay check
   kept graphs on;
 - per decode step of the scheduler at batch 1 and 16: host ops, GPU kernels (copies and memsets aside) and
@@ -471,9 +473,19 @@ def main() -> int:
             latency: dict = {}
             step: dict = {}
             figures["first_chunk"], figures["per_step"] = latency, step
+            latency["prefill_together"] = engine._runner.prefill_together
             for n in small:
                 label = f"{name} first chunk, {n} streams"
                 report.measure(latency, f"streams_{n}", label, first_chunk_latency, engine, n, steps)
+            if (graphs or device.type != "cuda") and max(small) > 1:  # the same burst, each prompt alone
+                n, label = max(small), f"{name} first chunk, {max(small)} streams, prefilled alone"
+                together, engine._runner.prefill_together = engine._runner.prefill_together, False
+                try:
+                    report.measure(
+                        latency, f"streams_{n}_prefilled_alone", label, first_chunk_latency, engine, n, steps
+                    )
+                finally:
+                    engine._runner.prefill_together = together
             for b in small:
                 report.measure(step, f"batch_{b}", f"{name} per step, batch {b}", per_step, engine, b)
             if graphs:
