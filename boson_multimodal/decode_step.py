@@ -80,11 +80,10 @@ class SlotCache:
         """Copy row ``row`` of a prefilled transformers cache into ``slot``: its first ``length`` positions
         (all of them by default; a prompt prefilled beside longer ones has padding after its own); returns
         the prompt length."""
+        length = past_key_values.layers[0].keys.shape[-2] if length is None else length
         for layer, cached in enumerate(past_key_values.layers):
-            length = cached.keys.shape[-2] if length is None else length
             self.keys[layer][slot, :, :length] = cached.keys[row, :, :length]
             self.values[layer][slot, :, :length] = cached.values[row, :, :length]
-        assert length is not None
         return length
 
 

@@ -17,12 +17,13 @@ so its greedy tokens are exactly ``generate()``'s. A longer prompt's logits equa
 up to float rounding (about 1e-6 on the tiny CPU model, ``tests/test_prefill.py``).
 
 Several one-piece prompts admitted in the same step can also be prefilled together (``prefill_together``): one
-forward over them, right-padded, so each keeps the positions it has alone and no real token sees a pad. On a
-GPU that is the point: a short prompt's prefill is mostly launches and reading the weights, so sixteen
-arrivals cost about one prefill instead of sixteen. The price is rounding: a prompt's logits beside others
-differ from its logits alone (about 1e-7 on the tiny CPU model), so its tokens may depend on its neighbours,
-as a GPU's batch-sized kernels already make them; the scheduler does it only when asked (on a GPU, by
-default).
+forward over them, right-padded, so each keeps the positions it has alone and no real token sees a pad. Why:
+on a GPU a short prompt's prefill is mostly kernel launches and reading the weights, which one forward over
+several prompts shares (expected, not yet measured there: ``benchmarks/gpu_check.py`` times 16 streams'
+first chunk both ways). The price is rounding: a prompt's logits beside others differ from its logits alone
+(1e-7 to 6e-6 on the tiny CPU models), so its tokens may depend on its neighbours, as a GPU's batch-sized
+kernels already make them. This is the one place that trade is stated; the scheduler prefills together only
+when asked, which the engine does on a GPU.
 """
 
 from __future__ import annotations
@@ -106,18 +107,21 @@ def valid_frames(audio_input_ids: torch.Tensor, audio_input_ids_mask: torch.Tens
 
 
 def prefill_together(
-    model, prompts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+    model, prompts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], device: torch.device
 ) -> tuple[torch.Tensor, DynamicCache]:
-    """Several one-piece prompts ``(input_ids (1, L), attention_mask (1, L), valid frames (F, K) or None)`` in
-    one forward; returns the logits of each prompt's last position ``(B, …)`` and the cache, whose row b
-    holds prompt b's keys and values at positions ``[0, L_b)`` (the rest is padding, never read).
+    """Several one-piece prompts ``(input_ids (1, L), attention_mask (1, L), valid frames (F, K) or None)``,
+    on the CPU, in one forward on ``device``; returns the logits of each prompt's last position ``(B, …)``
+    and the cache, whose row b holds prompt b's keys and values at positions ``[0, L_b)`` (the rest is
+    padding, never read).
 
     Right padding keeps every prompt at the positions it has alone, and a causal mask lets no real token
     see a pad that follows it. The pads repeat each prompt's first token (its text BOS), never an audio
     placeholder, so the model scatters the frames, concatenated in prompt order, over the real placeholders
     only; prompts with and without reference audio mix. That scatter pairs frames with placeholders across
     the whole batch, so a prompt whose frames do not match its own placeholders would shift its neighbours'
-    audio: such a batch is refused (``ValueError``), and its prompts can still be prefilled one by one.
+    audio: such a batch is refused (``ValueError``, before any forward), and its prompts can still be
+    prefilled one by one. The batch is built on the CPU and moved once, so checking and padding it costs the
+    device no synchronisation.
     """
     config = model.config
     for ids, _, valid in prompts:
@@ -132,16 +136,16 @@ def prefill_together(
     attention_mask = torch.stack([F.pad(mask[0], (0, longest - mask.shape[1])) for _, mask, _ in prompts])
     frames = [valid for _, _, valid in prompts if valid is not None and valid.shape[0]]
     lasts = [ids.shape[1] - 1 for ids, _, _ in prompts]
-    kept = sorted(set(lasts))
+    kept = sorted(set(lasts))  # a 1-D tensor of positions, which every transformers version takes
     cache = DynamicCache(config=config)
     output = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        audio_input_ids=torch.cat(frames)[None] if frames else None,
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        audio_input_ids=torch.cat(frames)[None].to(device) if frames else None,
         past_key_values=cache,
         use_cache=True,
-        logits_to_keep=torch.tensor(kept, device=input_ids.device),
+        logits_to_keep=torch.tensor(kept, device=device),
     )
-    rows = torch.arange(len(prompts), device=input_ids.device)
-    at = torch.tensor([kept.index(last) for last in lasts], device=input_ids.device)
+    rows = torch.arange(len(prompts), device=device)
+    at = torch.tensor([kept.index(last) for last in lasts], device=device)
     return output.logits[rows, at], cache

@@ -16,7 +16,8 @@ scheduler thread loops:
 Admissions do not stall the running sequences. While any run, one piece of prefill runs between two decode
 steps at most: a whole prompt of up to ``SchedulerLimits.prefill_piece`` tokens (512), or the next piece of a
 longer one (``prefill.PiecewisePrefill``; 50 s of reference audio is three pieces). A prompt's first piece
-runs at the next step, so sixteen arrivals cost the running streams sixteen short pauses, not one long one;
+runs at the next step, so sixteen arrivals cost the running streams sixteen short pauses (a few, prefilled
+together), not one long one;
 a long prompt's later pieces wait until the running sequences have taken a step for every
 ``PREFILL_TOKENS_PER_STEP`` tokens of the piece, so its prefill is spread over several of their chunks
 rather than stretching one (50 s of reference audio waits about 28 of their steps longer for its first
@@ -28,13 +29,11 @@ Prompts that are one piece each and wait in the same step are prefilled together
 (``prefill.prefill_together``), when the scheduler is asked to (``prefill_together``; the engine asks on a
 GPU): as many as fill ``prefill_piece`` padded tokens beside running sequences, so the pause between two of
 their steps stays one piece, and ``PREFILL_TOGETHER_TOKENS`` when none runs. If that forward fails, each is
-prefilled alone, so a bad prompt fails only itself. Otherwise each prompt is prefilled alone: beside other
-prompts its logits differ from its prefill alone by rounding (about 1e-7 on the tiny CPU model), so its
-tokens could depend on its neighbours, and on a CPU greedy parity with ``generate()`` and seeded
-reproducibility come first (where a long prompt's pieces fall depends on the prompt alone, for the same
-reason). On a GPU kernels chosen by batch size already make a sequence's logits depend on its neighbours
-that much, and prefilling sixteen short prompts costs about what one does. Reference audio is encoded on the
-submitting thread (``engine.py``), never here.
+prefilled alone, so a bad prompt fails only itself. Otherwise each prompt is prefilled alone, so that its
+tokens never depend on its neighbours (the trade is in ``prefill.py``'s docstring): on a CPU greedy parity
+with ``generate()`` and seeded reproducibility come first (where a long prompt's pieces fall depends on the
+prompt alone, for the same reason). Reference audio is encoded on the submitting thread (``engine.py``),
+never here.
 
 A long sequence never blocks a short one, N streams progress together, and because only this thread calls
 into the model, its CUDA graphs are captured and replayed by one thread (torch.compile's cudagraph trees
@@ -75,7 +74,8 @@ logger = logging.getLogger(__name__)
 # many of the piece's tokens since the last piece (a 512-token piece: 16 steps).
 PREFILL_TOKENS_PER_STEP = 32
 # Padded prompt tokens (prompts × the longest) one forward prefills together while no sequence runs: a bound
-# on its activations (about 0.2 GB a hidden state for the 3B model), not on anyone's wait.
+# on its activations (for the 3B model in bf16, 25 MB a hidden state and 0.2 GB of MLP intermediates), not
+# on anyone's wait.
 PREFILL_TOGETHER_TOKENS = 4096
 
 
@@ -485,14 +485,14 @@ class Scheduler:
         self, waiting: list[tuple[SequenceInput, SequenceHandle]], budget: int
     ) -> list[tuple[SequenceInput, SequenceHandle]]:
         """The first waiting prompts, in order, to prefill in one forward: each one piece, one per free slot,
-        as many as fit ``budget`` padded tokens (prompts × the longest). None unless prefilling together is
+        as many as fit ``budget`` padded tokens (prompts × the longest). Empty unless prefilling together is
         on and at least two qualify."""
         if not self.prefill_together:
             return []
         taken: list[tuple[SequenceInput, SequenceHandle]] = []
-        slots = len(self._free_slots())
+        slots, longest = len(self._free_slots()), 0
         for item in waiting:
-            longest = max([item[0].prompt_tokens] + [sequence.prompt_tokens for sequence, _ in taken])
+            longest = max(longest, item[0].prompt_tokens)
             if len(taken) == slots or not self._one_piece(item[0]) or (len(taken) + 1) * longest > budget:
                 break
             taken.append(item)
@@ -547,19 +547,20 @@ class Scheduler:
         together: list[tuple[SequenceInput, SequenceHandle]],
     ) -> None:
         """Prompts (taken out of ``pending``) into their slots with one prefill forward; if it fails, each is
-        prefilled alone, so that a bad prompt fails only itself."""
+        prefilled alone, so that a bad prompt fails only itself (a forward that fails part-way, out of memory
+        say, then adds the solo prefills to the same gap between two steps, once)."""
         admissions = []
         for item in together:
             pending.remove(item)
             admissions.append(self._start(*item))
         try:
-            for admission in admissions:
-                admission.sequence = admission.sequence.to(self.device)
-            logits, cache = prefill_together(self._model, [self._prompt(a.sequence) for a in admissions])
+            prompts = [self._prompt(admission.sequence) for admission in admissions]
+            logits, cache = prefill_together(self._model, prompts, self.device)
         except Exception as error:
             logger.warning(
                 "prefilling %d prompts together failed (%s: %s); each is prefilled alone",
                 len(admissions), type(error).__name__, error,
+                exc_info=not isinstance(error, ValueError),  # a refused batch is no bug of ours
             )  # fmt: skip
             for admission in admissions:
                 self._prefill_piece(admission)

@@ -1,9 +1,9 @@
 """One-piece prompts waiting in the same step prefilled in one forward (``prefill_together``): the rows each
 would have alone, the stall bound beside running sequences, and a bad prompt that fails only itself.
 
-Prompts are made to wait together by holding a first prompt's prefill until the others are submitted; on
-this CPU, one forward beside others moves a prompt's logits by about 1e-7, which changes none of these
-prompts' tokens, so their rows are compared exactly with their rows prefilled alone.
+Prompts are made to wait together by holding a first prompt's prefill until the others are submitted. One
+forward beside others moves a prompt's logits by rounding only (checked directly below), which on this CPU
+changes none of these prompts' tokens, so their rows are compared exactly with their rows prefilled alone.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from boson_multimodal import scheduler as scheduler_module
 from boson_multimodal.engine import EngineOptions, HiggsAudioEngine, SpeechRequest
 from boson_multimodal.loading import LoadedModel, load_model
-from boson_multimodal.prefill import PiecewisePrefill
+from boson_multimodal.prefill import PiecewisePrefill, prefill_together
 from boson_multimodal.prompt import Voice
 from boson_multimodal.scheduler import SchedulerLimits, SequenceInput
 from boson_multimodal.speech_request import SamplingConfig
@@ -57,15 +57,15 @@ class Spy:
         original = scheduler_module.prefill_together
         spy = self
 
-        def together(model, prompts):
+        def together(model, prompts, device):
             spy.forwards.append((True, scheduler.steps, [int(ids.shape[1]) for ids, _, _ in prompts]))
-            return original(model, prompts)
+            return original(model, prompts, device)
 
         class Held(PiecewisePrefill):
             def step(self):
                 if not spy.held.is_set():
                     spy.held.set()
-                    spy.hold.wait(timeout=60)
+                    assert spy.hold.wait(timeout=60), "the test never let the held prefill go"
                 spy.forwards.append((False, scheduler.steps, [self.length]))
                 return super().step()
 
@@ -102,27 +102,129 @@ def test_off_on_a_cpu_unless_asked(loaded: LoadedModel) -> None:
             engine.close()
 
 
-def test_prompts_waiting_together_share_one_forward_and_keep_their_rows(loaded, monkeypatch) -> None:
+def burst_while_idle(
+    engine: HiggsAudioEngine, spy: Spy, sequences: list[SequenceInput]
+) -> list[scheduler_module.SequenceHandle]:
+    """``sequences`` submitted while a blocker's prefill is held; the blocker is cancelled, so nothing runs
+    when the scheduler takes them, all in the same step."""
+    cancel = threading.Event()
+    blocker = engine.submit(SpeechRequest("Wait.", sampling=GREEDY), cancel)
+    spy.holding()
+    handles = [engine._runner.submit(sequence) for sequence in sequences]
+    cancel.set()  # once its prefill is let go, the blocker leaves: nothing runs when the others are taken
+    spy.hold.set()
+    with pytest.raises(scheduler_module.GenerationCancelled):
+        blocker.result(timeout=60)
+    return handles
+
+
+@pytest.mark.parametrize("together", [True, False])
+def test_prompts_waiting_together_share_one_forward_and_keep_their_rows(
+    loaded, monkeypatch, together
+) -> None:
     """Nothing runs: every waiting one-piece prompt, with and without reference audio, greedy and seeded, in
-    one forward; each gets the rows it gets prefilled alone."""
-    engine = engine_with(loaded, 5, together=True)
+    one forward; each gets the rows it gets prefilled alone. Off (the CPU default): each prefilled alone."""
+    engine = engine_with(loaded, 5, together=together)
     try:
         spy = Spy(engine, monkeypatch)
         sequences = [engine._sequence_input(request) for request in REQUESTS]
-        cancel = threading.Event()
-        blocker = engine.submit(SpeechRequest("Wait.", sampling=GREEDY), cancel)
-        spy.holding()
-        handles = [engine._runner.submit(sequence) for sequence in sequences]
-        cancel.set()  # once its prefill is let go, the blocker leaves: nothing runs when the others are taken
-        spy.hold.set()
-        got = [handle.result(timeout=120).rows for handle in handles]
-        with pytest.raises(scheduler_module.GenerationCancelled):
-            blocker.result(timeout=60)
+        got = [handle.result(timeout=120).rows for handle in burst_while_idle(engine, spy, sequences)]
     finally:
         engine.close()
-    assert spy.after_blocker() == [(True, 0, [s.prompt_tokens for s in sequences])]
+    lengths = [s.prompt_tokens for s in sequences]
+    if together:
+        assert spy.after_blocker() == [(True, 0, lengths)]
+    else:
+        assert spy.after_blocker() == [(False, 0, [length]) for length in lengths]
     for ours, theirs in zip(got, alone_rows(loaded, sequences), strict=True):
         assert torch.equal(ours, theirs)
+
+
+def test_a_shared_forward_takes_no_more_prompts_than_free_slots(loaded, monkeypatch) -> None:
+    """Four waiting, three slots: three share a forward, the fourth waits for a slot and comes alone."""
+    engine = engine_with(loaded, 3, together=True)
+    try:
+        spy = Spy(engine, monkeypatch)
+        sequences = [engine._sequence_input(request) for request in REQUESTS]
+        got = [handle.result(timeout=120).rows for handle in burst_while_idle(engine, spy, sequences)]
+    finally:
+        engine.close()
+    lengths = [s.prompt_tokens for s in sequences]
+    assert [(shared, group) for shared, _, group in spy.after_blocker()] == [
+        (True, lengths[:3]),
+        (False, lengths[3:]),
+    ]
+    for ours, theirs in zip(got, alone_rows(loaded, sequences), strict=True):
+        assert torch.equal(ours, theirs)
+
+
+def test_a_prompt_that_fails_to_join_after_a_shared_forward_fails_alone(loaded, monkeypatch) -> None:
+    """The shared forward ran, and one of its prompts fails as it takes its slot (its sampling state, here):
+    that one fails its own job, the others join, and the slot it held serves the next prompt."""
+    engine = engine_with(loaded, 3, together=True)
+    try:
+        spy = Spy(engine, monkeypatch)
+        sampler = engine._runner._sampler
+        admit = sampler.admit
+
+        def failing_admit(slot, config, prompt_ids, prompt_audio_rows):
+            if config.seed == 666:
+                raise RuntimeError("this prompt's sampling state cannot be written")
+            admit(slot, config, prompt_ids, prompt_audio_rows)
+
+        monkeypatch.setattr(sampler, "admit", failing_admit)
+        sequences = [engine._sequence_input(request) for request in REQUESTS[:3]]
+        sequences[1] = replace(sequences[1], sampling=replace(sequences[1].sampling, seed=666))
+        handles = burst_while_idle(engine, spy, sequences)
+        with pytest.raises(RuntimeError, match="cannot be written"):
+            handles[1].result(timeout=120)
+        got = [handles[0].result(timeout=120).rows, handles[2].result(timeout=120).rows]
+        later = engine._runner.submit(sequences[0]).result(timeout=120).rows
+    finally:
+        engine.close()
+    assert [shared for shared, _, _ in spy.after_blocker()] == [True, False]  # the shared one, then `later`
+    expected = alone_rows(loaded, [sequences[0], sequences[2]])
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert torch.equal(later, expected[0])
+
+
+def test_the_shared_forward_gives_each_prompt_its_own_logits_and_cache(loaded) -> None:
+    """Against each prompt's own forward (``one_forward``'s inputs, batch of one): logits and keys and values
+    equal up to rounding, with and without reference audio in one batch; frames that do not match a
+    prompt's placeholders are refused before any forward."""
+    engine = engine_with(loaded, 1, together=False)
+    try:
+        sequences = [engine._sequence_input(request) for request in REQUESTS]
+    finally:
+        engine.close()
+    model = loaded.model
+    prompts = [scheduler_module.Scheduler._prompt(sequence) for sequence in sequences]
+    with torch.inference_mode():
+        logits, cache = prefill_together(model, prompts, torch.device("cpu"))
+        for row, sequence in enumerate(sequences):
+            alone = PiecewisePrefill(
+                model,
+                sequence.input_ids,
+                sequence.attention_mask,
+                sequence.audio_input_ids,
+                sequence.audio_input_ids_mask,
+                sequence.prompt_tokens,
+            )
+            expected = alone.step()
+            assert expected is not None
+            torch.testing.assert_close(logits[row : row + 1], expected, rtol=0, atol=2e-5)
+            length = sequence.prompt_tokens
+            for ours, theirs in zip(cache.layers, alone.cache.layers, strict=True):
+                torch.testing.assert_close(ours.keys[row, :, :length], theirs.keys[0], rtol=0, atol=2e-5)
+                torch.testing.assert_close(ours.values[row, :, :length], theirs.values[0], rtol=0, atol=2e-5)
+        # the same prompt, elsewhere in the batch, with its frames elsewhere in the concatenation
+        swapped = [prompts[1], prompts[0], *prompts[2:]]
+        other, _ = prefill_together(model, swapped, torch.device("cpu"))
+        torch.testing.assert_close(other[0], logits[1], rtol=0, atol=2e-5)
+        ids, mask, frames = prompts[1]
+        assert frames is not None
+        with pytest.raises(ValueError, match="audio placeholders but"):
+            prefill_together(model, [prompts[0], (ids, mask, frames[:-3])], torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")

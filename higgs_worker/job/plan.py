@@ -182,6 +182,9 @@ def cache_identity(
     ``compiled_step``: the scheduler's decode forward runs through torch.compile (``COMPILE_STEP``), whose
     fused kernels round otherwise, so even greedy codes may differ from the eager step's. It follows the
     setting: a worker where compiling failed (no C compiler) serves the eager step under this identity.
+    Prompts prefilled together (``PREFILL_TOGETHER``) are not part of it: what they change, by rounding,
+    depends on which prompts arrived beside this one, not on a setting, like a GPU's batch-sized kernels,
+    so no identity could make those codes repeat; the cache then keeps the first result.
     """
     sampling = sampling_of(request)
     if not sampling.deterministic:
