@@ -118,44 +118,39 @@ def burst_while_idle(
     return handles
 
 
-@pytest.mark.parametrize("together", [True, False])
-def test_prompts_waiting_together_share_one_forward_and_keep_their_rows(
-    loaded, monkeypatch, together
-) -> None:
-    """Nothing runs: every waiting one-piece prompt, with and without reference audio, greedy and seeded, in
-    one forward; each gets the rows it gets prefilled alone. Off (the CPU default): each prefilled alone."""
-    engine = engine_with(loaded, 5, together=together)
+def requests_burst(
+    loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch, slots: int, together: bool
+) -> tuple[list[int], list[tuple[bool, int, list[int]]]]:
+    """REQUESTS in one burst while idle: their prompt lengths and the prefill forwards after the blocker's;
+    each got the rows it gets prefilled alone."""
+    engine = engine_with(loaded, slots, together=together)
     try:
         spy = Spy(engine, monkeypatch)
         sequences = [engine._sequence_input(request) for request in REQUESTS]
         got = [handle.result(timeout=120).rows for handle in burst_while_idle(engine, spy, sequences)]
     finally:
         engine.close()
-    lengths = [s.prompt_tokens for s in sequences]
-    if together:
-        assert spy.after_blocker() == [(True, 0, lengths)]
-    else:
-        assert spy.after_blocker() == [(False, 0, [length]) for length in lengths]
+    forwards = spy.after_blocker()  # before the prefills alone below add theirs
     for ours, theirs in zip(got, alone_rows(loaded, sequences), strict=True):
         assert torch.equal(ours, theirs)
+    return [sequence.prompt_tokens for sequence in sequences], forwards
+
+
+@pytest.mark.parametrize("together", [True, False])
+def test_prompts_waiting_together_share_one_forward_and_keep_their_rows(loaded, monkeypatch, together):
+    """Nothing runs: every waiting one-piece prompt, with and without reference audio, greedy and seeded, in
+    one forward; each gets the rows it gets prefilled alone. Off (the CPU default): each prefilled alone."""
+    lengths, forwards = requests_burst(loaded, monkeypatch, 5, together)
+    if together:
+        assert forwards == [(True, 0, lengths)]
+    else:
+        assert forwards == [(False, 0, [length]) for length in lengths]
 
 
 def test_a_shared_forward_takes_no_more_prompts_than_free_slots(loaded, monkeypatch) -> None:
     """Four waiting, three slots: three share a forward, the fourth waits for a slot and comes alone."""
-    engine = engine_with(loaded, 3, together=True)
-    try:
-        spy = Spy(engine, monkeypatch)
-        sequences = [engine._sequence_input(request) for request in REQUESTS]
-        got = [handle.result(timeout=120).rows for handle in burst_while_idle(engine, spy, sequences)]
-    finally:
-        engine.close()
-    lengths = [s.prompt_tokens for s in sequences]
-    assert [(shared, group) for shared, _, group in spy.after_blocker()] == [
-        (True, lengths[:3]),
-        (False, lengths[3:]),
-    ]
-    for ours, theirs in zip(got, alone_rows(loaded, sequences), strict=True):
-        assert torch.equal(ours, theirs)
+    lengths, forwards = requests_burst(loaded, monkeypatch, 3, together=True)
+    assert [(shared, group) for shared, _, group in forwards] == [(True, lengths[:3]), (False, lengths[3:])]
 
 
 def test_a_prompt_that_fails_to_join_after_a_shared_forward_fails_alone(loaded, monkeypatch) -> None:
