@@ -57,11 +57,7 @@ class PiecewisePrefill:
         self._frame_starts: list[int] = [0]  # frames used by the pieces before each piece
         if audio_input_ids is not None:
             self._frames = valid_frames(audio_input_ids, audio_input_ids_mask)
-            config = model.config
-            placeholders = (input_ids[0] == config.audio_token_id) | (
-                input_ids[0] == config.audio_delay_token_id
-            )
-            before = placeholders.long().cumsum(0)
+            before = placeholders(model.config, input_ids[0]).long().cumsum(0)
             for end in range(piece, self.length + piece, piece):
                 self._frame_starts.append(int(before[min(end, self.length) - 1]))
 
@@ -99,6 +95,12 @@ class PiecewisePrefill:
         return output.logits[:, -1] if self.finished else None
 
 
+def placeholders(config, input_ids: torch.Tensor) -> torch.Tensor:
+    """Where ``input_ids`` hold an audio placeholder, which the model replaces with the next reference frame's
+    embedding (as transformers' ``get_placeholder_mask`` finds them)."""
+    return (input_ids == config.audio_token_id) | (input_ids == config.audio_delay_token_id)
+
+
 def valid_frames(audio_input_ids: torch.Tensor, audio_input_ids_mask: torch.Tensor | None) -> torch.Tensor:
     """A prompt's (batch of one) reference frames ``(F, K)`` that its mask marks valid, in placeholder
     order."""
@@ -125,10 +127,10 @@ def prefill_together(
     """
     config = model.config
     for ids, _, valid in prompts:
-        placeholders = int(((ids == config.audio_token_id) | (ids == config.audio_delay_token_id)).sum())
+        places = int(placeholders(config, ids).sum())
         count = 0 if valid is None else valid.shape[0]
-        if placeholders != count:
-            raise ValueError(f"a prompt has {placeholders} audio placeholders but {count} reference frames")
+        if places != count:
+            raise ValueError(f"a prompt has {places} audio placeholders but {count} reference frames")
     longest = max(ids.shape[1] for ids, _, _ in prompts)
     input_ids = torch.stack(
         [F.pad(ids[0], (0, longest - ids.shape[1]), value=int(ids[0, 0])) for ids, _, _ in prompts]

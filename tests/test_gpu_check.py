@@ -33,8 +33,10 @@ def test_the_gpu_check_writes_its_figures(tmp_path: Path) -> None:
             assert figures["real_time_factor"] == pytest.approx(figures["frames_per_s"] / 25, rel=0.02)
     first_chunk = report["scheduler_eager"]["first_chunk"]
     assert first_chunk["prefill_together"] is False  # a CPU's default
-    for streams in ("streams_1", "streams_2", "streams_2_prefilled_alone"):
-        latency = first_chunk[streams]
+    both_ways = first_chunk["streams_2_prefill"]
+    assert set(both_ways) == {"together", "alone"}
+    latencies = [first_chunk["streams_1"], first_chunk["streams_2"], *both_ways.values()]
+    for latency in latencies:
         assert 0 < latency["mean_ms"] <= latency["max_ms"]
     for batch in ("batch_1", "batch_2"):
         step = report["scheduler_eager"]["per_step"][batch]
