@@ -32,9 +32,10 @@ status 1 then, and ``complete`` true only when the run ended):
 - the word-timestamp aligner (wav2vec2-base) and the verification recogniser (Whisper large-v3 turbo) on a
   10 s clip, at their real geometries with random weights (``benchmarks/quality_cost.py``);
 - peak GPU memory of each scheduler (one engine at a time, as a worker holds one), and the larger;
-- with ``--compile-step``, the scheduler's figures with the decode forward through ``torch.compile`` (each
-  scheduler's ``start_s`` then includes compiling it, and ``compiled_at_end`` says whether it stayed
-  compiled); ``generate()`` and the quality models, which do not use the step, are left to the plain run.
+- with ``--compile-step``, the scheduler's figures with the decode forward (and, graphed, the sampler)
+  through ``torch.compile`` (each scheduler's ``start_s`` then includes compiling it, and
+  ``compiled_at_end`` and ``sampler_compiled_at_end`` say whether they stayed compiled); ``generate()`` and
+  the quality models, which do not use the step, are left to the plain run.
 
 On a GPU machine, first run the tiny geometry on the device (``--tiny --steps 8 --batches 1,2``, under a
 minute): it goes through every CUDA path (captures, replays, the profiler, bf16) with the machine's torch
@@ -431,7 +432,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None, help="decode steps per sequence")
     parser.add_argument("--batches", default="1,16,64", help="the first two also time a step and first audio")
     parser.add_argument(
-        "--compile-step", action="store_true", help="the scheduler's decode forward through torch.compile"
+        "--compile-step", action="store_true", help="the scheduler's decode step through torch.compile"
     )
     args = parser.parse_args()
 
@@ -522,6 +523,10 @@ def main() -> int:
                 figures["compiles_while_serving"] = counters["stats"]["unique_graphs"] - compiled_graphs
                 if not figures["compiled_at_end"]:
                     data["failed"].append(f"{name} compiled step (compiling failed: eager figures)")
+                if graphs:
+                    figures["sampler_compiled_at_end"] = engine._runner._sampled_step.compiled
+                    if not figures["sampler_compiled_at_end"]:
+                        data["failed"].append(f"{name} compiled sampler (compiling failed: eager sampler)")
             if device.type == "cuda":
                 figures["peak_gpu_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
             report.save()

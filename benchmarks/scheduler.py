@@ -50,7 +50,9 @@ In this process:
 
 - compiled     the decode forward alone (``DecodeStep``, masked, over 64 positions) at batch 1 and 8, eager
                and through torch.compile (``COMPILE_STEP``), host time on one thread, the fastest of 9
-               runs of 100 forwards each; and how long compiling took.
+               runs of 100 forwards each; and how long compiling took. Then the whole step as a CUDA graph
+               holds it (``SampledStep``, every warper on, seeded default sampling) with the forward and
+               the sampler eager and compiled: host time and top-level ops per step.
 
     python benchmarks/scheduler.py [--only streams,short-long,mixed,equal,step,sampling,
                                           reference,arrivals,compiled]
@@ -681,9 +683,56 @@ def measure_compiled(checkpoint: Path, figures: Figures, runs: int = 9, forwards
                     f"forward_ms_batch{batch}",
                     [ours, theirs],
                 )
+        measure_compiled_step(model, figures, runs, forwards // 2)
     finally:
         torch.set_num_threads(threads)
     figures.add("compiled", "compiling it (every shape family)", f"{compile_s:.1f} s", "compile_s", compile_s)
+
+
+def measure_compiled_step(model, figures: Figures, runs: int, steps: int) -> None:
+    """The step a CUDA graph holds (``needs`` None), eager and with ``COMPILE_STEP`` and graphs (the forward
+    and the sampler compiled), on its own samplers, so both choose from the same slots' state."""
+    import torch
+
+    from boson_multimodal.decode_step import DecodeStep, SampledStep, SlotCache
+    from boson_multimodal.sampling import SamplingConfig, SlotSampler, StreamTokens
+
+    tokens = StreamTokens.from_config(model.config)
+    prompt = torch.tensor([7, 8, 9, tokens.audio_bos_token])
+    made = {}
+    for compiled in (False, True):
+        cache = SlotCache(model.config, 8, 1024, torch.device("cpu"), torch.float32)
+        sampler = SlotSampler(8, tokens, torch.device("cpu"))
+        for slot in range(8):
+            sampler.admit(slot, SamplingConfig(seed=slot, max_new_tokens=10**6), prompt, None)
+        made[compiled] = SampledStep(DecodeStep(model, cache, compiled=compiled), sampler, compiled=compiled)
+    with torch.inference_mode():
+        compile_s = made[True].warm_up()
+        for batch in (1, 8):
+            rows = torch.zeros(batch, model.config.num_codebooks, dtype=torch.long)
+            positions = torch.arange(batch) * 5 + 3
+            best, ops = {}, {}
+            for compiled, step in made.items():
+                step(rows, positions, 64, True, None)
+                with torch.profiler.profile() as profiler:
+                    step(rows, positions, 64, True, None)
+                ops[compiled] = sum(1 for e in profiler.events() if e.cpu_parent is None)
+                times = []
+                for _ in range(runs):
+                    started = time.perf_counter()
+                    for _ in range(steps):
+                        step(rows, positions, 64, True, None)
+                    times.append((time.perf_counter() - started) / steps * 1000)
+                best[compiled] = min(times)
+            figures.add(
+                "compiled",
+                f"the step a graph holds, batch {batch}: eager / forward and sampler compiled",
+                f"{best[False]:.3f} / {best[True]:.3f} ms = {best[False] / best[True]:.2f}×, "
+                f"ops {ops[False]} / {ops[True]}",
+                f"graph_step_ms_batch{batch}",
+                [best[False], best[True], ops[False], ops[True]],
+            )
+    figures.add("compiled", "compiling that step", f"{compile_s:.1f} s", "graph_step_compile_s", compile_s)
 
 
 def main() -> int:

@@ -184,18 +184,56 @@ class DecodeStep:
 class SampledStep:
     """The whole decode step: the forward, then the choice of every slot's next row and the update of its
     sampling state (``SlotSampler.choose``), rows ``(n, K)`` at ``positions`` → next rows ``(n, K)``, on the
-    device. One callable, so that one CUDA graph holds all of it."""
+    device. One callable, so that one CUDA graph holds all of it.
 
-    def __init__(self, forward: DecodeStep, sampler: SlotSampler) -> None:
+    ``compiled``: the sampler too goes through ``torch.compile`` where a graph holds the step (``needs``
+    None: every warper on, so one compiled function serves every step). Why: the sampler is about 180 small
+    ops (selection, the noise's hash, the warpers, RAS, the state update), one kernel each in a replay;
+    inductor fuses its elementwise runs into a few. Eager steps (``needs`` given) keep the uncompiled
+    sampler, whose shapes follow what the step's rows ask for and would make it compile again and again.
+    """
+
+    def __init__(self, forward: DecodeStep, sampler: SlotSampler, compiled: bool = False) -> None:
         self.forward = forward
         self.sampler = sampler
+        self.compiled = compiled
+        self._choose_all = torch.compile(self._everything, dynamic=True) if compiled else self._everything
 
     def __call__(
         self, rows: torch.Tensor, positions: torch.Tensor, span: int, masked: bool, needs: StepNeeds | None
     ) -> torch.Tensor:
         """``needs``: what this step's rows ask of the sampler; None (a graph's capture) asks for all."""
         logits = self.forward(rows, positions, span, masked)
-        return self.sampler.choose(logits, 0, needs or self.sampler.everything)
+        if needs is not None:
+            return self.sampler.choose(logits, 0, needs)
+        if self.compiled:
+            try:
+                return self._choose_all(logits)
+            except Exception as error:  # as for the forward: a compiler that fails never fails a step
+                logger.warning(
+                    "compiling the sampler failed (%s: %s); it runs uncompiled from now on",
+                    type(error).__name__, error,
+                )  # fmt: skip
+                self.compiled, self._choose_all = False, self._everything
+        return self._everything(logits)
+
+    def warm_up(self) -> float:
+        """Compile the forward (``DecodeStep.warm_up``) and the sampler, one row and two (torch specialises
+        a size of 1), on free slots' state, which admission writes afresh; seconds it took."""
+        seconds = self.forward.warm_up()
+        if not self.compiled:
+            return seconds
+        started = time.perf_counter()
+        device = self.sampler.device
+        for n in sorted({1, min(2, len(self.sampler.drawn))}):
+            with torch.inference_mode(False):  # as the scheduler's inputs are (see DecodeStep.warm_up)
+                rows = torch.zeros(n, self.forward._shape[0], dtype=torch.long, device=device)
+                positions = torch.zeros(n, dtype=torch.long, device=device)
+            self(rows, positions, min(5, self.forward._cache.max_tokens), masked=True, needs=None)
+        return seconds + time.perf_counter() - started
+
+    def _everything(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.sampler.choose(logits, 0, self.sampler.everything)
 
 
 Replay = Callable[[], torch.Tensor]  # runs a captured step again on its static inputs; returns its output

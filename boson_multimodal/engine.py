@@ -57,8 +57,8 @@ class EngineOptions:
     backend: str = "scheduler"  # or "transformers": its own generate(), one sequence at a time (reference)
     limits: SchedulerLimits = field(default_factory=SchedulerLimits)
     cuda_graphs: bool | None = None  # None: on when the model runs on CUDA
-    # The decode forward through torch.compile (fused kernels; greedy rows then equal generate()'s only up to
-    # rounding): off unless asked for.
+    # The decode forward, and with CUDA graphs the sampler, through torch.compile (fused kernels; greedy rows
+    # then equal generate()'s only up to rounding): off unless asked for.
     compile_step: bool = False
     # One-piece prompts waiting in the same step share one prefill forward (their logits then depend on their
     # neighbours by rounding); None: on when the model runs on CUDA, where that rounding is there anyway.

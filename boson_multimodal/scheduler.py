@@ -323,7 +323,8 @@ class Scheduler:
     ) -> None:
         """``cuda_graphs``: replay the decode step from graphs captured before this returns (``capture``
         records them; by default a CUDA graph on the scheduler's own stream). ``compile_step``: the decode
-        forward through ``torch.compile`` (``DecodeStep``), compiled before this returns.
+        forward through ``torch.compile`` (``DecodeStep``), and with graphs the sampler too
+        (``SampledStep``), compiled before this returns.
         ``prefill_together``: one-piece prompts waiting in the same step share one prefill forward (see the
         module docstring)."""
         self._model = model
@@ -345,7 +346,8 @@ class Scheduler:
         # Its own stream: replays and prefills do not queue behind the codec's work on the default stream.
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._forward = DecodeStep(model, self._cache, compiled=compile_step)
-        step = SampledStep(self._forward, self._sampler)
+        step = SampledStep(self._forward, self._sampler, compiled=compile_step and cuda_graphs)
+        self._sampled_step = step
         self._graphed: GraphedDecodeStep | None = None
         if cuda_graphs:
             if capture is None and self._stream is None:
@@ -398,7 +400,7 @@ class Scheduler:
             ):  # every tensor the thread makes is an inference tensor
                 try:
                     if self._forward.compiled:
-                        seconds = self._forward.warm_up()
+                        seconds = self._sampled_step.warm_up()
                         logger.info("compiled the decode step in %.1f s", seconds)
                     if self._graphed is not None:
                         self._graphed.prepare()

@@ -75,7 +75,7 @@ class Settings:
     size_slots_up_to: int | None
     max_sequence_tokens: int  # prompt (reference audio included) plus max_new_tokens, per sequence
     cuda_graphs: bool | None  # None: on when generating on CUDA
-    compile_step: bool  # the decode forward through torch.compile (boson_multimodal/decode_step.py)
+    compile_step: bool  # the decode step through torch.compile (boson_multimodal/decode_step.py)
     prefill_together: bool | None  # None: on when generating on CUDA (boson_multimodal/prefill.py)
     endpoint_type: str  # QUEUE: the runpod SDK's worker loop; LOAD_BALANCER: the HTTP server
     http_host: str

@@ -33,6 +33,7 @@ from boson_multimodal.scheduler import (
 )
 from boson_multimodal.speech_request import SamplingConfig
 from boson_multimodal.tiny_model import build_tiny_checkpoint
+from tests.support.captures import rerun_capture
 from tests.support.checkpoints import GEOMETRIES
 
 
@@ -321,18 +322,6 @@ def test_admissions_beside_a_running_sequence_prefill_one_per_step(demo_schedule
     assert running.result().rows.shape[0] == 200  # it ran all along
     late = admitted_at[1:]
     assert len(late) == 3 and len({step for step, _ in late}) == 3 and all(n > 0 for _, n in late), late
-
-
-def rerun_capture(run):
-    """What a CUDA graph does, without CUDA: a replay runs the recorded step again on the static inputs as
-    they are then, into the output buffer the recording returned."""
-    output = run()
-
-    def replay() -> torch.Tensor:
-        output.copy_(run())
-        return output
-
-    return replay
 
 
 def graphed_rows(loaded: LoadedModel, scheduler, capture, requests) -> tuple[list[torch.Tensor], Scheduler]:

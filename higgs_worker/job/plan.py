@@ -179,9 +179,10 @@ def cache_identity(
     words, captions or verification. ``live_stream``: the clip leaves while it is generated, so loudness is
     set from its start and words are aligned chunk by chunk, which a clip finished whole does not share.
     ``backend``: the scheduler and transformers' ``generate()`` draw other codes from the same seed.
-    ``compiled_step``: the scheduler's decode forward runs through torch.compile (``COMPILE_STEP``), whose
-    fused kernels round otherwise, so even greedy codes may differ from the eager step's. It follows the
-    setting: a worker where compiling failed (no C compiler) serves the eager step under this identity.
+    ``compiled_step``: the scheduler's decode forward (and, with CUDA graphs, its sampler) runs through
+    torch.compile (``COMPILE_STEP``), whose fused kernels round otherwise, so even greedy codes may differ
+    from the eager step's. It follows the setting: a worker where compiling failed (no C compiler) serves
+    the eager step under this identity.
     Prompts prefilled together (``PREFILL_TOGETHER``) are not part of it: what they change, by rounding,
     depends on which prompts arrived beside this one, not on a setting, like a GPU's batch-sized kernels,
     so no identity could make those codes repeat; the cache then keeps the first result.
